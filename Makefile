@@ -1,0 +1,49 @@
+# ascend-serve developer tasks. `make test` is what CI runs (via .ci/run).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+EXAMPLE ?= examples/qwen3-235b-pd.yaml
+
+.PHONY: help venv test lint format crd golden plan render clean
+
+help:
+	@echo "make test     install (venv, pinned deps, helm/kubectl) then lint + all tests"
+	@echo "make plan     show the plan of EXAMPLE (default $(EXAMPLE))"
+	@echo "make render   render EXAMPLE's Kubernetes objects"
+	@echo "make crd      regenerate crds/ and the chart's CRDs from the models"
+	@echo "make golden   regenerate tests/golden/ from examples/"
+
+$(STAMP): pyproject.toml scripts/install-tools.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	bash scripts/install-tools.sh $(VENV)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+
+crd: $(STAMP)
+	$(BIN)/ascend-serve crd > crds/modeldeployments.ascendserve.dev.yaml
+	cp crds/modeldeployments.ascendserve.dev.yaml charts/ascend-serve/crds/
+
+golden: $(STAMP)
+	UPDATE_GOLDEN=1 $(BIN)/python -m pytest -q tests/unit/test_golden.py
+
+plan: $(STAMP)
+	$(BIN)/ascend-serve plan -f $(EXAMPLE)
+
+render: $(STAMP)
+	$(BIN)/ascend-serve render -f $(EXAMPLE)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

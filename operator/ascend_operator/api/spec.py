@@ -1,0 +1,492 @@
+"""ModelDeployment spec: the single source of truth for the CRD schema and the planner's input.
+
+Field docstrings become `kubectl explain` text; keep them short, concrete, and user-facing.
+Shape and range rules live here (the API server and pydantic both enforce them); cross-field
+rules the API server can check are CEL rules attached to the models; everything that needs the
+capability table or arithmetic over the whole deployment lives in the planner.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import ApiModel, Quantity, cel, cel_rules
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+# --------------------------------------------------------------------------- model
+
+
+class PvcSource(ApiModel):
+    """Weights on a PersistentVolumeClaim in the deployment's namespace."""
+
+    claim_name: str = Field(min_length=1, max_length=253, pattern=NAME_PATTERN)
+    """Name of the PersistentVolumeClaim."""
+    path: str = Field(default="", max_length=1024)
+    """Directory of the model inside the claim (empty: the claim's root)."""
+
+
+class HostPathSource(ApiModel):
+    """Weights in a directory present on every node that runs the model (for example a shared
+    filesystem mount)."""
+
+    path: str = Field(min_length=1, max_length=1024, pattern=r"^/")
+    """Absolute path of the model directory on the node."""
+
+
+class HfCache(ApiModel):
+    """Where a Hugging Face cache (HF_HOME layout) already holds the model."""
+
+    claim_name: str | None = Field(default=None, max_length=253, pattern=NAME_PATTERN)
+    """PersistentVolumeClaim holding the cache."""
+    host_path: str | None = Field(default=None, max_length=1024, pattern=r"^/")
+    """Absolute node path of the cache."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel_rules(
+            cel(
+                "has(self.claimName) != has(self.hostPath)",
+                "set exactly one of claimName or hostPath",
+            )
+        )
+    }
+
+
+class HuggingFaceSource(ApiModel):
+    """A Hugging Face model id resolved from a local cache; pods run with HF_HUB_OFFLINE=1 and
+    never download."""
+
+    id: str = Field(min_length=1, max_length=256, pattern=r"^[\w.-]+/[\w.-]+$")
+    """Repository id, for example `Qwen/Qwen3-235B-A22B`."""
+    revision: str | None = Field(default=None, max_length=128)
+    """Revision (branch, tag or commit) inside the cache; the cache's default when unset."""
+    cache: HfCache
+    """The volume that holds the cache."""
+
+
+class ModelSource(ApiModel):
+    """Where the weights come from. Set exactly one of pvc, hostPath, huggingFace."""
+
+    pvc: PvcSource | None = None
+    """Weights on a PersistentVolumeClaim."""
+    host_path: HostPathSource | None = None
+    """Weights in a node directory."""
+    hugging_face: HuggingFaceSource | None = None
+    """A Hugging Face id resolved from a local cache."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel_rules(
+            cel(
+                "[has(self.pvc), has(self.hostPath), has(self.huggingFace)]"
+                ".filter(x, x).size() == 1",
+                "set exactly one model source: pvc, hostPath or huggingFace",
+            )
+        )
+    }
+
+
+class RopeScaling(ApiModel):
+    """Rope scaling to extend the context window (YaRN), for example 4 x 32768 = 131072 tokens
+    for Qwen3-235B-A22B. Not needed for weights that ship with long context (-2507)."""
+
+    type: Literal["yarn"] = "yarn"
+    """Scaling method."""
+    factor: float = Field(gt=1.0, le=64.0)
+    """Context extension factor."""
+    original_max_position_embeddings: int = Field(ge=1024, le=1_048_576)
+    """The model's native context length."""
+    rope_theta: float | None = Field(default=None, gt=0)
+    """Rope base frequency; the model's own value when unset (1000000 for Qwen3)."""
+
+
+class ModelArchitecture(ApiModel):
+    """Facts about the network that the planner needs to size buffers and the sim engine needs
+    for its latency model. Name a preset, and override any field."""
+
+    preset: str | None = Field(default=None, max_length=64)
+    """Known architecture to start from: see `ascend-serve presets` (qwen3-235b-a22b,
+    qwen3-30b-a3b, qwen3-8b, deepseek-v3, tiny)."""
+    hidden_size: int | None = Field(default=None, ge=1)
+    """Hidden size (4096 for Qwen3-235B-A22B)."""
+    num_layers: int | None = Field(default=None, ge=1)
+    """Number of transformer layers."""
+    num_kv_heads: int | None = Field(default=None, ge=1)
+    """Key/value heads (GQA). Not used for MLA models."""
+    head_dim: int | None = Field(default=None, ge=1)
+    """Attention head dimension."""
+    num_experts: int | None = Field(default=None, ge=0)
+    """Routed experts per MoE layer (0 for dense models)."""
+    experts_per_token: int | None = Field(default=None, ge=1)
+    """Experts each token is routed to (top-k)."""
+    total_params_b: float | None = Field(default=None, gt=0)
+    """Total parameters, in billions."""
+    active_params_b: float | None = Field(default=None, gt=0)
+    """Parameters active per token, in billions (equal to total for dense models)."""
+    mla: bool | None = None
+    """Multi-head latent attention (DeepSeek-style): K and V cache rows differ in size."""
+    mtp_layers: int | None = Field(default=None, ge=0)
+    """Multi-token-prediction layers shipped with the weights (needed for MTP decoding)."""
+
+
+class ModelSpec(ApiModel):
+    """The model to serve."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][\w./:-]*$")
+    """Served model name: what clients put in the request's `model` field."""
+    task: Literal["generate", "embed"] = "generate"
+    """`generate` for chat/completions models, `embed` for embedding models (bge-m3 class)."""
+    source: ModelSource
+    """Where the weights come from."""
+    dtype: Literal["auto", "bfloat16", "float16"] = "auto"
+    """Activation and weight dtype for unquantized layers."""
+    quantization: Literal["none", "w8a8", "w8a8-dynamic", "w4a8"] = "none"
+    """Weight quantization produced by msModelSlim (served with `--quantization ascend`)."""
+    max_model_len: int | None = Field(default=None, ge=16, le=4_194_304)
+    """Maximum context length in tokens (prompt + output); the model's own when unset."""
+    rope_scaling: RopeScaling | None = None
+    """Rope scaling (YaRN) for a context longer than the model's native one."""
+    trust_remote_code: bool = False
+    """Allow the model repository's own Python code to run."""
+    architecture: ModelArchitecture = Field(default_factory=ModelArchitecture)
+    """Network facts for buffer sizing and the sim engine's latency model."""
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+class SpeculativeDecoding(ApiModel):
+    """Multi-token prediction (MTP) speculative decoding, for models with MTP layers."""
+
+    method: Literal["mtp"] = "mtp"
+    """Speculative method."""
+    num_speculative_tokens: int = Field(ge=1, le=15)
+    """Draft tokens per step (N); N + 1 must not exceed 16."""
+    disable_padded_drafter_batch: bool = False
+    """Run the drafter on an unpadded batch. Not allowed with full graphs or async scheduling."""
+
+
+class KvOffload(ApiModel):
+    """Offload of KV-cache blocks to host memory, so that prefixes evicted from the NPU are
+    reloaded instead of recomputed."""
+
+    cpu_bytes: Quantity = "0"
+    """Host memory per engine rank for offloaded blocks, for example `64Gi`; 0 turns offload
+    off."""
+    cross_layer_layout: bool = True
+    """Store all layers of a block contiguously, so a block moves as one segment."""
+
+
+class RuntimeSpec(ApiModel):
+    """Engine and runtime settings shared by every role (roles may override some)."""
+
+    image: str | None = Field(default=None, max_length=512)
+    """Container image of the engine pods. Default: the vllm-ascend image of `version` (with the
+    `-a3` suffix on A3) for engine vllm, the ascend-serve image for engine sim."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Image pull policy of the engine pods."""
+    engine: Literal["vllm", "sim"] = "vllm"
+    """`vllm` runs vLLM with vllm-ascend; `sim` runs the NPU-mocked engine (no NPU needed)."""
+    version: str = Field(default="v0.23.0", pattern=r"^v?\d+\.\d+(\.\d+)?([.\-+\w]*)?$")
+    """vllm-ascend release the image carries; decides which flags and features exist."""
+    graph_mode: Literal["aclgraph", "torchair", "eager"] = "aclgraph"
+    """`aclgraph` (graph capture, default), `torchair` (releases before v0.13 only), `eager`."""
+    cudagraph_mode: Literal["FULL_DECODE_ONLY", "PIECEWISE", "FULL_AND_PIECEWISE"] = (
+        "FULL_DECODE_ONLY"
+    )
+    """ACLGraph capture mode."""
+    capture_sizes: list[int] | None = Field(default=None, min_length=1, max_length=512)
+    """Batch sizes to capture graphs for; the planner's defaults when unset."""
+    async_scheduling: bool = True
+    """Overlap scheduling with execution (`--async-scheduling`), on roles that capture graphs."""
+    speculative: SpeculativeDecoding | None = None
+    """MTP speculative decoding."""
+    kv_offload: KvOffload | None = None
+    """KV-cache offload to host memory."""
+    fused_mc2: bool = False
+    """Fused MoE dispatch/combine (`dispatch_ffn_combine`): W8A8 weights, expert parallel with
+    at most 32 ranks, no MTP. Sizes HCCL_BUFFSIZE for it."""
+    hccl_buffer_size_mb: int | None = Field(default=None, ge=1, le=65536)
+    """HCCL_BUFFSIZE in MB; computed by the planner when unset (at least 200, or what fused
+    MC2 needs)."""
+    max_num_seqs: int | None = Field(default=None, ge=1, le=65536)
+    """Concurrent sequences per engine (data-parallel) rank."""
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, le=1_048_576)
+    """Tokens per scheduler step per engine rank."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    """Fraction of NPU memory the engine may use."""
+    block_size: int = Field(default=128, ge=1, le=1024)
+    """KV-cache block size in tokens (128 on Ascend)."""
+    seed: int | None = Field(default=None, ge=0)
+    """Sampling seed for reproducible outputs."""
+    extra_args: list[str] = Field(default_factory=list, max_length=128)
+    """Extra engine arguments, appended last (escape hatch)."""
+    env: dict[str, str] = Field(default_factory=dict, max_length=128)
+    """Extra environment variables of the engine container (escape hatch; wins over ours)."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel_rules(
+            cel(
+                "!has(self.speculative) || !self.speculative.disablePaddedDrafterBatch"
+                " || (!self.asyncScheduling && (self.graphMode != 'aclgraph'"
+                " || self.cudagraphMode == 'PIECEWISE'))",
+                "speculative.disablePaddedDrafterBatch needs asyncScheduling: false and no full"
+                " graphs (graphMode eager, or cudagraphMode PIECEWISE)",
+            ),
+            cel(
+                "!has(self.speculative) || !has(self.captureSizes)"
+                " || self.speculative.numSpeculativeTokens < 2 || self.graphMode != 'aclgraph'"
+                " || self.cudagraphMode == 'PIECEWISE'"
+                " || self.captureSizes.all(s, s % (self.speculative.numSpeculativeTokens + 1)"
+                " == 0)",
+                "captureSizes must all be multiples of numSpeculativeTokens + 1 with full graphs",
+            ),
+            cel(
+                "!self.fusedMc2 || !has(self.speculative)",
+                "fusedMc2 (dispatch_ffn_combine) does not support MTP: remove one of them",
+            ),
+        )
+    }
+
+
+# --------------------------------------------------------------------------- hardware
+
+
+class Toleration(ApiModel):
+    """A pod toleration (as in the Pod API)."""
+
+    key: str | None = None
+    """Taint key."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """`Exists` or `Equal`."""
+    value: str | None = None
+    """Taint value for `Equal`."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; all when unset."""
+    toleration_seconds: int | None = None
+    """How long a NoExecute taint is tolerated."""
+
+
+class HardwareSpec(ApiModel):
+    """The NPU nodes to run on. Leave it out only with engine sim (then no NPUs are requested)."""
+
+    profile: Literal["A2", "A3"]
+    """Atlas 800 A2 (8 NPUs per node, `huawei.com/Ascend910`) or A3 (16 NPUs per node,
+    `huawei.com/ascend-1980`)."""
+    resource_name: str | None = Field(default=None, max_length=253)
+    """Extended resource the device plugin advertises; the profile's when unset."""
+    devices_per_node: int | None = Field(default=None, ge=1, le=64)
+    """NPUs per node; the profile's when unset."""
+    memory_per_device_gib: int | None = Field(default=None, ge=1, le=1024)
+    """HBM per NPU in GiB (A2 comes with 32 or 64); the profile's when unset."""
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    """Node labels the engine pods must match."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Tolerations of the engine pods."""
+    network_interface: str = Field(default="eth0", max_length=64, pattern=r"^[\w.:-]+$")
+    """NIC for HCCL/Gloo/TP sockets (GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME,
+    HCCL_SOCKET_IFNAME)."""
+    mount_driver: bool = True
+    """Mount the Ascend driver files from the host (dcmi, npu-smi, driver lib64, version.info,
+    ascend_install.info, hccn.conf)."""
+    shm_size: Quantity = "64Gi"
+    """Size of /dev/shm in engine pods."""
+
+
+# --------------------------------------------------------------------------- roles
+
+
+class Parallelism(ApiModel):
+    """How one instance is split. World size per engine rank = tensor x pipeline x
+    prefillContext; one pod holds dataLocal engine ranks."""
+
+    tensor: int = Field(default=1, ge=1, le=64)
+    """Tensor-parallel size (`--tensor-parallel-size`)."""
+    pipeline: int = Field(default=1, ge=1, le=64)
+    """Pipeline-parallel size."""
+    data: int = Field(default=1, ge=1, le=1024)
+    """Data-parallel size of one instance (engine ranks sharing one MoE expert group)."""
+    data_local: int | None = Field(default=None, ge=1, le=64)
+    """Data-parallel ranks per pod (one pod per node); the most that fit a node when unset."""
+    expert: bool = False
+    """Expert parallelism for MoE layers (`--enable-expert-parallel`)."""
+    prefill_context: int = Field(default=1, ge=1, le=64)
+    """Prefill context parallelism (PCP): shards long prompts' tokens across ranks."""
+    decode_context: int = Field(default=1, ge=1, le=64)
+    """Decode context parallelism (DCP): shards the KV cache across the tensor-parallel ranks."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel_rules(
+            cel(
+                "!has(self.dataLocal) || (self.dataLocal <= self.data"
+                " && self.data % self.dataLocal == 0)",
+                "dataLocal must divide data",
+            ),
+            cel(
+                "self.pipeline == 1 || self.prefillContext == 1",
+                "pipeline and prefillContext cannot both be above 1",
+            ),
+            cel(
+                "self.tensor % self.decodeContext == 0",
+                "decodeContext must divide tensor (DCP reuses the tensor-parallel ranks)",
+            ),
+        )
+    }
+
+
+class RoleResources(ApiModel):
+    """CPU and memory of a role's pods (the NPUs are derived from the plan)."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
+    """Resource requests, for example `{cpu: "32", memory: 512Gi}`."""
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
+    """Resource limits."""
+
+
+class RoleSpec(ApiModel):
+    """One role: `unified` (prefill and decode in one engine), or `prefill` / `decode` of a
+    disaggregated deployment."""
+
+    name: Literal["unified", "prefill", "decode"]
+    """The role."""
+    replicas: int | None = Field(default=None, ge=0, le=1024)
+    """Instances of the prefill role. The unified or decode role's instance count is
+    `spec.replicas`, the field `kubectl scale` changes."""
+    parallelism: Parallelism = Field(
+        default_factory=Parallelism, json_schema_extra={"default": {}}
+    )
+    """How one instance is split over devices and pods."""
+    graph_mode: Literal["aclgraph", "torchair", "eager"] | None = None
+    """Overrides spec.runtime.graphMode (prefill instances commonly run eager)."""
+    max_num_seqs: int | None = Field(default=None, ge=1, le=65536)
+    """Overrides spec.runtime.maxNumSeqs."""
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, le=1_048_576)
+    """Overrides spec.runtime.maxNumBatchedTokens."""
+    hccl_buffer_size_mb: int | None = Field(default=None, ge=1, le=65536)
+    """Overrides spec.runtime.hcclBufferSizeMb."""
+    kv_port: int | None = Field(default=None, ge=1024, le=65535)
+    """Base port of the Mooncake KV transfer (>= 28000 with 8 NPUs per node, >= 36000 with
+    16); the planner's default when unset."""
+    resources: RoleResources | None = None
+    """CPU and memory of this role's pods."""
+    extra_args: list[str] = Field(default_factory=list, max_length=128)
+    """Extra engine arguments for this role, after spec.runtime.extraArgs."""
+    env: dict[str, str] = Field(default_factory=dict, max_length=128)
+    """Extra environment for this role, over spec.runtime.env."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel_rules(
+            cel(
+                "self.name == 'prefill' || !has(self.replicas)",
+                "replicas is for the prefill role only: set the unified or decode instance"
+                " count in spec.replicas",
+            )
+        )
+    }
+
+
+# --------------------------------------------------------------------------- router, workload
+
+
+class RouterSpec(ApiModel):
+    """The OpenAI-compatible front door (balances unified instances; routes prefill then decode
+    in PD mode)."""
+
+    replicas: int = Field(default=1, ge=0, le=64)
+    """Router pods."""
+    image: str | None = Field(default=None, max_length=512)
+    """Router image; the ascend-serve image when unset."""
+    policy: Literal["least-outstanding", "round-robin"] = "least-outstanding"
+    """Balancing policy across instances (KV usage breaks ties)."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """Port of the router Service."""
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """Type of the router Service."""
+    api_keys_secret: str | None = Field(default=None, max_length=253, pattern=NAME_PATTERN)
+    """Secret whose `api-keys` entry lists accepted bearer keys, one per line; open when unset."""
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1 << 30)
+    """Largest accepted request body."""
+    max_concurrent_requests: int = Field(default=4096, ge=1, le=1_000_000)
+    """Requests in flight per router pod; more get HTTP 429."""
+    request_timeout_seconds: int = Field(default=600, ge=1, le=86400)
+    """Upper bound on one request, end to end."""
+    prefill_retries: int = Field(default=2, ge=0, le=10)
+    """Retries of a failed prefill on another instance (PD mode)."""
+    resources: RoleResources | None = None
+    """CPU and memory of the router pods."""
+
+
+class WorkloadSpec(ApiModel):
+    """How instances become pods."""
+
+    kind: Literal["auto", "LeaderWorkerSet", "StatefulSet"] = "auto"
+    """`LeaderWorkerSet` (one group per instance), `StatefulSet` (one per instance, ordinal 0 is
+    the leader, plus a headless Service), or `auto`: LeaderWorkerSet when its CRD is
+    installed."""
+    scheduler_name: str | None = Field(default=None, max_length=253)
+    """Scheduler of the engine pods (for example a gang scheduler such as Volcano)."""
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    """PriorityClass of the engine pods."""
+    leader_wait_seconds: int = Field(default=600, ge=1, le=86400)
+    """How long a worker pod waits for its leader's DNS name before failing."""
+    termination_grace_period_seconds: int = Field(default=60, ge=0, le=3600)
+    """Grace period for engine pods to drain."""
+
+
+# --------------------------------------------------------------------------- spec
+
+_ROLE_SET_RULE = (
+    "self.exists(r, r.name == 'unified') ? size(self) == 1"
+    " : (self.exists(r, r.name == 'prefill') && self.exists(r, r.name == 'decode'))"
+)
+_PD_TP_RULE = (
+    "!self.exists(r, r.name == 'prefill') || !self.exists(r, r.name == 'decode')"
+    " || self.filter(r, r.name == 'prefill')[0].parallelism.tensor"
+    " >= self.filter(r, r.name == 'decode')[0].parallelism.tensor"
+)
+
+
+class ModelDeploymentSpec(ApiModel):
+    """Desired state of a ModelDeployment."""
+
+    model: ModelSpec
+    """The model to serve."""
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, json_schema_extra={"default": {}})
+    """Engine and runtime settings."""
+    hardware: HardwareSpec | None = None
+    """The NPU nodes; required for engine vllm."""
+    roles: list[RoleSpec] = Field(
+        min_length=1,
+        max_length=2,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+            **cel_rules(
+                cel(_ROLE_SET_RULE, "use one unified role, or a prefill and a decode role"),
+                cel(
+                    _PD_TP_RULE,
+                    "prefill parallelism.tensor must be >= decode parallelism.tensor",
+                ),
+            ),
+        },
+    )
+    """One `unified` role, or `prefill` and `decode` (PD disaggregation)."""
+    replicas: int = Field(default=1, ge=0, le=1024)
+    """Instances of the unified role, or of the decode role in PD (the scale subresource)."""
+    router: RouterSpec = Field(default_factory=RouterSpec, json_schema_extra={"default": {}})
+    """The OpenAI-compatible router."""
+    workload: WorkloadSpec = Field(
+        default_factory=WorkloadSpec, json_schema_extra={"default": {}}
+    )
+    """How instances become pods."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel_rules(
+            cel(
+                "self.runtime.engine == 'sim' || has(self.hardware)",
+                "spec.hardware is required with engine vllm (only engine sim runs without NPUs)",
+            )
+        )
+    }

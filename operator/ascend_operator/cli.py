@@ -1,0 +1,154 @@
+"""`ascend-serve`: validate, plan and render ModelDeployments; print the CRD."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from . import __version__
+
+
+class UsageError(Exception):
+    """A problem with the command line or the input file (exit code 2)."""
+
+
+def _load_documents(path: str) -> list[dict[str, Any]]:
+    """ModelDeployment documents of a YAML file (`-` for stdin); other kinds are skipped."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path} is not valid YAML: {exc}") from exc
+    found = [d for d in docs if isinstance(d, dict) and d.get("kind") == "ModelDeployment"]
+    if not found:
+        raise UsageError(f"{path} holds no ModelDeployment (kind: ModelDeployment)")
+    return found
+
+
+def _plans(args: argparse.Namespace, out: TextIO, err: TextIO) -> list[Any] | None:
+    from .planner import ClusterInfo, PlanError, plan_manifest
+
+    cluster = ClusterInfo(lws_available=args.lws, image_registry=args.image_registry)
+    plans, failed = [], False
+    for doc in _load_documents(args.file):
+        name = (doc.get("metadata") or {}).get("name", "<unnamed>")
+        try:
+            plans.append(plan_manifest(doc, cluster))
+        except PlanError as exc:
+            failed = True
+            err.write(f"ModelDeployment {name} is invalid ({len(exc.problems)} problem"
+                      f"{'s' if len(exc.problems) != 1 else ''}):\n{exc}\n")
+    return None if failed else plans
+
+
+def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    plans = _plans(args, out, err)
+    if plans is None:
+        return 1
+    for p in plans:
+        devices = (f"{p.total_devices} NPU devices" if p.hardware.resource_name
+                   else "no NPUs requested")
+        out.write(f"ModelDeployment {p.namespace}/{p.name} is valid: {len(p.roles)} role(s), "
+                  f"{devices}\n")
+        for warning in p.warnings:
+            out.write(f"warning: {warning}\n")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .render import render, to_yaml
+
+    plans = _plans(args, out, err)
+    if plans is None:
+        return 1
+    for p in plans:
+        out.write(to_yaml(render(p)))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .plan_table import plan_table
+
+    plans = _plans(args, out, err)
+    if plans is None:
+        return 1
+    out.write("\n".join(plan_table(p) for p in plans))
+    return 0
+
+
+def cmd_crd(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .api.crd import crd_manifest
+
+    out.write(yaml.safe_dump(crd_manifest(), sort_keys=False, width=100))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from dataclasses import asdict
+
+    from .planner.architectures import PRESETS
+
+    for name, arch in PRESETS.items():
+        facts = ", ".join(f"{k}={v}" for k, v in asdict(arch).items() if v is not None)
+        out.write(f"{name}: {facts}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ascend-serve",
+        description="Deploy LLMs on Ascend NPU clusters from one ModelDeployment.",
+    )
+    parser.add_argument("--version", action="version", version=f"ascend-serve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_file(p: argparse.ArgumentParser) -> None:
+        from .images import DEFAULT_REGISTRY
+
+        p.add_argument("-f", "--file", required=True, help="ModelDeployment YAML (- for stdin)")
+        p.add_argument(
+            "--lws", action=argparse.BooleanOptionalAction, default=True,
+            help="whether the LeaderWorkerSet CRD is installed (decides workload kind auto)",
+        )
+        p.add_argument("--image-registry", default=DEFAULT_REGISTRY,
+                       help="registry of the default ascend-serve images")
+
+    p = sub.add_parser("validate", help="check a spec; exit 1 with every problem found")
+    with_file(p)
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("render", help="print the Kubernetes objects (YAML stream)")
+    with_file(p)
+    p.set_defaults(func=cmd_render)
+    p = sub.add_parser("plan", help="print the planned topology as a table")
+    with_file(p)
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("crd", help="print the ModelDeployment CRD generated from the models")
+    p.set_defaults(func=cmd_crd)
+    p = sub.add_parser("presets", help="list the known model architectures")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
+         err: TextIO | None = None) -> int:
+    """Entry point of the `ascend-serve` command; returns the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args, out, err))
+    except UsageError as exc:
+        err.write(f"error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Static `vllm serve` flags and environment of one role (per-pod flags are added at start by
+`ascend_runtime.engine_command`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ..api.spec import ModelDeploymentSpec, RoleSpec
+from .architectures import Architecture
+from .capabilities import RuntimeCapabilities
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class RoleEngineSettings:
+    """Role-level decisions the flags are built from."""
+
+    graph_mode: str
+    capture_sizes: tuple[int, ...] | None
+    """Passed explicitly only when set by the user or required by MTP."""
+    num_speculative_tokens: int | None
+    max_num_seqs: int | None
+    max_num_batched_tokens: int | None
+    hccl_buffer_mb: int
+    offload_cpu_bytes: int
+
+
+def vllm_args(
+    spec: ModelDeploymentSpec,
+    role: RoleSpec,
+    settings: RoleEngineSettings,
+    arch: Architecture,
+    caps: RuntimeCapabilities,
+    http_port: int,
+    pd: bool,
+) -> list[str]:
+    """Flags shared by every pod of the role, in a stable order."""
+    model, runtime, par = spec.model, spec.runtime, role.parallelism
+    args = ["--served-model-name", model.name, "--host", "0.0.0.0", "--port", str(http_port)]
+    args += ["--tensor-parallel-size", str(par.tensor)]
+    if par.pipeline > 1:
+        args += ["--pipeline-parallel-size", str(par.pipeline)]
+    if par.prefill_context > 1:
+        args += ["--prefill-context-parallel-size", str(par.prefill_context)]
+    if par.decode_context > 1:
+        args += ["--decode-context-parallel-size", str(par.decode_context)]
+    if (par.prefill_context > 1 or par.decode_context > 1) and (pd or settings.offload_cpu_bytes):
+        # With PD or a KV pool the interleave must equal the block size.
+        args += ["--cp-kv-cache-interleave-size", str(runtime.block_size)]
+    if par.expert:
+        args += ["--enable-expert-parallel"]
+    if model.dtype != "auto":
+        args += ["--dtype", model.dtype]
+    if model.quantization != "none":
+        args += ["--quantization", "ascend"]
+    if model.max_model_len:
+        args += ["--max-model-len", str(model.max_model_len)]
+    if settings.max_num_seqs:
+        args += ["--max-num-seqs", str(settings.max_num_seqs)]
+    if settings.max_num_batched_tokens:
+        args += ["--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
+    args += ["--gpu-memory-utilization", f"{runtime.gpu_memory_utilization:g}"]
+    args += ["--block-size", str(runtime.block_size)]
+    if model.trust_remote_code:
+        args += ["--trust-remote-code"]
+    if runtime.seed is not None:
+        args += ["--seed", str(runtime.seed)]
+    if model.rope_scaling is not None:
+        rope = model.rope_scaling
+        params: dict[str, object] = {"rope_type": rope.type}
+        theta = rope.rope_theta or arch.rope_theta
+        if theta:
+            params["rope_theta"] = int(theta) if float(theta).is_integer() else theta
+        params["factor"] = int(rope.factor) if float(rope.factor).is_integer() else rope.factor
+        params["original_max_position_embeddings"] = rope.original_max_position_embeddings
+        if caps.rope_flag == "hf-overrides":
+            args += ["--hf-overrides", _json({"rope_parameters": params})]
+        else:
+            args += ["--rope-scaling", _json(params)]
+    args += graph_args(runtime.cudagraph_mode, settings)
+    if runtime.async_scheduling and settings.graph_mode != "eager":
+        args += ["--async-scheduling"]
+    if settings.num_speculative_tokens:
+        speculative: dict[str, object] = {
+            "method": "mtp",
+            "num_speculative_tokens": settings.num_speculative_tokens,
+        }
+        if runtime.speculative and runtime.speculative.disable_padded_drafter_batch:
+            speculative["disable_padded_drafter_batch"] = True
+        args += ["--speculative-config", _json(speculative)]
+    if settings.offload_cpu_bytes and not pd:
+        args += ["--kv-transfer-config", _json(offload_connector(settings.offload_cpu_bytes))]
+    args += list(runtime.extra_args) + list(role.extra_args)
+    return args
+
+
+def offload_connector(cpu_bytes: int) -> dict[str, object]:
+    """vLLM's OffloadingConnector to host memory (`cpu_bytes_to_use`, vLLM 0.23)."""
+    return {
+        "kv_connector": "OffloadingConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"cpu_bytes_to_use": cpu_bytes},
+    }
+
+
+def graph_args(cudagraph_mode: str, settings: RoleEngineSettings) -> list[str]:
+    """Graph-mode flags: eager, ACLGraph (compilation config) or TorchAir (additional config)."""
+    if settings.graph_mode == "eager":
+        return ["--enforce-eager"]
+    if settings.graph_mode == "torchair":
+        torchair: dict[str, object] = {"enabled": True}
+        if settings.capture_sizes:
+            torchair["graph_batch_sizes"] = list(settings.capture_sizes)
+        return ["--additional-config", _json({"torchair_graph_config": torchair})]
+    compilation: dict[str, object] = {"cudagraph_mode": cudagraph_mode}
+    if settings.capture_sizes:
+        compilation["cudagraph_capture_sizes"] = list(settings.capture_sizes)
+    return ["--compilation-config", _json(compilation)]
+
+
+def role_environment(
+    spec: ModelDeploymentSpec,
+    role: RoleSpec,
+    settings: RoleEngineSettings,
+    arch: Architecture,
+) -> dict[str, str]:
+    """Static environment of the role's engine pods (user env last, so it wins)."""
+    env: dict[str, str] = {}
+    if spec.runtime.engine == "vllm":
+        env |= {
+            "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",
+            "HCCL_BUFFSIZE": str(settings.hccl_buffer_mb),
+            "HCCL_OP_EXPANSION_MODE": "AIV",
+            "OMP_PROC_BIND": "false",
+            "OMP_NUM_THREADS": "1",
+            "TASK_QUEUE_ENABLE": "1",
+        }
+        if arch.is_moe and role.parallelism.tensor > 1:
+            env["VLLM_ASCEND_ENABLE_FLASHCOMM1"] = "1"
+        if spec.runtime.fused_mc2:
+            env["VLLM_ASCEND_ENABLE_FUSED_MC2"] = "1"
+        if spec.hardware is not None:
+            nic = spec.hardware.network_interface
+            env |= {"GLOO_SOCKET_IFNAME": nic, "TP_SOCKET_IFNAME": nic, "HCCL_SOCKET_IFNAME": nic}
+    if spec.model.source.hugging_face is not None:
+        env |= {"HF_HOME": "/hf-cache", "HF_HUB_OFFLINE": "1"}
+    env |= spec.runtime.env
+    env |= role.env
+    return env

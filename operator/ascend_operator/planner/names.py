@@ -1,0 +1,36 @@
+"""Names of every object the renderer creates, in one place."""
+
+from __future__ import annotations
+
+
+def role_workload(deployment: str, role: str) -> str:
+    """LeaderWorkerSet of a role (and, with StatefulSets, their shared headless Service)."""
+    return f"{deployment}-{role}"
+
+
+def instance_statefulset(deployment: str, role: str, instance: int) -> str:
+    """StatefulSet of one instance (fallback workload); its ordinal 0 is the leader."""
+    return f"{deployment}-{role}-{instance}"
+
+
+def role_service(deployment: str, role: str) -> str:
+    """ClusterIP Service over a role's instance leaders (what the router watches)."""
+    return f"{deployment}-{role}-http"
+
+
+def runtime_configmap(deployment: str, role: str) -> str:
+    return f"{deployment}-{role}-runtime"
+
+
+def router(deployment: str) -> str:
+    """Router Deployment, ConfigMap, ServiceAccount, Role and RoleBinding."""
+    return f"{deployment}-router"
+
+
+def router_service(deployment: str) -> str:
+    """The front door: `http://<deployment>.<namespace>.svc:<port>`."""
+    return deployment
+
+
+def pdb(deployment: str, component: str) -> str:
+    return f"{deployment}-{component}"

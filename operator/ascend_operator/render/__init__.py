@@ -1,0 +1,42 @@
+"""The renderer: Plan -> Kubernetes objects (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from ..planner.plan import Plan
+from .engine import role_objects
+from .router import router_objects
+
+
+def render(plan: Plan) -> list[dict[str, Any]]:
+    """Every object of a deployment, roles first (prefill before decode), then the router."""
+    objects: list[dict[str, Any]] = []
+    for role in plan.roles:
+        objects += role_objects(plan, role)
+    objects += router_objects(plan)
+    return objects
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str_presenter)
+
+
+def to_yaml(objects: list[dict[str, Any]]) -> str:
+    """A YAML stream (`---` separated), multi-line strings as blocks, keys in render order."""
+    return "".join(
+        "---\n" + yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=100) for obj in objects
+    )
+
+
+__all__ = ["render", "to_yaml"]

@@ -1,0 +1,127 @@
+"""RuntimeConfig: everything one engine pod needs, rendered by the operator into a ConfigMap.
+
+The operator fills it from the plan; the launcher reads it, resolves the pod's own identity
+(instance, worker index, IP, leader address) from the workload environment, and builds the
+engine command with `ascend_runtime.engine_command`. Nothing here imports the operator.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Topology(_Config):
+    """How one instance is laid out over pods and devices."""
+
+    pods_per_instance: int = Field(ge=1)
+    devices_per_pod: int = Field(ge=0)
+    tensor: int = Field(default=1, ge=1)
+    pipeline: int = Field(default=1, ge=1)
+    data: int = Field(default=1, ge=1)
+    data_local: int = Field(default=1, ge=1)
+    prefill_context: int = Field(default=1, ge=1)
+    decode_context: int = Field(default=1, ge=1)
+    expert: bool = False
+    data_parallel_rpc_port: int = 13389
+
+    @property
+    def ranks_devices(self) -> int:
+        """Devices of one engine (data-parallel) rank: TP x PP x PCP."""
+        return self.tensor * self.pipeline * self.prefill_context
+
+
+class KvTransfer(_Config):
+    """Mooncake KV transfer between prefill (producer) and decode (consumer) instances."""
+
+    connector: str = "MooncakeConnectorV1"
+    kv_role: Literal["kv_producer", "kv_consumer"]
+    kv_port: int = Field(ge=1024, le=65535)
+    engine_id_prefix: str
+    """The instance index is appended: `<prefix>-<instance>`."""
+    extra_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class LeaderDiscovery(_Config):
+    """How a worker pod finds its instance's leader (worker index 0)."""
+
+    workload: Literal["LeaderWorkerSet", "StatefulSet"]
+    namespace: str
+    headless_service: str | None = None
+    """StatefulSet only: the governing headless Service; the leader is `<sts>-0.<service>`."""
+    wait_seconds: int = Field(default=600, ge=1)
+    """Retry budget for the leader's DNS name to resolve."""
+
+
+class RuntimeConfig(_Config):
+    """Configuration of every pod of one role."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    deployment: str
+    namespace: str
+    role: Literal["unified", "prefill", "decode"]
+    engine: Literal["vllm", "sim"]
+    runtime_version: str
+    model_path: str
+    """Path (or Hugging Face id, resolved offline from HF_HOME) given to `vllm serve`."""
+    served_model_name: str
+    task: Literal["generate", "embed"] = "generate"
+    http_port: int = 8000
+    engine_args: list[str] = Field(default_factory=list)
+    """Flags shared by every pod of the role; per-pod flags are added by engine_command."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Static environment; HCCL_IF_IP and VLLM_HOST_IP are set per pod from its IP."""
+    topology: Topology
+    kv_transfer: KvTransfer | None = None
+    leader: LeaderDiscovery
+    max_model_len: int | None = None
+    seed: int | None = None
+
+
+class PodIdentity(_Config):
+    """Who this pod is, resolved at start from the workload environment."""
+
+    instance: int = Field(ge=0)
+    worker_index: int = Field(ge=0)
+    pod_ip: str
+    leader_address: str
+    """IP of the instance's leader (the pod's own IP on the leader)."""
+
+
+class RouterBackends(_Config):
+    """Where the router finds engine instances (leader pods) of each role."""
+
+    source: Literal["kubernetes", "static", "file"] = "kubernetes"
+    namespace: str | None = None
+    services: dict[str, str] = Field(default_factory=dict)
+    """Role -> Service whose EndpointSlices list the role's instance leaders."""
+    static: dict[str, list[str]] = Field(default_factory=dict)
+    """Role -> base URLs, for `source: static`."""
+    file: str | None = None
+    """JSON file of role -> base URLs, re-read on change, for `source: file`."""
+    engine_port: int = 8000
+
+
+class RouterConfig(_Config):
+    """Configuration of the router pods."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    deployment: str
+    served_model_name: str
+    mode: Literal["unified", "pd"]
+    port: int = 8000
+    policy: Literal["least-outstanding", "round-robin"] = "least-outstanding"
+    backends: RouterBackends
+    api_keys_file: str | None = None
+    max_request_bytes: int = 4 * 1024 * 1024
+    max_concurrent_requests: int = 4096
+    request_timeout_seconds: int = 600
+    prefill_retries: int = 2
+    max_model_len: int | None = None
