@@ -44,8 +44,10 @@ def _plans(args: argparse.Namespace, out: TextIO, err: TextIO) -> list[Any] | No
             plans.append(plan_manifest(doc, cluster))
         except PlanError as exc:
             failed = True
-            err.write(f"ModelDeployment {name} is invalid ({len(exc.problems)} problem"
-                      f"{'s' if len(exc.problems) != 1 else ''}):\n{exc}\n")
+            err.write(
+                f"ModelDeployment {name} is invalid ({len(exc.problems)} problem"
+                f"{'s' if len(exc.problems) != 1 else ''}):\n{exc}\n"
+            )
     return None if failed else plans
 
 
@@ -54,10 +56,12 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if plans is None:
         return 1
     for p in plans:
-        devices = (f"{p.total_devices} NPU devices" if p.hardware.resource_name
-                   else "no NPUs requested")
-        out.write(f"ModelDeployment {p.namespace}/{p.name} is valid: {len(p.roles)} role(s), "
-                  f"{devices}\n")
+        devices = (
+            f"{p.total_devices} NPU devices" if p.hardware.resource_name else "no NPUs requested"
+        )
+        out.write(
+            f"ModelDeployment {p.namespace}/{p.name} is valid: {len(p.roles)} role(s), {devices}\n"
+        )
         for warning in p.warnings:
             out.write(f"warning: {warning}\n")
     return 0
@@ -115,11 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
 
         p.add_argument("-f", "--file", required=True, help="ModelDeployment YAML (- for stdin)")
         p.add_argument(
-            "--lws", action=argparse.BooleanOptionalAction, default=True,
+            "--lws",
+            action=argparse.BooleanOptionalAction,
+            default=True,
             help="whether the LeaderWorkerSet CRD is installed (decides workload kind auto)",
         )
-        p.add_argument("--image-registry", default=DEFAULT_REGISTRY,
-                       help="registry of the default ascend-serve images")
+        p.add_argument(
+            "--image-registry",
+            default=DEFAULT_REGISTRY,
+            help="registry of the default ascend-serve images",
+        )
 
     p = sub.add_parser("validate", help="check a spec; exit 1 with every problem found")
     with_file(p)
@@ -137,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
-         err: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     """Entry point of the `ascend-serve` command; returns the exit code."""
     out = out or sys.stdout
     err = err or sys.stderr

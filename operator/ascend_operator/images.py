@@ -8,9 +8,13 @@ from . import __version__
 DEFAULT_REGISTRY = "docker.io/ascendserve"
 
 
-def npu_runtime_image(vllm_ascend_version: str, profile: str, registry: str = DEFAULT_REGISTRY) -> str:
+def npu_runtime_image(
+    vllm_ascend_version: str, profile: str, registry: str = DEFAULT_REGISTRY
+) -> str:
     """Our NPU runtime image: vllm-ascend `version` plus the ascend-serve runtime."""
-    version = vllm_ascend_version if vllm_ascend_version.startswith("v") else f"v{vllm_ascend_version}"
+    version = (
+        vllm_ascend_version if vllm_ascend_version.startswith("v") else f"v{vllm_ascend_version}"
+    )
     suffix = "-a3" if profile == "A3" else ""
     return f"{registry}/runtime-npu:{__version__}-vllm-ascend-{version}{suffix}"
 

@@ -54,18 +54,23 @@ def data_parallel_args(config: RuntimeConfig, ident: PodIdentity) -> list[str]:
     if topo.data == 1:
         return []
     args = [
-        "--data-parallel-size", str(topo.data),
-        "--data-parallel-size-local", str(topo.data_local),
+        "--data-parallel-size",
+        str(topo.data),
+        "--data-parallel-size-local",
+        str(topo.data_local),
     ]
     if topo.pods_per_instance > 1:
         args += [
-            "--data-parallel-address", ident.leader_address,
-            "--data-parallel-rpc-port", str(topo.data_parallel_rpc_port),
+            "--data-parallel-address",
+            ident.leader_address,
+            "--data-parallel-rpc-port",
+            str(topo.data_parallel_rpc_port),
         ]
         if ident.worker_index > 0:
             args += [
                 "--headless",
-                "--data-parallel-start-rank", str(ident.worker_index * topo.data_local),
+                "--data-parallel-start-rank",
+                str(ident.worker_index * topo.data_local),
             ]
     return args
 
@@ -86,8 +91,14 @@ def sim_command(config: RuntimeConfig, ident: PodIdentity, config_path: str) -> 
     """The NPU-mocked engine for one pod (only leaders serve; workers idle like headless
     vLLM workers)."""
     argv = [
-        "ascend-serve", "sim", "--config", config_path,
-        "--instance", str(ident.instance), "--worker-index", str(ident.worker_index),
+        "ascend-serve",
+        "sim",
+        "--config",
+        config_path,
+        "--instance",
+        str(ident.instance),
+        "--worker-index",
+        str(ident.worker_index),
     ]
     env = dict(config.env)
     env.setdefault("VLLM_HOST_IP", ident.pod_ip)

@@ -116,7 +116,10 @@ def crd_manifest() -> dict[str, Any]:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{PLURAL}.{GROUP}",
-            "labels": {"app.kubernetes.io/name": "ascend-serve", "app.kubernetes.io/part-of": "ascend-serve"},
+            "labels": {
+                "app.kubernetes.io/name": "ascend-serve",
+                "app.kubernetes.io/part-of": "ascend-serve",
+            },
         },
         "spec": {
             "group": GROUP,

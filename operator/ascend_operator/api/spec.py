@@ -354,9 +354,7 @@ class RoleSpec(ApiModel):
     replicas: int | None = Field(default=None, ge=0, le=1024)
     """Instances of the prefill role. The unified or decode role's instance count is
     `spec.replicas`, the field `kubectl scale` changes."""
-    parallelism: Parallelism = Field(
-        default_factory=Parallelism, json_schema_extra={"default": {}}
-    )
+    parallelism: Parallelism = Field(default_factory=Parallelism, json_schema_extra={"default": {}})
     """How one instance is split over devices and pods."""
     graph_mode: Literal["aclgraph", "torchair", "eager"] | None = None
     """Overrides spec.runtime.graphMode (prefill instances commonly run eager)."""
@@ -477,9 +475,7 @@ class ModelDeploymentSpec(ApiModel):
     """Instances of the unified role, or of the decode role in PD (the scale subresource)."""
     router: RouterSpec = Field(default_factory=RouterSpec, json_schema_extra={"default": {}})
     """The OpenAI-compatible router."""
-    workload: WorkloadSpec = Field(
-        default_factory=WorkloadSpec, json_schema_extra={"default": {}}
-    )
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec, json_schema_extra={"default": {}})
     """How instances become pods."""
 
     model_config = ApiModel.model_config | {

@@ -24,7 +24,9 @@ class Condition(ApiModel):
     """CamelCase machine-readable reason."""
     message: str = Field(default="", max_length=32768)
     """Human-readable explanation (for Validated=False: every problem, one per line)."""
-    last_transition_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    last_transition_time: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}
+    )
     """When the status last changed."""
     observed_generation: int | None = None
     """The spec generation this condition describes."""

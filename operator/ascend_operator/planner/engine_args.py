@@ -33,6 +33,7 @@ def vllm_args(
     spec: ModelDeploymentSpec,
     role: RoleSpec,
     settings: RoleEngineSettings,
+    *,
     arch: Architecture,
     caps: RuntimeCapabilities,
     http_port: int,

@@ -134,6 +134,25 @@ class Plan:
         return next(r for r in self.roles if r.name == name)
 
 
+@dataclass
+class _Context:
+    """What every per-role step reads, and where they report."""
+
+    md: ModelDeployment
+    hw: HardwareProfile
+    arch: Architecture
+    caps: RuntimeCapabilities
+    cluster: ClusterInfo
+    kind: str
+    pd: bool
+    problems: list[Problem]
+    warnings: list[str]
+
+    @property
+    def spec(self) -> ModelDeploymentSpec:
+        return self.md.spec
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -175,11 +194,13 @@ def plan(md: ModelDeployment, cluster: ClusterInfo | None = None) -> Plan:
     _check_structure(spec, problems)
     caps = capabilities_for(spec.runtime.version)
     if caps is None:
-        problems.append(Problem(
-            "spec.runtime.version",
-            f"{spec.runtime.version} is not a supported vllm-ascend release line",
-            f"use one of {supported_lines()}",
-        ))
+        problems.append(
+            Problem(
+                "spec.runtime.version",
+                f"{spec.runtime.version} is not a supported vllm-ascend release line",
+                f"use one of {supported_lines()}",
+            )
+        )
         raise PlanError(problems)
     hw = resolve_profile(spec.hardware)
     arch = resolve_architecture(spec.model.architecture)
@@ -189,11 +210,10 @@ def plan(md: ModelDeployment, cluster: ClusterInfo | None = None) -> Plan:
 
     kind, fallback = _workload_kind(spec.workload.kind, cluster.lws_available)
     pd = any(r.name == "prefill" for r in spec.roles)
+    ctx = _Context(md, hw, arch, caps, cluster, kind, pd, problems, warnings)
     role_plans = []
     for idx, role in enumerate(spec.roles):
-        planned = _plan_role(
-            md, idx, role, hw, arch, caps, cluster, kind, pd, problems, warnings
-        )
+        planned = _plan_role(ctx, idx, role)
         if planned is not None:
             role_plans.append(planned)
     if problems:
@@ -230,89 +250,121 @@ def _workload_kind(requested: str, lws_available: bool) -> tuple[str, bool]:
 
 def _check_metadata(name: str, problems: list[Problem]) -> None:
     if len(name) > MAX_NAME_LENGTH:
-        problems.append(Problem(
-            "metadata.name",
-            f"{name!r} has {len(name)} characters; child names would pass Kubernetes' "
-            "63-character limit",
-            f"use a name of at most {MAX_NAME_LENGTH} characters",
-        ))
+        problems.append(
+            Problem(
+                "metadata.name",
+                f"{name!r} has {len(name)} characters; child names would pass Kubernetes' "
+                "63-character limit",
+                f"use a name of at most {MAX_NAME_LENGTH} characters",
+            )
+        )
     if not name.replace("-", "a").isalnum() or not name[0].isalnum() or name != name.lower():
-        problems.append(Problem(
-            "metadata.name",
-            f"{name!r} is not a DNS label",
-            "use lowercase letters, digits and '-', starting and ending with a letter or digit",
-        ))
+        problems.append(
+            Problem(
+                "metadata.name",
+                f"{name!r} is not a DNS label",
+                "use lowercase letters, digits and '-', starting and ending with a letter or digit",
+            )
+        )
 
 
 def _check_structure(spec: ModelDeploymentSpec, problems: list[Problem]) -> None:
     """The cross-field rules the CRD's CEL also enforces (for runs without an API server)."""
     source = spec.model.source
-    set_sources = [n for n, v in (("pvc", source.pvc), ("hostPath", source.host_path),
-                                  ("huggingFace", source.hugging_face)) if v is not None]
+    set_sources = [
+        n
+        for n, v in (
+            ("pvc", source.pvc),
+            ("hostPath", source.host_path),
+            ("huggingFace", source.hugging_face),
+        )
+        if v is not None
+    ]
     if len(set_sources) != 1:
-        problems.append(Problem(
-            "spec.model.source",
-            "no model source is set" if not set_sources
-            else f"{len(set_sources)} sources are set ({', '.join(set_sources)})",
-            "set exactly one of pvc, hostPath or huggingFace",
-        ))
+        problems.append(
+            Problem(
+                "spec.model.source",
+                "no model source is set"
+                if not set_sources
+                else f"{len(set_sources)} sources are set ({', '.join(set_sources)})",
+                "set exactly one of pvc, hostPath or huggingFace",
+            )
+        )
     hf = source.hugging_face
     if hf is not None and (hf.cache.claim_name is None) == (hf.cache.host_path is None):
-        problems.append(Problem(
-            "spec.model.source.huggingFace.cache",
-            "the cache needs exactly one of claimName or hostPath",
-            "set claimName (a PVC with the HF cache) or hostPath (a node directory)",
-        ))
+        problems.append(
+            Problem(
+                "spec.model.source.huggingFace.cache",
+                "the cache needs exactly one of claimName or hostPath",
+                "set claimName (a PVC with the HF cache) or hostPath (a node directory)",
+            )
+        )
     names_ = [r.name for r in spec.roles]
     if len(set(names_)) != len(names_):
         problems.append(Problem("spec.roles", f"roles repeat: {names_}", "list each role once"))
     elif "unified" in names_ and len(names_) > 1:
-        problems.append(Problem(
-            "spec.roles", f"unified is combined with {[n for n in names_ if n != 'unified']}",
-            "use one unified role, or a prefill and a decode role",
-        ))
+        problems.append(
+            Problem(
+                "spec.roles",
+                f"unified is combined with {[n for n in names_ if n != 'unified']}",
+                "use one unified role, or a prefill and a decode role",
+            )
+        )
     elif "unified" not in names_ and set(names_) != {"prefill", "decode"}:
         missing = {"prefill", "decode"} - set(names_)
-        problems.append(Problem(
-            "spec.roles", f"PD disaggregation needs both prefill and decode; {missing} is missing",
-            "add the missing role, or use one unified role",
-        ))
+        problems.append(
+            Problem(
+                "spec.roles",
+                f"PD disaggregation needs both prefill and decode; {missing} is missing",
+                "add the missing role, or use one unified role",
+            )
+        )
     by_name = {r.name: (i, r) for i, r in enumerate(spec.roles)}
     for i, role in enumerate(spec.roles):
         if role.name != "prefill" and role.replicas is not None:
-            problems.append(Problem(
-                f"spec.roles[{i}].replicas",
-                f"replicas is set on the {role.name} role",
-                "set the unified or decode instance count in spec.replicas (what kubectl "
-                "scale changes); roles[].replicas is for prefill only",
-            ))
+            problems.append(
+                Problem(
+                    f"spec.roles[{i}].replicas",
+                    f"replicas is set on the {role.name} role",
+                    "set the unified or decode instance count in spec.replicas (what kubectl "
+                    "scale changes); roles[].replicas is for prefill only",
+                )
+            )
     if "prefill" in by_name and "decode" in by_name:
         pi, prefill = by_name["prefill"]
         _, decode = by_name["decode"]
         if prefill.parallelism.tensor < decode.parallelism.tensor:
-            problems.append(Problem(
-                f"spec.roles[{pi}].parallelism.tensor",
-                f"prefill tensor {prefill.parallelism.tensor} is below decode tensor "
-                f"{decode.parallelism.tensor}; Mooncake needs prefill TP >= decode TP",
-                f"raise prefill tensor to at least {decode.parallelism.tensor}, or lower "
-                "decode tensor",
-            ))
+            problems.append(
+                Problem(
+                    f"spec.roles[{pi}].parallelism.tensor",
+                    f"prefill tensor {prefill.parallelism.tensor} is below decode tensor "
+                    f"{decode.parallelism.tensor}; Mooncake needs prefill TP >= decode TP",
+                    f"raise prefill tensor to at least {decode.parallelism.tensor}, or lower "
+                    "decode tensor",
+                )
+            )
     if spec.runtime.engine == "vllm" and spec.hardware is None:
-        problems.append(Problem(
-            "spec.hardware",
-            "engine vllm needs NPU nodes, and spec.hardware is not set",
-            "set spec.hardware.profile (A2 or A3), or use spec.runtime.engine: sim",
-        ))
+        problems.append(
+            Problem(
+                "spec.hardware",
+                "engine vllm needs NPU nodes, and spec.hardware is not set",
+                "set spec.hardware.profile (A2 or A3), or use spec.runtime.engine: sim",
+            )
+        )
     if spec.model.task == "embed":
-        problems.append(Problem(
-            "spec.model.task",
-            "embedding deployments are not supported by this release yet",
-            "use task: generate (embedding support is planned)",
-        ))
+        problems.append(
+            Problem(
+                "spec.model.task",
+                "embedding deployments are not supported by this release yet",
+                "use task: generate (embedding support is planned)",
+            )
+        )
 
 
 def _check_model(
-    spec: ModelDeploymentSpec, arch: Architecture, caps: RuntimeCapabilities,
+    spec: ModelDeploymentSpec,
+    arch: Architecture,
+    caps: RuntimeCapabilities,
     problems: list[Problem],
 ) -> None:
     model, runtime = spec.model, spec.runtime
@@ -321,80 +373,104 @@ def _check_model(
         from .architectures import PRESETS
 
         if preset not in PRESETS:
-            problems.append(Problem(
-                "spec.model.architecture.preset", f"unknown preset {preset!r}",
-                f"use one of {sorted(PRESETS)}, or leave preset out and set the fields",
-            ))
+            problems.append(
+                Problem(
+                    "spec.model.architecture.preset",
+                    f"unknown preset {preset!r}",
+                    f"use one of {sorted(PRESETS)}, or leave preset out and set the fields",
+                )
+            )
     rope = model.rope_scaling
     if rope is not None and model.max_model_len:
         limit = int(rope.factor * rope.original_max_position_embeddings)
         if model.max_model_len > limit:
-            problems.append(Problem(
-                "spec.model.maxModelLen",
-                f"{model.max_model_len} exceeds what rope scaling reaches: factor "
-                f"{rope.factor:g} x {rope.original_max_position_embeddings} = {limit}",
-                f"lower maxModelLen to {limit} or raise ropeScaling.factor",
-            ))
+            problems.append(
+                Problem(
+                    "spec.model.maxModelLen",
+                    f"{model.max_model_len} exceeds what rope scaling reaches: factor "
+                    f"{rope.factor:g} x {rope.original_max_position_embeddings} = {limit}",
+                    f"lower maxModelLen to {limit} or raise ropeScaling.factor",
+                )
+            )
     spec_dec = runtime.speculative
     if spec_dec is not None:
         if arch.mtp_layers == 0:
-            problems.append(Problem(
-                "spec.runtime.speculative",
-                "MTP needs weights with MTP layers, and the model's architecture has none",
-                "remove spec.runtime.speculative, or set architecture.mtpLayers if the "
-                "weights do carry MTP layers",
-            ))
+            problems.append(
+                Problem(
+                    "spec.runtime.speculative",
+                    "MTP needs weights with MTP layers, and the model's architecture has none",
+                    "remove spec.runtime.speculative, or set architecture.mtpLayers if the "
+                    "weights do carry MTP layers",
+                )
+            )
         full = runtime.graph_mode == "aclgraph" and runtime.cudagraph_mode != "PIECEWISE"
         if spec_dec.disable_padded_drafter_batch and (full or runtime.async_scheduling):
-            problems.append(Problem(
-                "spec.runtime.speculative.disablePaddedDrafterBatch",
-                "an unpadded drafter batch is rejected with full graphs and with async "
-                "scheduling",
-                "set disablePaddedDrafterBatch: false, or use asyncScheduling: false with "
-                "graphMode eager or cudagraphMode PIECEWISE",
-            ))
+            problems.append(
+                Problem(
+                    "spec.runtime.speculative.disablePaddedDrafterBatch",
+                    "an unpadded drafter batch is rejected with full graphs and with async "
+                    "scheduling",
+                    "set disablePaddedDrafterBatch: false, or use asyncScheduling: false with "
+                    "graphMode eager or cudagraphMode PIECEWISE",
+                )
+            )
         n1 = spec_dec.num_speculative_tokens + 1
         if runtime.capture_sizes and n1 > 2 and full:
             bad = [s for s in runtime.capture_sizes if s % n1]
             if bad:
-                problems.append(Problem(
-                    "spec.runtime.captureSizes",
-                    f"with full graphs and {n1 - 1} speculative tokens every capture size must "
-                    f"be a multiple of {n1}; {bad} are not",
-                    f"use multiples of {n1} (e.g. {[n1 * k for k in (1, 2, 4, 8)]}), or leave "
-                    "captureSizes out to get them planned",
-                ))
+                problems.append(
+                    Problem(
+                        "spec.runtime.captureSizes",
+                        f"with full graphs and {n1 - 1} speculative tokens every capture size must "
+                        f"be a multiple of {n1}; {bad} are not",
+                        f"use multiples of {n1} (e.g. {[n1 * k for k in (1, 2, 4, 8)]}), or leave "
+                        "captureSizes out to get them planned",
+                    )
+                )
     if runtime.fused_mc2:
         if not caps.fused_mc2:
-            problems.append(Problem(
-                "spec.runtime.fusedMc2", f"fused MC2 is not available in vllm-ascend {caps.line}",
-                "set fusedMc2: false, or run v0.13.x or later",
-            ))
+            problems.append(
+                Problem(
+                    "spec.runtime.fusedMc2",
+                    f"fused MC2 is not available in vllm-ascend {caps.line}",
+                    "set fusedMc2: false, or run v0.13.x or later",
+                )
+            )
         if model.quantization not in ("w8a8", "w8a8-dynamic"):
-            problems.append(Problem(
-                "spec.runtime.fusedMc2",
-                f"fused MC2 (dispatch_ffn_combine) needs W8A8 weights; quantization is "
-                f"{model.quantization}",
-                "set spec.model.quantization: w8a8 (msModelSlim weights), or fusedMc2: false",
-            ))
+            problems.append(
+                Problem(
+                    "spec.runtime.fusedMc2",
+                    f"fused MC2 (dispatch_ffn_combine) needs W8A8 weights; quantization is "
+                    f"{model.quantization}",
+                    "set spec.model.quantization: w8a8 (msModelSlim weights), or fusedMc2: false",
+                )
+            )
         if spec_dec is not None:
-            problems.append(Problem(
-                "spec.runtime.fusedMc2", "fused MC2 does not support MTP speculative decoding",
-                "remove spec.runtime.speculative, or set fusedMc2: false",
-            ))
+            problems.append(
+                Problem(
+                    "spec.runtime.fusedMc2",
+                    "fused MC2 does not support MTP speculative decoding",
+                    "remove spec.runtime.speculative, or set fusedMc2: false",
+                )
+            )
         if not arch.is_moe:
-            problems.append(Problem(
-                "spec.runtime.fusedMc2", "fused MC2 applies to MoE models, and this one has "
-                "no experts (architecture.numExperts)",
-                "set fusedMc2: false, or describe the architecture (preset or numExperts)",
-            ))
+            problems.append(
+                Problem(
+                    "spec.runtime.fusedMc2",
+                    "fused MC2 applies to MoE models, and this one has "
+                    "no experts (architecture.numExperts)",
+                    "set fusedMc2: false, or describe the architecture (preset or numExperts)",
+                )
+            )
     if runtime.kv_offload is not None and not caps.kv_offload:
-        problems.append(Problem(
-            "spec.runtime.kvOffload",
-            f"KV offload with cpu_bytes_to_use needs vLLM 0.23 (vllm-ascend v0.23); this is "
-            f"{caps.line}",
-            "remove kvOffload, or use spec.runtime.version v0.23.x",
-        ))
+        problems.append(
+            Problem(
+                "spec.runtime.kvOffload",
+                f"KV offload with cpu_bytes_to_use needs vLLM 0.23 (vllm-ascend v0.23); this is "
+                f"{caps.line}",
+                "remove kvOffload, or use spec.runtime.version v0.23.x",
+            )
+        )
 
 
 def _check_quantities(spec: ModelDeploymentSpec, problems: list[Problem]) -> None:
@@ -428,18 +504,22 @@ def _kv_port_minimum(devices_per_node: int) -> int:
 
 
 def _graph_settings(
-    path: str, role: RoleSpec, spec: ModelDeploymentSpec, caps: RuntimeCapabilities,
-    pd: bool, problems: list[Problem],
+    ctx: _Context, path: str, role: RoleSpec
 ) -> tuple[str, tuple[int, ...] | None, bool, int | None]:
+    """Graph mode, capture sizes (and whether they must be passed), speculative tokens."""
+    spec, caps, pd, problems = ctx.spec, ctx.caps, ctx.pd, ctx.problems
     runtime = spec.runtime
     graph_mode = role.graph_mode or runtime.graph_mode
     if graph_mode == "torchair" and not caps.torchair:
         field_path = f"{path}.graphMode" if role.graph_mode else "spec.runtime.graphMode"
-        problems.append(Problem(
-            field_path,
-            f"TorchAir graph mode was removed in vllm-ascend v0.13 (#4814); this is {caps.line}",
-            "use graphMode aclgraph (or eager), or spec.runtime.version v0.11.x",
-        ))
+        problems.append(
+            Problem(
+                field_path,
+                "TorchAir graph mode was removed in vllm-ascend v0.13 (#4814); this is "
+                f"{caps.line}",
+                "use graphMode aclgraph (or eager), or spec.runtime.version v0.11.x",
+            )
+        )
     n = runtime.speculative.num_speculative_tokens if runtime.speculative else None
     if n and role.name == "prefill":
         n = 1  # prefill instances of a PD deployment draft one token only
@@ -458,62 +538,82 @@ def _graph_settings(
 
 
 def _hccl_buffer(
-    path: str, role: RoleSpec, spec: ModelDeploymentSpec, arch: Architecture,
-    max_num_seqs: int | None, max_num_batched_tokens: int | None, problems: list[Problem],
+    ctx: _Context,
+    path: str,
+    role: RoleSpec,
+    max_num_seqs: int | None,
+    max_num_batched_tokens: int | None,
 ) -> int:
+    """HCCL_BUFFSIZE in MB: the user's (checked against fused MC2), or planned."""
+    spec, arch, problems = ctx.spec, ctx.arch, ctx.problems
     runtime = spec.runtime
     explicit = role.hccl_buffer_size_mb or runtime.hccl_buffer_size_mb
     field_path = (
         f"{path}.hcclBufferSizeMb" if role.hccl_buffer_size_mb else "spec.runtime.hcclBufferSizeMb"
     )
-    base = hccl.MOE_EP_DEFAULT_MB if (arch.is_moe and role.parallelism.expert) else (
-        hccl.HCCL_DEFAULT_MB
+    base = (
+        hccl.MOE_EP_DEFAULT_MB
+        if (arch.is_moe and role.parallelism.expert)
+        else (hccl.HCCL_DEFAULT_MB)
     )
     if not runtime.fused_mc2:
         return explicit or base
     par = role.parallelism
     ep = par.tensor * par.data
     if not par.expert:
-        problems.append(Problem(
-            f"{path}.parallelism.expert", "fused MC2 runs the MoE layers expert-parallel",
-            "set parallelism.expert: true, or spec.runtime.fusedMc2: false",
-        ))
+        problems.append(
+            Problem(
+                f"{path}.parallelism.expert",
+                "fused MC2 runs the MoE layers expert-parallel",
+                "set parallelism.expert: true, or spec.runtime.fusedMc2: false",
+            )
+        )
     elif ep > hccl.FUSED_MC2_MAX_EP:
-        problems.append(Problem(
-            f"{path}.parallelism",
-            f"fused MC2 supports at most {hccl.FUSED_MC2_MAX_EP} expert-parallel ranks; tensor "
-            f"{par.tensor} x data {par.data} = {ep}",
-            f"keep tensor x data <= {hccl.FUSED_MC2_MAX_EP}, or set spec.runtime.fusedMc2: false",
-        ))
+        problems.append(
+            Problem(
+                f"{path}.parallelism",
+                f"fused MC2 supports at most {hccl.FUSED_MC2_MAX_EP} expert-parallel ranks; tensor "
+                f"{par.tensor} x data {par.data} = {ep}",
+                f"keep tensor x data <= {hccl.FUSED_MC2_MAX_EP}, or set "
+                "spec.runtime.fusedMc2: false",
+            )
+        )
     tokens_field = "maxNumSeqs" if role.name == "decode" else "maxNumBatchedTokens"
     tokens = max_num_seqs if role.name == "decode" else max_num_batched_tokens
     if not tokens:
-        problems.append(Problem(
-            f"{path}.{tokens_field}",
-            f"fused MC2 sizes HCCL_BUFFSIZE from the tokens per step, and {tokens_field} is "
-            "not set",
-            f"set spec.runtime.{tokens_field} (or on the role)",
-        ))
+        problems.append(
+            Problem(
+                f"{path}.{tokens_field}",
+                f"fused MC2 sizes HCCL_BUFFSIZE from the tokens per step, and {tokens_field} is "
+                "not set",
+                f"set spec.runtime.{tokens_field} (or on the role)",
+            )
+        )
         return explicit or base
     if not (arch.hidden_size and arch.experts_per_token):
-        problems.append(Problem(
-            "spec.model.architecture",
-            "fused MC2 sizing needs hiddenSize and expertsPerToken",
-            "name a preset (e.g. qwen3-235b-a22b) or set hiddenSize and expertsPerToken",
-        ))
+        problems.append(
+            Problem(
+                "spec.model.architecture",
+                "fused MC2 sizing needs hiddenSize and expertsPerToken",
+                "name a preset (e.g. qwen3-235b-a22b) or set hiddenSize and expertsPerToken",
+            )
+        )
         return explicit or base
     need = hccl.fused_mc2_required_mb(tokens, arch.experts_per_token, arch.hidden_size)
     if explicit is None:
         return max(base, need)
     if explicit < need:
         fit = hccl.fused_mc2_max_tokens(explicit, arch.experts_per_token, arch.hidden_size)
-        problems.append(Problem(
-            field_path,
-            f"HCCL_BUFFSIZE {explicit} MB is {need - explicit} MB short of what fused MC2 needs: "
-            f"{tokens} tokens x top-{arch.experts_per_token} x hidden {arch.hidden_size} x 3 B "
-            f"+ {hccl.FUSED_MC2_OVERHEAD_MB} MB = {need} MB",
-            f"raise it to at least {need}, or lower {tokens_field} to at most {fit}",
-        ))
+        problems.append(
+            Problem(
+                field_path,
+                f"HCCL_BUFFSIZE {explicit} MB is {need - explicit} MB short of what fused MC2 "
+                "needs: "
+                f"{tokens} tokens x top-{arch.experts_per_token} x hidden {arch.hidden_size} x 3 B "
+                f"+ {hccl.FUSED_MC2_OVERHEAD_MB} MB = {need} MB",
+                f"raise it to at least {need}, or lower {tokens_field} to at most {fit}",
+            )
+        )
     return explicit
 
 
@@ -527,10 +627,9 @@ def _model_path(spec: ModelDeploymentSpec) -> str:
     return MODEL_MOUNT  # hostPath (or no source, already reported as a problem)
 
 
-def _kv_transfer(
-    md: ModelDeployment, idx: int, role: RoleSpec, hw: HardwareProfile,
-    problems: list[Problem],
-) -> KvTransfer | None:
+def _kv_transfer(ctx: _Context, idx: int, role: RoleSpec) -> KvTransfer | None:
+    """Mooncake settings of a PD role: port (checked), engine id prefix, both sides' sizes."""
+    md, hw, problems = ctx.md, ctx.hw, ctx.problems
     spec = md.spec
     if role.name == "unified":
         return None
@@ -538,21 +637,25 @@ def _kv_transfer(
     port = role.kv_port or (30000 if hw.devices_per_node <= 8 else 36000)
     path = f"spec.roles[{idx}].kvPort"
     if port < minimum:
-        problems.append(Problem(
-            path,
-            f"kvPort {port} is below {minimum}: with {hw.devices_per_node} NPUs per node the "
-            "transport takes random ports below that",
-            f"choose kvPort >= {minimum}",
-        ))
+        problems.append(
+            Problem(
+                path,
+                f"kvPort {port} is below {minimum}: with {hw.devices_per_node} NPUs per node the "
+                "transport takes random ports below that",
+                f"choose kvPort >= {minimum}",
+            )
+        )
     par = role.parallelism
     span = par.data * par.tensor * par.pipeline * par.prefill_context
     if port + span - 1 > 65535:
-        problems.append(Problem(
-            path,
-            f"kvPort {port} + {span} ports (data x tensor x pipeline x prefillContext) passes "
-            "65535",
-            f"choose kvPort <= {65535 - span + 1}",
-        ))
+        problems.append(
+            Problem(
+                path,
+                f"kvPort {port} + {span} ports (data x tensor x pipeline x prefillContext) passes "
+                "65535",
+                f"choose kvPort <= {65535 - span + 1}",
+            )
+        )
     roles = {r.name: r.parallelism for r in spec.roles}
     extra: dict[str, Any] = {"use_ascend_direct": True}
     for name in ("prefill", "decode"):
@@ -577,36 +680,44 @@ def _pod_kv_ports(
     return first, last
 
 
-def _plan_role(
-    md: ModelDeployment, idx: int, role: RoleSpec, hw: HardwareProfile, arch: Architecture,
-    caps: RuntimeCapabilities, cluster: ClusterInfo, kind: str, pd: bool,
-    problems: list[Problem], warnings: list[str],
-) -> RolePlan | None:
+def _plan_role(ctx: _Context, idx: int, role: RoleSpec) -> RolePlan | None:
+    md, hw, arch, caps, cluster = ctx.md, ctx.hw, ctx.arch, ctx.caps, ctx.cluster
+    kind, pd, problems, warnings = ctx.kind, ctx.pd, ctx.problems, ctx.warnings
     spec = md.spec
     path = f"spec.roles[{idx}]"
     par = role.parallelism
     if par.expert and arch.num_experts == 0:
-        problems.append(Problem(
-            f"{path}.parallelism.expert",
-            "expert parallelism is on, but the model's architecture has no experts",
-            "set expert: false for a dense model, or fix spec.model.architecture",
-        ))
+        problems.append(
+            Problem(
+                f"{path}.parallelism.expert",
+                "expert parallelism is on, but the model's architecture has no experts",
+                "set expert: false for a dense model, or fix spec.model.architecture",
+            )
+        )
     check_context_parallel(path, par, arch, caps, problems)
-    if (par.prefill_context > 1 or par.decode_context > 1) and pd and spec.runtime.block_size != 128:
-        problems.append(Problem(
-            "spec.runtime.blockSize",
-            f"context parallelism with PD needs the KV interleave to equal the block size 128; "
-            f"blockSize is {spec.runtime.block_size}",
-            "set blockSize: 128",
-        ))
+    if (
+        (par.prefill_context > 1 or par.decode_context > 1)
+        and pd
+        and spec.runtime.block_size != 128
+    ):
+        problems.append(
+            Problem(
+                "spec.runtime.blockSize",
+                f"context parallelism with PD needs the KV interleave to equal the block size 128; "
+                f"blockSize is {spec.runtime.block_size}",
+                "set blockSize: 128",
+            )
+        )
     if pd and spec.runtime.kv_offload is not None:
-        problems.append(Problem(
-            "spec.runtime.kvOffload",
-            "host KV offload together with PD disaggregation is not supported by this release",
-            "remove kvOffload, or use a unified role",
-        ))
+        problems.append(
+            Problem(
+                "spec.runtime.kvOffload",
+                "host KV offload together with PD disaggregation is not supported by this release",
+                "remove kvOffload, or use a unified role",
+            )
+        )
     layout = layout_role(path, par, hw, problems)
-    graph_mode, capture, explicit, n_spec = _graph_settings(path, role, spec, caps, pd, problems)
+    graph_mode, capture, explicit, n_spec = _graph_settings(ctx, path, role)
     if capture and caps.graph_limit == "error" and len(capture) > 128:
         warnings.append(
             f"{role.name}: {len(capture)} capture sizes; vllm-ascend {caps.line} raises an error "
@@ -614,8 +725,8 @@ def _plan_role(
         )
     max_num_seqs = role.max_num_seqs or spec.runtime.max_num_seqs
     max_batched = role.max_num_batched_tokens or spec.runtime.max_num_batched_tokens
-    buffer_mb = _hccl_buffer(path, role, spec, arch, max_num_seqs, max_batched, problems)
-    kv = _kv_transfer(md, idx, role, hw, problems) if pd else None
+    buffer_mb = _hccl_buffer(ctx, path, role, max_num_seqs, max_batched)
+    kv = _kv_transfer(ctx, idx, role) if pd else None
     if layout is None:
         return None
     offload = 0
@@ -633,13 +744,16 @@ def _plan_role(
         hccl_buffer_mb=buffer_mb,
         offload_cpu_bytes=offload,
     )
-    engine_args = vllm_args(spec, role, settings, arch, caps, HTTP_PORT, pd)
+    engine_args = vllm_args(spec, role, settings, arch=arch, caps=caps, http_port=HTTP_PORT, pd=pd)
     if spec.model.source.hugging_face and spec.model.source.hugging_face.revision:
         engine_args = [*engine_args, "--revision", spec.model.source.hugging_face.revision]
     name, namespace = md.metadata.name, md.metadata.namespace
     workload = names.role_workload(name, role.name)
-    instances = (role.replicas if role.replicas is not None else 1) if role.name == "prefill" \
+    instances = (
+        (role.replicas if role.replicas is not None else 1)
+        if role.name == "prefill"
         else spec.replicas
+    )
     runtime_config = RuntimeConfig(
         deployment=name,
         namespace=namespace,
@@ -680,7 +794,8 @@ def _plan_role(
         image = images.cpu_runtime_image(cluster.image_registry)
     else:
         image = images.npu_runtime_image(
-            spec.runtime.version, spec.hardware.profile if spec.hardware else "A2",
+            spec.runtime.version,
+            spec.hardware.profile if spec.hardware else "A2",
             cluster.image_registry,
         )
     pods = tuple(

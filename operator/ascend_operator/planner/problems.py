@@ -55,10 +55,7 @@ def _schema_at(schema: dict[str, Any], loc: Sequence[str | int]) -> dict[str, An
     for part in loc:
         if node is None:
             return None
-        if isinstance(part, int):
-            node = node.get("items")
-        else:
-            node = node.get("properties", {}).get(part)
+        node = node.get("items") if isinstance(part, int) else node.get("properties", {}).get(part)
     return node
 
 

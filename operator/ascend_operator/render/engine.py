@@ -33,17 +33,22 @@ DRIVER_MOUNTS: tuple[tuple[str, str, str], ...] = (
 def meta(plan: Plan, name: str, component: str, **extra: Any) -> dict[str, Any]:
     """Object metadata with our labels and, when the plan knows the owner's uid, its owner
     reference (so deletion cascades through garbage collection, no finalizer needed)."""
-    out: dict[str, Any] = {"name": name, "namespace": plan.namespace,
-                           "labels": lbl.common(plan.name, component)}
+    out: dict[str, Any] = {
+        "name": name,
+        "namespace": plan.namespace,
+        "labels": lbl.common(plan.name, component),
+    }
     if plan.uid:
-        out["ownerReferences"] = [{
-            "apiVersion": "ascendserve.dev/v1alpha1",
-            "kind": "ModelDeployment",
-            "name": plan.name,
-            "uid": plan.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }]
+        out["ownerReferences"] = [
+            {
+                "apiVersion": "ascendserve.dev/v1alpha1",
+                "kind": "ModelDeployment",
+                "name": plan.name,
+                "uid": plan.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
     out.update(extra)
     return out
 
@@ -58,12 +63,16 @@ def command_preview(role: RolePlan) -> str:
     ]
     for pod in role.pods:
         ident = PodIdentity(
-            instance=0, worker_index=pod.worker_index, pod_ip="$(POD_IP)",
+            instance=0,
+            worker_index=pod.worker_index,
+            pod_ip="$(POD_IP)",
             leader_address="$(POD_IP)" if pod.leader else "$(LEADER_IP)",
         )
         cmd = engine_command(config, ident, RUNTIME_JSON)
-        lines.append(f"\n# worker {pod.worker_index} (dp ranks {list(pod.dp_ranks)}, "
-                     f"{pod.devices} devices{', leader' if pod.leader else ''})")
+        lines.append(
+            f"\n# worker {pod.worker_index} (dp ranks {list(pod.dp_ranks)}, "
+            f"{pod.devices} devices{', leader' if pod.leader else ''})"
+        )
         lines += [f"export {k}={json.dumps(v)}" for k, v in sorted(cmd.env.items())]
         lines.append(_format_argv(cmd.argv))
     return "\n".join(lines) + "\n"
@@ -109,21 +118,31 @@ def _volumes(plan: Plan, role: RolePlan) -> tuple[list[dict[str, Any]], list[dic
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     source = spec.model.source
     if source.pvc is not None:
-        volumes.append({"name": "model", "persistentVolumeClaim": {
-            "claimName": source.pvc.claim_name, "readOnly": True}})
+        volumes.append(
+            {
+                "name": "model",
+                "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True},
+            }
+        )
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
     elif source.host_path is not None:
-        volumes.append({"name": "model", "hostPath": {
-            "path": source.host_path.path, "type": "Directory"}})
+        volumes.append(
+            {"name": "model", "hostPath": {"path": source.host_path.path, "type": "Directory"}}
+        )
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
     elif source.hugging_face is not None:
         cache = source.hugging_face.cache
         if cache.claim_name:
-            volumes.append({"name": "hf-cache", "persistentVolumeClaim": {
-                "claimName": cache.claim_name, "readOnly": True}})
+            volumes.append(
+                {
+                    "name": "hf-cache",
+                    "persistentVolumeClaim": {"claimName": cache.claim_name, "readOnly": True},
+                }
+            )
         else:
-            volumes.append({"name": "hf-cache", "hostPath": {
-                "path": cache.host_path, "type": "Directory"}})
+            volumes.append(
+                {"name": "hf-cache", "hostPath": {"path": cache.host_path, "type": "Directory"}}
+            )
         mounts.append({"name": "hf-cache", "mountPath": HF_CACHE, "readOnly": True})
     if spec.hardware is not None and spec.hardware.mount_driver:
         for name, path, kind in DRIVER_MOUNTS:
@@ -158,8 +177,12 @@ def _http_probes() -> dict[str, Any]:
         # Loading a 235B model and capturing graphs can take most of an hour.
         "startupProbe": {"httpGet": get, "periodSeconds": 10, "failureThreshold": 360},
         "readinessProbe": {"httpGet": get, "periodSeconds": 10, "failureThreshold": 3},
-        "livenessProbe": {"httpGet": get, "periodSeconds": 30, "timeoutSeconds": 10,
-                          "failureThreshold": 5},
+        "livenessProbe": {
+            "httpGet": get,
+            "periodSeconds": 30,
+            "timeoutSeconds": 10,
+            "failureThreshold": 5,
+        },
     }
 
 
@@ -168,12 +191,24 @@ def _exec_probes() -> dict[str, Any]:
     # engine for /health on the leader and checks the local engine process on workers.
     probe = {"exec": {"command": ["ascend-serve", "probe", "--config", RUNTIME_JSON]}}
     return {
-        "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 360,
-                         "timeoutSeconds": 5},
-        "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3,
-                           "timeoutSeconds": 5},
-        "livenessProbe": {**probe, "periodSeconds": 30, "timeoutSeconds": 10,
-                          "failureThreshold": 5},
+        "startupProbe": {
+            **probe,
+            "periodSeconds": 10,
+            "failureThreshold": 360,
+            "timeoutSeconds": 5,
+        },
+        "readinessProbe": {
+            **probe,
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+            "timeoutSeconds": 5,
+        },
+        "livenessProbe": {
+            **probe,
+            "periodSeconds": 30,
+            "timeoutSeconds": 10,
+            "failureThreshold": 5,
+        },
     }
 
 
@@ -190,8 +225,14 @@ def pod_template(
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
     if instance is None:
-        env.append({"name": "ASCEND_SERVE_INSTANCE", "valueFrom": {"fieldRef": {
-            "fieldPath": f"metadata.labels['{lbl.LWS_GROUP_INDEX}']"}}})
+        env.append(
+            {
+                "name": "ASCEND_SERVE_INSTANCE",
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": f"metadata.labels['{lbl.LWS_GROUP_INDEX}']"}
+                },
+            }
+        )
     else:
         env.append({"name": "ASCEND_SERVE_INSTANCE", "value": str(instance)})
     container: dict[str, Any] = {
@@ -277,20 +318,23 @@ def statefulsets(plan: Plan, role: RolePlan) -> list[dict[str, Any]]:
         template = pod_template(plan, role, probes=_exec_probes(), instance=instance)
         digest = template_hash(template, config)
         sel = lbl.selector(plan.name, role.name) | {lbl.INSTANCE_LABEL: str(instance)}
-        out.append({
-            "apiVersion": "apps/v1",
-            "kind": "StatefulSet",
-            "metadata": meta(plan, names.instance_statefulset(plan.name, role.name, instance),
-                             role.name),
-            "spec": {
-                "replicas": role.pods_per_instance,
-                "serviceName": role.workload_name,
-                "podManagementPolicy": "Parallel",
-                "updateStrategy": {"type": "RollingUpdate"},
-                "selector": {"matchLabels": sel},
-                "template": _stamp(template, digest),
-            },
-        })
+        out.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSet",
+                "metadata": meta(
+                    plan, names.instance_statefulset(plan.name, role.name, instance), role.name
+                ),
+                "spec": {
+                    "replicas": role.pods_per_instance,
+                    "serviceName": role.workload_name,
+                    "podManagementPolicy": "Parallel",
+                    "updateStrategy": {"type": "RollingUpdate"},
+                    "selector": {"matchLabels": sel},
+                    "template": _stamp(template, digest),
+                },
+            }
+        )
     return out
 
 
@@ -311,8 +355,11 @@ def headless_service(plan: Plan, role: RolePlan) -> dict[str, Any]:
 
 def role_service(plan: Plan, role: RolePlan) -> dict[str, Any]:
     """ClusterIP Service over the role's instance leaders; its EndpointSlices feed the router."""
-    leader = {lbl.LWS_WORKER_INDEX: "0"} if plan.workload_kind == "LeaderWorkerSet" else {
-        lbl.STS_POD_INDEX: "0"}
+    leader = (
+        {lbl.LWS_WORKER_INDEX: "0"}
+        if plan.workload_kind == "LeaderWorkerSet"
+        else {lbl.STS_POD_INDEX: "0"}
+    )
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -320,8 +367,7 @@ def role_service(plan: Plan, role: RolePlan) -> dict[str, Any]:
         "spec": {
             "type": "ClusterIP",
             "selector": lbl.selector(plan.name, role.name) | leader,
-            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http",
-                       "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
 
@@ -335,7 +381,10 @@ def pod_disruption_budget(plan: Plan, component: str, instances: int) -> dict[st
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": meta(plan, names.pdb(plan.name, component), component),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": lbl.selector(plan.name, component)}},
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": lbl.selector(plan.name, component)},
+        },
     }
 
 

@@ -14,14 +14,23 @@ API_KEYS_DIR = f"{CONFIG_DIR}/api-keys"
 def _rbac(plan: Plan) -> list[dict[str, Any]]:
     name = plan.router.name
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(plan, name, "router"),
-         "automountServiceAccountToken": True},
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": meta(plan, name, "router"),
+            "automountServiceAccountToken": True,
+        },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": meta(plan, name, "router"),
-            "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                       "verbs": ["get", "list", "watch"]}],
+            "rules": [
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["get", "list", "watch"],
+                }
+            ],
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -38,44 +47,66 @@ def _deployment(plan: Plan) -> dict[str, Any]:
     config_json = router.config.model_dump(mode="json")
     volumes: list[dict[str, Any]] = [{"name": "router-config", "configMap": {"name": router.name}}]
     mounts: list[dict[str, Any]] = [
-        {"name": "router-config", "mountPath": CONFIG_DIR, "readOnly": True}]
+        {"name": "router-config", "mountPath": CONFIG_DIR, "readOnly": True}
+    ]
     if spec.api_keys_secret:
         volumes.append({"name": "api-keys", "secret": {"secretName": spec.api_keys_secret}})
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
-    resources: dict[str, Any] = {"requests": {"cpu": "250m", "memory": "256Mi"},
-                                 "limits": {"memory": "1Gi"}}
+    resources: dict[str, Any] = {
+        "requests": {"cpu": "250m", "memory": "256Mi"},
+        "limits": {"memory": "1Gi"},
+    }
     if spec.resources is not None:
-        resources = {"requests": resources["requests"] | spec.resources.requests,
-                     "limits": resources["limits"] | spec.resources.limits}
+        resources = {
+            "requests": resources["requests"] | spec.resources.requests,
+            "limits": resources["limits"] | spec.resources.limits,
+        }
     get = {"path": "/health", "port": "http"}
     template: dict[str, Any] = {
         "metadata": {"labels": lbl.common(plan.name, "router")},
         "spec": {
             "serviceAccountName": router.name,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 65532,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
-            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
-                "weight": 100,
-                "podAffinityTerm": {
-                    "topologyKey": "kubernetes.io/hostname",
-                    "labelSelector": {"matchLabels": lbl.selector(plan.name, "router")},
-                },
-            }]}},
-            "containers": [{
-                "name": "router",
-                "image": router.image,
-                "command": ["ascend-serve", "router", "--config", f"{CONFIG_DIR}/router.json"],
-                "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
-                "env": [{"name": "POD_NAMESPACE",
-                         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
-                "resources": resources,
-                "readinessProbe": {"httpGet": get, "periodSeconds": 5, "failureThreshold": 2},
-                "livenessProbe": {"httpGet": get, "periodSeconds": 20, "failureThreshold": 3},
-                "securityContext": {"allowPrivilegeEscalation": False,
-                                    "readOnlyRootFilesystem": True,
-                                    "capabilities": {"drop": ["ALL"]}},
-                "volumeMounts": mounts,
-            }],
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "affinity": {
+                "podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 100,
+                            "podAffinityTerm": {
+                                "topologyKey": "kubernetes.io/hostname",
+                                "labelSelector": {"matchLabels": lbl.selector(plan.name, "router")},
+                            },
+                        }
+                    ]
+                }
+            },
+            "containers": [
+                {
+                    "name": "router",
+                    "image": router.image,
+                    "command": ["ascend-serve", "router", "--config", f"{CONFIG_DIR}/router.json"],
+                    "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
+                    "env": [
+                        {
+                            "name": "POD_NAMESPACE",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                        }
+                    ],
+                    "resources": resources,
+                    "readinessProbe": {"httpGet": get, "periodSeconds": 5, "failureThreshold": 2},
+                    "livenessProbe": {"httpGet": get, "periodSeconds": 20, "failureThreshold": 3},
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "volumeMounts": mounts,
+                }
+            ],
             "volumes": volumes,
         },
     }
@@ -87,8 +118,10 @@ def _deployment(plan: Plan) -> dict[str, Any]:
         "spec": {
             "replicas": router.replicas,
             "selector": {"matchLabels": lbl.selector(plan.name, "router")},
-            "strategy": {"type": "RollingUpdate",
-                         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
             "template": template,
         },
     }
@@ -112,8 +145,9 @@ def router_objects(plan: Plan) -> list[dict[str, Any]]:
             "spec": {
                 "type": spec.service_type,
                 "selector": lbl.selector(plan.name, "router"),
-                "ports": [{"name": "http", "port": spec.port, "targetPort": "http",
-                           "protocol": "TCP"}],
+                "ports": [
+                    {"name": "http", "port": spec.port, "targetPort": "http", "protocol": "TCP"}
+                ],
             },
         },
     ]

@@ -1,0 +1,137 @@
+"""The generated CRD: in sync with crds/ and the chart, structural, valid for Kubernetes, and
+its CEL rules agree with the planner."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ascend_operator.api.crd import crd_manifest
+from ascend_operator.planner import PlanError, plan_manifest
+from cel import crd_violations
+from helpers import ROOT, example_paths, manifest, pd_roles
+
+CRD_FILE = ROOT / "crds" / "modeldeployments.ascendserve.dev.yaml"
+CHART_CRD = ROOT / "charts" / "ascend-serve" / "crds" / "modeldeployments.ascendserve.dev.yaml"
+
+
+@pytest.fixture(scope="module")
+def crd():
+    return crd_manifest()
+
+
+@pytest.mark.parametrize("path", [CRD_FILE, CHART_CRD], ids=["crds", "chart"])
+def test_committed_crd_matches_models(crd, path):
+    assert yaml.safe_load(path.read_text()) == crd, (
+        f"{path.relative_to(ROOT)} drifted from the models: run `make crd`"
+    )
+
+
+def _walk(node, path="$"):
+    yield path, node
+    if isinstance(node, dict):
+        for key, value in node.get("properties", {}).items():
+            yield from _walk(value, f"{path}.{key}")
+        if "items" in node:
+            yield from _walk(node["items"], f"{path}[]")
+        if isinstance(node.get("additionalProperties"), dict):
+            yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural_and_documented(crd):
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema["properties"]["spec"], "spec"):
+        assert "$ref" not in node and "$defs" not in node, path
+        assert node.get("type") or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+        if "anyOf" in node:
+            assert node.get("x-kubernetes-int-or-string"), f"{path}: anyOf outside int-or-string"
+        assert node.get("additionalProperties") is not False, path
+        if path.count(".") >= 1 and not path.endswith(("[]", "}")):
+            assert node.get("description"), f"{path} lacks a description (kubectl explain)"
+
+
+def test_crd_metadata(crd):
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == "modeldeployments.ascendserve.dev"
+    assert spec["names"]["shortNames"] == ["md"]
+    assert spec["scope"] == "Namespaced"
+    version = spec["versions"][0]
+    assert version["subresources"]["status"] == {}
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert {"Phase", "Ready", "Roles", "Age"} <= set(columns)
+
+
+def test_crd_valid_for_kubernetes(crd):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(crd, "1.34", strict=True)
+
+
+def test_crd_carries_cel_rules(crd):
+    text = yaml.safe_dump(crd)
+    for fragment in (
+        "exactly one model source",
+        "prefill and a decode role",
+        "prefill parallelism.tensor must be >= decode",
+        "pipeline and prefillContext cannot both",
+        "multiples of numSpeculativeTokens",
+    ):
+        assert fragment in text
+
+
+@pytest.mark.parametrize("path", example_paths(), ids=lambda p: p.name)
+def test_examples_pass_cel(crd, path):
+    assert crd_violations(crd, yaml.safe_load(path.read_text())) == []
+
+
+CEL_CASES = {
+    "no-source": manifest(model={"source": {"pvc": None}}),
+    "two-sources": manifest(model={"source": {"hostPath": {"path": "/m"}}}),
+    "prefill-only": manifest(roles=[pd_roles()[0]]),
+    "unified-plus-decode": manifest(roles=[{"name": "unified"}, pd_roles()[1]]),
+    "pd-tp": manifest(roles=pd_roles(prefill={"parallelism": {"tensor": 2}})),
+    "pcp-pp": manifest(
+        runtime={"version": "v0.13.0"},
+        roles=[
+            {"name": "unified", "parallelism": {"tensor": 2, "pipeline": 2, "prefillContext": 2}}
+        ],
+    ),
+    "dcp-not-dividing": manifest(
+        roles=[{"name": "unified", "parallelism": {"tensor": 4, "decodeContext": 3}}]
+    ),
+    "datalocal-not-dividing": manifest(
+        roles=[{"name": "unified", "parallelism": {"tensor": 2, "data": 3, "dataLocal": 2}}]
+    ),
+    "decode-replicas": manifest(roles=pd_roles(decode={"replicas": 3})),
+    "capture-multiples": manifest(
+        model={"architecture": {"preset": "deepseek-v3"}},
+        runtime={"speculative": {"numSpeculativeTokens": 3}, "captureSizes": [4, 6]},
+    ),
+    "mc2-mtp": manifest(
+        model={"architecture": {"preset": "deepseek-v3"}, "quantization": "w8a8"},
+        runtime={
+            "fusedMc2": True,
+            "maxNumBatchedTokens": 1024,
+            "speculative": {"numSpeculativeTokens": 1},
+        },
+    ),
+    "vllm-without-hardware": manifest(hardware=None),
+    "padded-drafter": manifest(
+        model={"architecture": {"preset": "deepseek-v3"}},
+        runtime={"speculative": {"numSpeculativeTokens": 1, "disablePaddedDrafterBatch": True}},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CEL_CASES))
+def test_cel_and_planner_agree(crd, case):
+    doc = CEL_CASES[case]
+    assert crd_violations(crd, doc), f"CEL accepted {case}"
+    with pytest.raises(PlanError):
+        plan_manifest(doc)
+
+
+def test_long_name_rejected_by_cel(crd):
+    doc = manifest()
+    doc["metadata"]["name"] = "n" * 40
+    assert any("metadata.name" in v for v in crd_violations(crd, doc))
