@@ -106,6 +106,64 @@ def cmd_presets(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import shutil
+
+    from .local_run import run_up
+
+    plans = _plans(args, out, err)
+    if plans is None:
+        return 1
+    if len(plans) != 1:
+        raise UsageError(f"{args.file} holds {len(plans)} ModelDeployments; `up` runs one")
+    (plan,) = plans
+    engine = args.engine
+    if engine == "auto":
+        has_npu = shutil.which("npu-smi") is not None and shutil.which("vllm") is not None
+        engine = plan.spec.runtime.engine if has_npu else "sim"
+        if plan.spec.runtime.engine == "vllm" and engine == "sim":
+            out.write("ascend-serve up: no NPU or vLLM here; running the sim engine "
+                      "(--engine vllm to insist)\n")
+    elif engine == "vllm" and shutil.which("vllm") is None:
+        raise UsageError("--engine vllm needs the `vllm` command (pip install "
+                         "'ascend-serve[npu]' on an Ascend host)")
+    return run_up(plan, engine=engine, router_port=args.port, run_dir=args.run_dir,
+                  dry_run=args.dry_run, out=out, ready_timeout=args.ready_timeout)
+
+
+def cmd_launch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ascend_runtime.launcher import LaunchError, launch
+
+    try:
+        return launch(args.config, dry_run=args.dry_run, out=out)
+    except LaunchError as exc:
+        err.write(f"ascend-serve launch: {exc}\n")
+        return 1
+
+
+def cmd_probe(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ascend_runtime.launcher import LaunchError, probe
+
+    try:
+        return probe(args.config)
+    except LaunchError as exc:
+        err.write(f"ascend-serve probe: {exc}\n")
+        return 1
+
+
+def cmd_sim(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ascend_runtime.sim.run import run_sim
+
+    return run_sim(args.config, args.instance, args.worker_index, args.host, args.port,
+                   args.kv_port)
+
+
+def cmd_router(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ascend_runtime.router.run import run_router
+
+    return run_router(args.config, args.host, args.port, args.health_interval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ascend-serve",
@@ -143,6 +201,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_crd)
     p = sub.add_parser("presets", help="list the known model architectures")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("up", help="run a deployment on this machine (router on localhost)")
+    with_file(p)
+    p.add_argument("--engine", choices=["auto", "sim", "vllm"], default="auto",
+                   help="auto: the spec's engine where vLLM and NPUs exist, else sim")
+    p.add_argument("--port", type=int, default=8000, help="router port on 127.0.0.1")
+    p.add_argument("--run-dir", help="where configs and logs go (default: a new temp dir)")
+    p.add_argument("--ready-timeout", type=float, default=60.0,
+                   help="seconds to wait for every instance to become healthy")
+    p.add_argument("--dry-run", action="store_true", help="print the processes, start none")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("launch", help="(in a pod) resolve this pod's rank and exec the engine")
+    p.add_argument("--config", required=True, help="RuntimeConfig JSON")
+    p.add_argument("--dry-run", action="store_true", help="print the command and environment")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("probe", help="(in a pod) readiness/liveness check of this pod")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("sim", help="run the NPU-mocked engine of one pod")
+    p.add_argument("--config", required=True)
+    p.add_argument("--instance", type=int, default=0)
+    p.add_argument("--worker-index", type=int, default=0)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, help="HTTP port (default: the config's)")
+    p.add_argument("--kv-port", type=int, help="KV side-channel port of a prefill instance")
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("router", help="run the OpenAI router of one deployment")
+    p.add_argument("--config", required=True, help="RouterConfig JSON")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int)
+    p.add_argument("--health-interval", type=float, default=2.0)
+    p.set_defaults(func=cmd_router)
     return parser
 
 
@@ -153,6 +247,11 @@ def main(
     out = out or sys.stdout
     err = err or sys.stderr
     args = build_parser().parse_args(argv)
+    if args.command in ("up", "sim", "router", "launch"):
+        import logging
+
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args, out, err))
     except UsageError as exc:

@@ -60,6 +60,33 @@ class LeaderDiscovery(_Config):
     """Retry budget for the leader's DNS name to resolve."""
 
 
+class SimSettings(_Config):
+    """The sim engine's capacity and latency model (filled by the planner from the plan)."""
+
+    block_size: int = Field(default=128, ge=1)
+    num_blocks: int = Field(default=8192, ge=1)
+    """KV-cache blocks of one instance."""
+    max_num_seqs: int = Field(default=256, ge=1)
+    """Concurrent sequences of one instance (all its data-parallel ranks)."""
+    max_num_batched_tokens: int = Field(default=8192, ge=1)
+    max_model_len: int = Field(default=4096, ge=2)
+    seed: int = 0
+    prefill_tokens_per_second: float = Field(default=0.0, ge=0)
+    """Compute-bound prefill throughput of the instance; 0 = instantaneous."""
+    decode_step_seconds: float = Field(default=0.0, ge=0)
+    """Bandwidth-bound time of one decode step (weights read once per step)."""
+    decode_seconds_per_kv_token: float = Field(default=0.0, ge=0)
+    """Extra step time per cached token read by attention."""
+    fixed_ttft_seconds: float | None = Field(default=None, ge=0)
+    """Fixed time of a step that prefills (overrides the model; for tests)."""
+    fixed_itl_seconds: float | None = Field(default=None, ge=0)
+    """Fixed time of a decode step (overrides the model; for tests)."""
+    kv_transfer_timeout_seconds: float = Field(default=120.0, gt=0)
+    """How long a prefill instance holds blocks for a decode instance to pull."""
+    default_max_tokens: int = Field(default=16, ge=1)
+    """Output length when a request names none (OpenAI's completions default)."""
+
+
 class RuntimeConfig(_Config):
     """Configuration of every pod of one role."""
 
@@ -83,6 +110,8 @@ class RuntimeConfig(_Config):
     leader: LeaderDiscovery
     max_model_len: int | None = None
     seed: int | None = None
+    sim: SimSettings = Field(default_factory=SimSettings)
+    """Used by the sim engine only."""
 
 
 class PodIdentity(_Config):

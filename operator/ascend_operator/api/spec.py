@@ -179,6 +179,20 @@ class KvOffload(ApiModel):
     """Store all layers of a block contiguously, so a block moves as one segment."""
 
 
+class SimSpec(ApiModel):
+    """Settings of the sim engine (the NPU-mocked runtime). By default its latency follows a
+    model of the plan: prefill compute-bound, decode bandwidth-bound."""
+
+    fixed_ttft_ms: float | None = Field(default=None, ge=0, le=600_000)
+    """Fixed duration of a scheduler step that prefills, instead of the latency model."""
+    fixed_itl_ms: float | None = Field(default=None, ge=0, le=600_000)
+    """Fixed duration of a decode step (the inter-token latency), instead of the model."""
+    kv_cache_blocks: int | None = Field(default=None, ge=1, le=100_000_000)
+    """KV-cache blocks per instance, instead of what the devices' memory would hold."""
+    kv_transfer_timeout_seconds: float = Field(default=120, gt=0, le=86400)
+    """How long a prefill instance keeps a request's blocks for decode to pull."""
+
+
 class RuntimeSpec(ApiModel):
     """Engine and runtime settings shared by every role (roles may override some)."""
 
@@ -221,6 +235,8 @@ class RuntimeSpec(ApiModel):
     """KV-cache block size in tokens (128 on Ascend)."""
     seed: int | None = Field(default=None, ge=0)
     """Sampling seed for reproducible outputs."""
+    sim: SimSpec = Field(default_factory=SimSpec, json_schema_extra={"default": {}})
+    """Settings of the sim engine."""
     extra_args: list[str] = Field(default_factory=list, max_length=128)
     """Extra engine arguments, appended last (escape hatch)."""
     env: dict[str, str] = Field(default_factory=dict, max_length=128)

@@ -30,6 +30,7 @@ from .engine_args import RoleEngineSettings, role_environment, vllm_args
 from .hardware import HardwareProfile, resolve_profile
 from .problems import PlanError, Problem, problems_from_validation
 from .quantity import parse_quantity
+from .sim_model import sim_settings
 from .topology import PodLayout, check_context_parallel, layout_role
 
 HTTP_PORT = 8000
@@ -787,6 +788,7 @@ def _plan_role(ctx: _Context, idx: int, role: RoleSpec) -> RolePlan | None:
         ),
         max_model_len=spec.model.max_model_len,
         seed=spec.runtime.seed,
+        sim=sim_settings(spec, role, arch, hw),
     )
     if spec.runtime.image:
         image = spec.runtime.image

@@ -1,0 +1,111 @@
+"""The OpenAI wire format shared by the sim engine and the router: request models, SSE
+framing, and OpenAI-style errors."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's JSON shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type_, param, code)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code or str(self.status)}}
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    ignore_eos: bool = False
+    kv_transfer_params: dict[str, Any] | None = None
+
+    def output_limit(self, default: int) -> int:
+        value = self.max_completion_tokens if self.max_completion_tokens is not None else (
+            self.max_tokens)
+        return default if value is None else value
+
+
+class CompletionRequest(_Req):
+    prompt: str | list[str] | list[int]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Req):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def validation_error(exc: ValidationError) -> OpenAIError:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"])
+    return OpenAIError(400, f"{param}: {first['msg']}", param=param)
+
+
+async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -> Any:
+    """Read and validate a JSON body, with a size limit; raises OpenAIError."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise OpenAIError(413, f"request body of {length} bytes exceeds the limit of "
+                               f"{max_bytes} bytes", code="request_too_large")
+    raw = await request.body()
+    if len(raw) > max_bytes:
+        raise OpenAIError(413, f"request body exceeds the limit of {max_bytes} bytes",
+                          code="request_too_large")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OpenAIError(400, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())

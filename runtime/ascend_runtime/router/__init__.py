@@ -1,0 +1,1 @@
+"""The OpenAI-compatible router (unified balancing and PD routing)."""

@@ -1,0 +1,321 @@
+"""The sim engine's core: block-based KV cache, continuous batching, preemption, latency.
+
+One asyncio task runs scheduler steps. Each step takes the running sequences' decode tokens
+and then prefill chunks of waiting sequences, bounded by max_num_seqs and
+max_num_batched_tokens, sleeps for the latency model's step time, and emits tokens. When a
+running sequence needs a block and none is free, the most recently admitted sequence is
+preempted (its blocks freed, recomputed later), as vLLM does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..config import SimSettings
+from . import model
+
+
+class BlockPool:
+    """Fixed number of KV blocks; ids handed out and returned."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        if n > len(self._free):
+            return None
+        return [self._free.popleft() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+@dataclass
+class Event:
+    """What a sequence's consumer receives: a token, or the end."""
+
+    kind: Literal["token", "finish", "error"]
+    token: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Sequence:
+    """One request inside the engine."""
+
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    sample_seed: int
+    seed: int
+    stop: tuple[str, ...] = ()
+    hold_blocks: bool = False
+    """PD producer: keep the blocks after finishing, for a decode instance to pull."""
+    imported_states: list[int] | None = None
+    """PD consumer: the prompt's KV pulled from a prefill instance (no prefill compute)."""
+    output: list[int] = field(default_factory=list)
+    states: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    finished: bool = False
+    finish_reason: str | None = None
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def prefilled(self) -> bool:
+        return self.computed >= len(self.tokens)
+
+
+class EngineObserver:
+    """Hooks the metrics layer implements (no-ops by default)."""
+
+    def on_first_token(self, seq: Sequence, ttft: float) -> None: ...
+    def on_token(self, seq: Sequence, itl: float | None) -> None: ...
+    def on_finish(self, seq: Sequence) -> None: ...
+    def on_preempt(self, seq: Sequence) -> None: ...
+    def on_step(self, prefill_tokens: int, decode_tokens: int) -> None: ...
+
+
+class SimEngine:
+    """Continuous batching over a block-based KV cache."""
+
+    def __init__(self, settings: SimSettings, observer: EngineObserver | None = None):
+        self.settings = settings
+        self.pool = BlockPool(settings.num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.observer = observer or EngineObserver()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.steps = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="sim-engine")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    @property
+    def kv_usage(self) -> float:
+        return self.pool.used / self.pool.num_blocks
+
+    def blocks_needed(self, tokens: int) -> int:
+        return math.ceil(tokens / self.settings.block_size)
+
+    # ------------------------------------------------------------------ requests
+
+    def add(self, seq: Sequence) -> None:
+        if seq.imported_states is not None:
+            seq.states = list(seq.imported_states)
+            seq.computed = len(seq.prompt)
+        self.waiting.append(seq)
+        self._wake.set()
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is (client gone); frees its blocks."""
+        if seq.finished:
+            return
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        self._release(seq)
+        seq.finished, seq.finish_reason = True, "abort"
+
+    def release_held(self, seq: Sequence) -> None:
+        """Free the blocks a finished PD producer sequence kept for transfer."""
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.blocks:
+            self.pool.release(seq.blocks)
+            seq.blocks = []
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _preempt_one(self, keep: Sequence) -> bool:
+        """Free the youngest running sequence other than `keep` (recompute preemption)."""
+        victims = [s for s in self.running if s is not keep]
+        if not victims:
+            return False
+        victim = max(victims, key=lambda s: s.arrival)
+        self.running.remove(victim)
+        self._release(victim)
+        victim.computed, victim.states = 0, []
+        victim.imported_states = None
+        victim.preemptions += 1
+        self.waiting.appendleft(victim)
+        self.observer.on_preempt(victim)
+        return True
+
+    def _ensure_blocks(self, seq: Sequence, tokens: int) -> bool:
+        need = self.blocks_needed(tokens) - len(seq.blocks)
+        while need > 0:
+            got = self.pool.allocate(need)
+            if got is not None:
+                seq.blocks += got
+                return True
+            if not self._preempt_one(seq):
+                return False
+        return True
+
+    def _schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        """This step's prefill chunks and decode sequences."""
+        budget = self.settings.max_num_batched_tokens
+        decodes: list[Sequence] = []
+        for seq in list(self.running):
+            if seq not in self.running or not seq.prefilled:
+                continue
+            if budget <= 0:
+                break
+            if not self._ensure_blocks(seq, len(seq.tokens) + 1):
+                # Nothing left to preempt: this sequence alone overflows the cache.
+                self.running.remove(seq)
+                self._fail(seq, "the KV cache cannot hold this sequence")
+                continue
+            decodes.append(seq)
+            budget -= 1
+        prefills: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq in self.running and not seq.prefilled and budget > 0:
+                chunk = min(len(seq.tokens) - seq.computed, budget)
+                if self._ensure_blocks(seq, seq.computed + chunk):
+                    prefills.append((seq, chunk))
+                    budget -= chunk
+        while self.waiting and budget > 0 and len(self.running) < self.settings.max_num_seqs:
+            seq = self.waiting[0]
+            remaining = len(seq.tokens) - seq.computed
+            chunk = min(remaining, budget)
+            need = self.blocks_needed(seq.computed + max(chunk, 1)) - len(seq.blocks)
+            if need > 0:
+                got = self.pool.allocate(need)
+                if got is None:
+                    break  # wait for blocks to free up; never preempt to admit
+                seq.blocks += got
+            self.waiting.popleft()
+            self.running.append(seq)
+            if remaining > 0:
+                prefills.append((seq, chunk))
+                budget -= chunk
+            else:
+                decodes.append(seq)  # imported KV: straight to decode
+                budget -= 1
+        return prefills, decodes
+
+    def step_seconds(self, prefill_tokens: int, decodes: list[Sequence]) -> float:
+        s = self.settings
+        seconds = 0.0
+        if prefill_tokens:
+            if s.fixed_ttft_seconds is not None:
+                seconds += s.fixed_ttft_seconds
+            elif s.prefill_tokens_per_second:
+                seconds += prefill_tokens / s.prefill_tokens_per_second
+        if decodes:
+            if s.fixed_itl_seconds is not None:
+                seconds += s.fixed_itl_seconds
+            else:
+                kv_tokens = sum(len(seq.tokens) for seq in decodes)
+                seconds += s.decode_step_seconds + kv_tokens * s.decode_seconds_per_kv_token
+        return seconds
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.waiting and not self.running:
+                self._wake.clear()
+                await self._wake.wait()
+            prefills, decodes = self._schedule()
+            if not prefills and not decodes:
+                self._wake.clear()
+                # Blocked on KV space held by PD transfers: poll until blocks free up.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.05)
+                continue
+            prefill_tokens = sum(chunk for _, chunk in prefills)
+            await asyncio.sleep(self.step_seconds(prefill_tokens, decodes))
+            self.steps += 1
+            self.observer.on_step(prefill_tokens, len(decodes))
+            for seq, chunk in prefills:
+                self._advance_prefill(seq, chunk)
+            for seq in decodes:
+                if not seq.finished:
+                    self._emit(seq)
+
+    def _advance_prefill(self, seq: Sequence, chunk: int) -> None:
+        if seq.finished:
+            return
+        start = seq.computed
+        tokens = seq.tokens
+        state = seq.states[-1] if seq.states else model.initial_state(seq.seed)
+        for token in tokens[start:start + chunk]:
+            state = model.advance(state, token)
+            seq.states.append(state)
+        seq.computed += chunk
+        if seq.prefilled:
+            self._emit(seq)
+
+    def _emit(self, seq: Sequence) -> None:
+        """Sample the next token from the current state and hand it to the consumer."""
+        position = len(seq.output)
+        token = model.next_token(seq.states[-1], seq.temperature, seq.sample_seed, position)
+        now = time.monotonic()
+        seq.output.append(token)
+        seq.states.append(model.advance(seq.states[-1], token))
+        seq.computed += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.observer.on_first_token(seq, now - seq.arrival)
+            self.observer.on_token(seq, None)
+        else:
+            self.observer.on_token(seq, now - (seq.last_token_at or now))
+        seq.last_token_at = now
+        seq.events.put_nowait(Event("token", token=token))
+        if seq.stop and model.detokenize(token) in seq.stop:
+            self._finish(seq, "stop")
+        elif len(seq.output) >= seq.max_tokens:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finished, seq.finish_reason = True, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        if not seq.hold_blocks:
+            self._release(seq)
+        self.observer.on_finish(seq)
+        seq.events.put_nowait(Event("finish", reason=reason))
+        self._wake.set()
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        self._release(seq)
+        seq.finished, seq.finish_reason = True, "error"
+        seq.events.put_nowait(Event("error", reason=message))

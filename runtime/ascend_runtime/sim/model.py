@@ -1,0 +1,81 @@
+"""The sim engine's stand-in for a network: a tokenizer and a deterministic next-token rule.
+
+The "hidden state" after each token is a 64-bit rolling hash of every token so far; the next
+token is drawn from that state (greedy at temperature 0, seeded otherwise). The KV cache of a
+block is the states of its tokens, so a decode instance that pulls a prefill instance's
+blocks continues exactly where a unified instance would: outputs match across layouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+
+VOCAB = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at "
+    "which but have an they you were her she there one all we their can has been more when "
+    "will would who so no if out time up about into than them only other new some could these "
+    "two may first then do any like my now over such our man me even most made after also did "
+    "many before must through back years where much your way well down should because each "
+    "just those people how too little state good very make world still own see men work long "
+    "here get both between life being under never day same another know while last might us "
+    "great old year off come since against go came right used take three Ascend NPU model "
+    "token cache block prefill decode router serve graph tensor expert"
+).split()
+
+STATE_BYTES = 8
+_WORD = re.compile(r"\S+")
+
+
+def tokenize(text: str) -> list[int]:
+    """Whitespace-separated words, each hashed to a token id (at least one token)."""
+    ids = [
+        int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little")
+        for w in _WORD.findall(text)
+    ]
+    return ids or [0]
+
+
+def initial_state(seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(struct.pack("<q", seed), digest_size=8).digest(),
+                          "little")
+
+
+def advance(state: int, token: int) -> int:
+    """The state after one more token."""
+    digest = hashlib.blake2b(struct.pack("<QQ", state, token & 0xFFFFFFFFFFFFFFFF),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def states(seed: int, tokens: list[int]) -> list[int]:
+    """The state after each token (what the KV cache holds for it)."""
+    out, state = [], initial_state(seed)
+    for token in tokens:
+        state = advance(state, token)
+        out.append(state)
+    return out
+
+
+def next_token(state: int, temperature: float, sample_seed: int, position: int) -> int:
+    """Greedy at temperature 0; otherwise a seeded draw that depends on the position."""
+    if temperature == 0:
+        return state % len(VOCAB)
+    mixed = advance(state ^ (sample_seed & 0xFFFFFFFFFFFFFFFF), position)
+    return mixed % len(VOCAB)
+
+
+def detokenize(token: int) -> str:
+    return VOCAB[token % len(VOCAB)]
+
+
+def block_payload(block_states: list[int]) -> bytes:
+    """The KV bytes of one block: its tokens' states, little-endian."""
+    return b"".join(struct.pack("<Q", s) for s in block_states)
+
+
+def payload_states(payload: bytes) -> list[int]:
+    if len(payload) % STATE_BYTES:
+        raise ValueError(f"KV payload of {len(payload)} bytes is not a whole number of states")
+    return [v for (v,) in struct.iter_unpack("<Q", payload)]

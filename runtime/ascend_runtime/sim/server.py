@@ -1,0 +1,335 @@
+"""The sim engine's HTTP servers: the OpenAI API (plus /health, /metrics) and, on PD
+prefill instances, the KV side channel that decode instances pull blocks from."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..config import RuntimeConfig
+from ..openai import (
+    SSE_DONE,
+    ChatRequest,
+    CompletionRequest,
+    OpenAIError,
+    new_id,
+    now,
+    parse_body,
+    sse,
+)
+from . import model, pd
+from .engine import Sequence, SimEngine
+from .metrics import EngineMetrics
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+CHAT_DEFAULT_MAX_TOKENS = 128
+
+
+class SimServer:
+    """One sim engine instance: engine, metrics, PD exporter/puller, and its two apps."""
+
+    def __init__(self, config: RuntimeConfig, instance: int, host_ip: str,
+                 kv_port: int | None = None):
+        self.config = config
+        self.settings = config.sim
+        self.instance = instance
+        if config.kv_transfer is not None:
+            self.engine_id = f"{config.kv_transfer.engine_id_prefix}-{instance}"
+        else:
+            self.engine_id = f"{config.deployment}-{config.role}-{instance}"
+        self.metrics = EngineMetrics(config.served_model_name, self.engine_id)
+        self.engine = SimEngine(self.settings, self.metrics)
+        self.exporter: pd.KvExporter | None = None
+        if config.role == "prefill":
+            port = kv_port or (config.kv_transfer.kv_port if config.kv_transfer else 0)
+            self.exporter = pd.KvExporter(self.engine, self.engine_id, host_ip, port,
+                                          self.settings.kv_transfer_timeout_seconds)
+        self.client: httpx.AsyncClient | None = None
+        self.api = self._api_app()
+        self.kv_app = self._kv_app() if self.exporter else None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.engine.start()
+        if self.exporter:
+            self.exporter.start()
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+        if self.exporter:
+            await self.exporter.stop()
+            self.exporter.release_all()
+        if self.client:
+            await self.client.aclose()
+
+    # ------------------------------------------------------------------ requests
+
+    def _sample_seed(self, req: Any, prompt: list[int]) -> int:
+        if req.seed is not None:
+            return int(req.seed)
+        digest = hashlib.blake2b(repr((self.settings.seed, prompt[:64], len(prompt))).encode(),
+                                 digest_size=8).digest()
+        return int.from_bytes(digest, "little")
+
+    def _check_common(self, req: Any) -> None:
+        if req.model != self.config.served_model_name:
+            raise OpenAIError(404, f"The model `{req.model}` does not exist. This server serves "
+                                   f"`{self.config.served_model_name}`.", param="model",
+                              code="model_not_found")
+        if req.n != 1:
+            raise OpenAIError(400, "n must be 1 (the sim engine returns one choice)", param="n")
+
+    async def _sequence(self, req: Any, prompt: list[int], default_max: int) -> Sequence:
+        self._check_common(req)
+        limit = self.settings.max_model_len
+        max_tokens = req.output_limit(default_max)
+        if max_tokens <= 0:
+            raise OpenAIError(400, f"max_tokens must be at least 1, got {max_tokens}",
+                              param="max_tokens")
+        if len(prompt) >= limit:
+            raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. "
+                                   f"However, your prompt has {len(prompt)} tokens.",
+                              param="prompt", code="context_length_exceeded")
+        if len(prompt) + max_tokens > limit:
+            raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. "
+                                   f"However, you requested {len(prompt) + max_tokens} tokens "
+                                   f"({len(prompt)} in the prompt, {max_tokens} for the "
+                                   "completion). Please reduce the prompt or max_tokens.",
+                              param="max_tokens", code="context_length_exceeded")
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        seq = Sequence(request_id=new_id("req"), prompt=prompt, max_tokens=max_tokens,
+                       temperature=req.temperature, sample_seed=self._sample_seed(req, prompt),
+                       seed=self.settings.seed, stop=stop)
+        params = req.kv_transfer_params or {}
+        if self.config.role == "prefill" and params.get("do_remote_decode"):
+            seq.hold_blocks = True
+            seq.max_tokens = 1
+        elif self.config.role == "decode" and params.get("do_remote_prefill"):
+            assert self.client is not None
+            seq.imported_states = await pd.pull(self.client, params, len(prompt))
+        elif self.config.role == "decode" and params:
+            raise OpenAIError(400, "a decode instance needs kv_transfer_params from a prefill "
+                                   "instance (do_remote_prefill: true)",
+                              param="kv_transfer_params")
+        return seq
+
+    async def _events(self, seq: Sequence) -> AsyncIterator[tuple[str, Any]]:
+        """Tokens and the end of one sequence; aborts it if the consumer goes away."""
+        self.engine.add(seq)
+        try:
+            while True:
+                event = await seq.events.get()
+                if event.kind == "token":
+                    yield "token", event.token
+                elif event.kind == "finish":
+                    yield "finish", event.reason
+                    return
+                else:
+                    raise OpenAIError(500, f"engine error: {event.reason}", type_="server_error")
+        finally:
+            if not seq.finished:
+                self.engine.abort(seq)
+
+    def _usage(self, seq: Sequence) -> dict[str, int]:
+        return {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.output),
+                "total_tokens": len(seq.prompt) + len(seq.output)}
+
+    def _kv_params(self, seq: Sequence) -> dict[str, Any] | None:
+        if seq.hold_blocks and self.exporter is not None:
+            return self.exporter.hold(seq)
+        return None
+
+    async def _collect(self, request: Request, seq: Sequence) -> str:
+        """Run a non-streaming request to the end, aborting it if the client disconnects."""
+        text: list[str] = []
+
+        async def run() -> None:
+            async for kind, value in self._events(seq):
+                if kind == "token":
+                    text.append(" " + model.detokenize(value))
+
+        task = asyncio.create_task(run())
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise OpenAIError(499, "client disconnected")
+        task.result()
+        return "".join(text)
+
+    async def completions(self, request: Request) -> Response:
+        req = await parse_body(request, CompletionRequest, MAX_BODY_BYTES)
+        prompt = self._prompt_tokens(req.prompt)
+        seq = await self._sequence(req, prompt, self.settings.default_max_tokens)
+        rid, created = new_id("cmpl"), now()
+        if req.stream:
+            return StreamingResponse(self._stream_completion(seq, req, rid, created),
+                                     media_type="text/event-stream")
+        text = await self._collect(request, seq)
+        body: dict[str, Any] = {
+            "id": rid, "object": "text_completion", "created": created, "model": req.model,
+            "choices": [{"index": 0, "text": text, "logprobs": None,
+                         "finish_reason": seq.finish_reason}],
+            "usage": self._usage(seq),
+        }
+        kv = self._kv_params(seq)
+        if kv is not None:
+            body["kv_transfer_params"] = kv
+        return JSONResponse(body)
+
+    async def _stream_completion(self, seq: Sequence, req: CompletionRequest, rid: str,
+                                 created: int) -> AsyncIterator[bytes]:
+        base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
+        try:
+            async for kind, value in self._events(seq):
+                if kind == "token":
+                    yield sse({**base, "choices": [{"index": 0, "text": " " + model.detokenize(
+                        value), "logprobs": None, "finish_reason": None}]})
+                else:
+                    final: dict[str, Any] = {**base, "choices": [
+                        {"index": 0, "text": "", "logprobs": None, "finish_reason": value}]}
+                    kv = self._kv_params(seq)
+                    if kv is not None:
+                        final["kv_transfer_params"] = kv
+                    yield sse(final)
+            if (req.stream_options or {}).get("include_usage"):
+                yield sse({**base, "choices": [], "usage": self._usage(seq)})
+        except OpenAIError as exc:
+            yield sse(exc.body())
+        yield SSE_DONE
+
+    async def chat(self, request: Request) -> Response:
+        req = await parse_body(request, ChatRequest, MAX_BODY_BYTES)
+        text = "\n".join(f"{m.role}: {self._content(m.content)}" for m in req.messages)
+        seq = await self._sequence(req, model.tokenize(text), CHAT_DEFAULT_MAX_TOKENS)
+        rid, created = new_id("chatcmpl"), now()
+        if req.stream:
+            return StreamingResponse(self._stream_chat(seq, req, rid, created),
+                                     media_type="text/event-stream")
+        content = await self._collect(request, seq)
+        body: dict[str, Any] = {
+            "id": rid, "object": "chat.completion", "created": created, "model": req.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "logprobs": None, "finish_reason": seq.finish_reason}],
+            "usage": self._usage(seq),
+        }
+        kv = self._kv_params(seq)
+        if kv is not None:
+            body["kv_transfer_params"] = kv
+        return JSONResponse(body)
+
+    async def _stream_chat(self, seq: Sequence, req: ChatRequest, rid: str, created: int,
+                           ) -> AsyncIterator[bytes]:
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                "model": req.model}
+        yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                              "content": ""},
+                                        "finish_reason": None}]})
+        try:
+            async for kind, value in self._events(seq):
+                if kind == "token":
+                    yield sse({**base, "choices": [{"index": 0, "delta": {
+                        "content": " " + model.detokenize(value)}, "finish_reason": None}]})
+                else:
+                    final: dict[str, Any] = {**base, "choices": [
+                        {"index": 0, "delta": {}, "finish_reason": value}]}
+                    kv = self._kv_params(seq)
+                    if kv is not None:
+                        final["kv_transfer_params"] = kv
+                    yield sse(final)
+            if (req.stream_options or {}).get("include_usage"):
+                yield sse({**base, "choices": [], "usage": self._usage(seq)})
+        except OpenAIError as exc:
+            yield sse(exc.body())
+        yield SSE_DONE
+
+    @staticmethod
+    def _content(content: Any) -> str:
+        if content is None:
+            return ""
+        if isinstance(content, str):
+            return content
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+
+    @staticmethod
+    def _prompt_tokens(prompt: str | list[str] | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return model.tokenize(prompt)
+        if not prompt:
+            raise OpenAIError(400, "prompt must not be empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [int(p) for p in prompt]
+        if len(prompt) != 1:
+            raise OpenAIError(400, "the sim engine takes one prompt per request; send "
+                                   f"{len(prompt)} requests", param="prompt")
+        return model.tokenize(str(prompt[0]))
+
+    # ------------------------------------------------------------------ apps
+
+    def _api_app(self) -> FastAPI:
+        app = FastAPI(title="ascend-serve sim engine", docs_url=None, redoc_url=None)
+        app.add_exception_handler(OpenAIError, _error_handler)  # type: ignore[arg-type]
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
+
+        @app.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            return {"object": "list", "data": [{
+                "id": self.config.served_model_name, "object": "model", "created": now(),
+                "owned_by": "ascend-serve", "root": self.config.model_path,
+                "max_model_len": self.settings.max_model_len}]}
+
+        @app.get("/health")
+        async def health() -> Response:
+            task = self.engine._task
+            if task is None or task.done():
+                return JSONResponse({"status": "engine stopped"}, status_code=503)
+            return Response(status_code=200)
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            self.metrics.refresh(len(self.engine.running), len(self.engine.waiting),
+                                 self.engine.kv_usage)
+            return Response(generate_latest(self.metrics.registry),
+                            media_type=CONTENT_TYPE_LATEST)
+
+        return app
+
+    def _kv_app(self) -> FastAPI:
+        app = FastAPI(title="ascend-serve sim KV side channel", docs_url=None, redoc_url=None)
+        app.add_exception_handler(OpenAIError, _error_handler)  # type: ignore[arg-type]
+        exporter = self.exporter
+        assert exporter is not None
+
+        @app.get("/kv/{request_id}")
+        async def export(request_id: str, engine_id: str, block_ids: str = "") -> Response:
+            try:
+                ids = [int(b) for b in block_ids.split(",") if b]
+            except ValueError as exc:
+                raise OpenAIError(400, "block_ids must be comma-separated integers") from exc
+            payload = exporter.export(request_id, engine_id, ids)
+            return Response(payload, media_type="application/octet-stream",
+                            headers={"x-kv-checksum": pd.checksum(payload)})
+
+        @app.post("/kv/{request_id}/free")
+        async def free(request_id: str, engine_id: str) -> dict[str, str]:
+            exporter.free(request_id, engine_id)
+            return {"status": "freed"}
+
+        return app
+
+
+async def _error_handler(request: Request, exc: OpenAIError) -> Response:
+    return exc.response()
