@@ -122,13 +122,24 @@ def cmd_up(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         has_npu = shutil.which("npu-smi") is not None and shutil.which("vllm") is not None
         engine = plan.spec.runtime.engine if has_npu else "sim"
         if plan.spec.runtime.engine == "vllm" and engine == "sim":
-            out.write("ascend-serve up: no NPU or vLLM here; running the sim engine "
-                      "(--engine vllm to insist)\n")
+            out.write(
+                "ascend-serve up: no NPU or vLLM here; running the sim engine "
+                "(--engine vllm to insist)\n"
+            )
     elif engine == "vllm" and shutil.which("vllm") is None:
-        raise UsageError("--engine vllm needs the `vllm` command (pip install "
-                         "'ascend-serve[npu]' on an Ascend host)")
-    return run_up(plan, engine=engine, router_port=args.port, run_dir=args.run_dir,
-                  dry_run=args.dry_run, out=out, ready_timeout=args.ready_timeout)
+        raise UsageError(
+            "--engine vllm needs the `vllm` command (pip install "
+            "'ascend-serve[npu]' on an Ascend host)"
+        )
+    return run_up(
+        plan,
+        engine=engine,
+        router_port=args.port,
+        run_dir=args.run_dir,
+        dry_run=args.dry_run,
+        out=out,
+        ready_timeout=args.ready_timeout,
+    )
 
 
 def cmd_launch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -154,8 +165,14 @@ def cmd_probe(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_sim(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ascend_runtime.sim.run import run_sim
 
-    return run_sim(args.config, args.instance, args.worker_index, args.host, args.port,
-                   args.kv_port)
+    return run_sim(
+        args.config,
+        args.instance,
+        args.worker_index,
+        host=args.host,
+        port=args.port,
+        kv_port=args.kv_port,
+    )
 
 
 def cmd_router(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -204,12 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="run a deployment on this machine (router on localhost)")
     with_file(p)
-    p.add_argument("--engine", choices=["auto", "sim", "vllm"], default="auto",
-                   help="auto: the spec's engine where vLLM and NPUs exist, else sim")
+    p.add_argument(
+        "--engine",
+        choices=["auto", "sim", "vllm"],
+        default="auto",
+        help="auto: the spec's engine where vLLM and NPUs exist, else sim",
+    )
     p.add_argument("--port", type=int, default=8000, help="router port on 127.0.0.1")
     p.add_argument("--run-dir", help="where configs and logs go (default: a new temp dir)")
-    p.add_argument("--ready-timeout", type=float, default=60.0,
-                   help="seconds to wait for every instance to become healthy")
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for every instance to become healthy",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the processes, start none")
     p.set_defaults(func=cmd_up)
 
@@ -250,8 +275,9 @@ def main(
     if args.command in ("up", "sim", "router", "launch"):
         import logging
 
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     try:
         return int(args.func(args, out, err))
     except UsageError as exc:

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import TextIO
 
-from ascend_runtime.config import PodIdentity, RouterBackends, RuntimeConfig
+from ascend_runtime.config import PodIdentity, RouterBackends
 from ascend_runtime.engine_command import engine_command
 
 from .planner.plan import Plan
@@ -52,8 +52,12 @@ def _self_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "ascend_operator.cli"]
 
 
-def local_processes(plan: Plan, run_dir: Path, engine: str, router_port: int,
-                    ) -> tuple[list[LocalProcess], LocalProcess]:
+def local_processes(
+    plan: Plan,
+    run_dir: Path,
+    engine: str,
+    router_port: int,
+) -> tuple[list[LocalProcess], LocalProcess]:
     """The engine processes and the router process of a plan (nothing started)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     engines: list[LocalProcess] = []
@@ -69,13 +73,28 @@ def local_processes(plan: Plan, run_dir: Path, engine: str, router_port: int,
             members.setdefault(role.name, []).append(url)
             kv_port = free_port() if role.name == "prefill" else None
             for pod in role.pods:
-                ident = PodIdentity(instance=instance, worker_index=pod.worker_index,
-                                    pod_ip=LOOPBACK, leader_address=LOOPBACK)
+                ident = PodIdentity(
+                    instance=instance,
+                    worker_index=pod.worker_index,
+                    pod_ip=LOOPBACK,
+                    leader_address=LOOPBACK,
+                )
                 name = f"{role.name}-{instance}-{pod.worker_index}"
                 if engine == "sim":
-                    argv = [*_self_command(), "sim", "--config", str(config_path),
-                            "--instance", str(instance), "--worker-index",
-                            str(pod.worker_index), "--host", LOOPBACK, "--port", str(port)]
+                    argv = [
+                        *_self_command(),
+                        "sim",
+                        "--config",
+                        str(config_path),
+                        "--instance",
+                        str(instance),
+                        "--worker-index",
+                        str(pod.worker_index),
+                        "--host",
+                        LOOPBACK,
+                        "--port",
+                        str(port),
+                    ]
                     if kv_port:
                         argv += ["--kv-port", str(kv_port)]
                     env = {"VLLM_HOST_IP": LOOPBACK}
@@ -86,19 +105,38 @@ def local_processes(plan: Plan, run_dir: Path, engine: str, router_port: int,
                     devices = list(range(device_cursor, device_cursor + pod.devices))
                     device_cursor += pod.devices
                     env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(map(str, devices))
-                engines.append(LocalProcess(name, argv, env, run_dir / f"{name}.log",
-                                            url if pod.leader else None))
-    router_config = plan.router.config.model_copy(update={
-        "port": router_port,
-        "backends": RouterBackends(source="static", static=members),
-        "api_keys_file": None,
-    })
+                engines.append(
+                    LocalProcess(
+                        name, argv, env, run_dir / f"{name}.log", url if pod.leader else None
+                    )
+                )
+    router_config = plan.router.config.model_copy(
+        update={
+            "port": router_port,
+            "backends": RouterBackends(source="static", static=members),
+            "api_keys_file": None,
+        }
+    )
     router_path = run_dir / "router.json"
     router_path.write_text(router_config.model_dump_json(indent=2))
-    router = LocalProcess("router", [*_self_command(), "router", "--config", str(router_path),
-                                     "--host", LOOPBACK, "--port", str(router_port),
-                                     "--health-interval", "1"],
-                          {}, run_dir / "router.log", f"http://{LOOPBACK}:{router_port}")
+    router = LocalProcess(
+        "router",
+        [
+            *_self_command(),
+            "router",
+            "--config",
+            str(router_path),
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(router_port),
+            "--health-interval",
+            "1",
+        ],
+        {},
+        run_dir / "router.log",
+        f"http://{LOOPBACK}:{router_port}",
+    )
     return engines, router
 
 
@@ -107,6 +145,13 @@ def _with_port(argv: list[str], port: int) -> list[str]:
     if "--port" in out:
         out[out.index("--port") + 1] = str(port)
     return out
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def _healthy(url: str) -> bool:
@@ -131,16 +176,25 @@ class LocalDeployment:
     def start(self, ready_timeout: float = 60.0) -> None:
         for proc in self.processes:
             log = proc.log.open("wb")
-            proc.popen = subprocess.Popen(proc.argv, env={**os.environ, **proc.env},
-                                          stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+            proc.popen = subprocess.Popen(
+                proc.argv,
+                env={**os.environ, **proc.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             log.close()
         deadline = time.monotonic() + ready_timeout
         pending = [p for p in self.processes if p.url]
         while pending:
-            self.check()
-            if self.router.popen and self.router.popen.poll() is not None:
-                raise RuntimeError(f"the router exited; see {self.router.log}")
+            dead = [p for p in self.check() if p.url]
+            if dead:
+                proc = dead[0]
+                raise RuntimeError(
+                    f"{proc.name} exited before it became healthy; last lines "
+                    f"of {proc.log}:\n{_tail(proc.log)}"
+                )
             pending = [p for p in pending if not _healthy(p.url or "")]
             if pending and time.monotonic() > deadline:
                 names = ", ".join(f"{p.name} (log {p.log})" for p in pending)
@@ -155,8 +209,10 @@ class LocalDeployment:
                 dead.append(proc)
                 if not proc.reported and not self.stopping:
                     proc.reported = True
-                    self.out.write(f"ascend-serve up: {proc.name} exited with code "
-                                   f"{proc.popen.returncode}; log: {proc.log}\n")
+                    self.out.write(
+                        f"ascend-serve up: {proc.name} exited with code "
+                        f"{proc.popen.returncode}; log: {proc.log}\n"
+                    )
                     self.out.flush()
         return dead
 
@@ -176,11 +232,20 @@ class LocalDeployment:
                 proc.popen.wait()
 
 
-def run_up(plan: Plan, *, engine: str, router_port: int, run_dir: str | None,
-           dry_run: bool, out: TextIO, ready_timeout: float = 60.0) -> int:
+def run_up(
+    plan: Plan,
+    *,
+    engine: str,
+    router_port: int,
+    run_dir: str | None,
+    dry_run: bool,
+    out: TextIO,
+    ready_timeout: float = 60.0,
+) -> int:
     """Run a plan locally until interrupted; returns the exit code."""
-    directory = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix=f"ascend-serve-"
-                                                                          f"{plan.name}-"))
+    directory = (
+        Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix=f"ascend-serve-{plan.name}-"))
+    )
     engines, router = local_processes(plan, directory, engine, router_port)
     if dry_run:
         for proc in [*engines, router]:
@@ -201,9 +266,11 @@ def run_up(plan: Plan, *, engine: str, router_port: int, run_dir: str | None,
             out.write(f"ascend-serve up: {exc}\n")
             return 1
         total = sum(r.total_pods for r in plan.roles)
-        out.write(f"ascend-serve up: {plan.name} is serving {plan.spec.model.name} "
-                  f"({total} engine process(es), {engine} engine, logs in {directory})\n"
-                  f"endpoint: {router.url}/v1\n")
+        out.write(
+            f"ascend-serve up: {plan.name} is serving {plan.spec.model.name} "
+            f"({total} engine process(es), {engine} engine, logs in {directory})\n"
+            f"endpoint: {router.url}/v1\n"
+        )
         out.flush()
         while not stop_requested:
             dead = deployment.check()

@@ -52,15 +52,18 @@ def worker_position(config: RuntimeConfig, env: Mapping[str, str]) -> tuple[int,
     if leader.workload == "LeaderWorkerSet":
         if "LWS_WORKER_INDEX" not in env:
             if topo.pods_per_instance > 1:
-                raise LaunchError("LWS_WORKER_INDEX is not set: this pod is not part of a "
-                                  "LeaderWorkerSet group")
+                raise LaunchError(
+                    "LWS_WORKER_INDEX is not set: this pod is not part of a LeaderWorkerSet group"
+                )
             return instance, 0, None
         index = _int_env(env, "LWS_WORKER_INDEX")
         size = env.get("LWS_GROUP_SIZE")
         if size is not None and size.isdigit() and int(size) != topo.pods_per_instance:
-            raise LaunchError(f"LWS_GROUP_SIZE={size} but the plan has "
-                              f"{topo.pods_per_instance} pods per instance: the "
-                              "LeaderWorkerSet and its ConfigMap disagree; re-apply both")
+            raise LaunchError(
+                f"LWS_GROUP_SIZE={size} but the plan has "
+                f"{topo.pods_per_instance} pods per instance: the "
+                "LeaderWorkerSet and its ConfigMap disagree; re-apply both"
+            )
         leader_name = env.get("LWS_LEADER_ADDRESS")
         if index > 0 and not leader_name:
             raise LaunchError("LWS_LEADER_ADDRESS is not set on a worker pod")
@@ -70,17 +73,21 @@ def worker_position(config: RuntimeConfig, env: Mapping[str, str]) -> tuple[int,
         if not match:
             raise LaunchError(f"pod name {pod!r} has no StatefulSet ordinal suffix")
         statefulset, index = match.group(1), int(match.group(2))
-        leader_name = (f"{statefulset}-0.{leader.headless_service}."
-                       f"{leader.namespace}.svc")
+        leader_name = f"{statefulset}-0.{leader.headless_service}.{leader.namespace}.svc"
     if index >= topo.pods_per_instance:
-        raise LaunchError(f"worker index {index} is outside the instance's "
-                          f"{topo.pods_per_instance} pods")
+        raise LaunchError(
+            f"worker index {index} is outside the instance's {topo.pods_per_instance} pods"
+        )
     return instance, index, (leader_name if index > 0 else None)
 
 
-def wait_for_leader(name: str, budget_seconds: float, resolve: Resolver = socket.gethostbyname,
-                    sleep: Callable[[float], None] = time.sleep,
-                    clock: Callable[[], float] = time.monotonic) -> str:
+def wait_for_leader(
+    name: str,
+    budget_seconds: float,
+    resolve: Resolver = socket.gethostbyname,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
     """Resolve the leader's DNS name, retrying with backoff until the budget is spent."""
     deadline = clock() + budget_seconds
     delay, attempts, last = 0.5, 0, ""
@@ -96,20 +103,28 @@ def wait_for_leader(name: str, budget_seconds: float, resolve: Resolver = socket
                 f"the leader {name} did not resolve within {budget_seconds:g} s "
                 f"({attempts} attempts; last error: {last}). Check that the leader pod exists "
                 "and that its headless Service publishes not-ready addresses; raise "
-                "spec.workload.leaderWaitSeconds if leaders start slowly.")
+                "spec.workload.leaderWaitSeconds if leaders start slowly."
+            )
         sleep(min(delay, remaining))
         delay = min(delay * 2, 5.0)
 
 
-def resolve_identity(config: RuntimeConfig, env: Mapping[str, str],
-                     resolve: Resolver = socket.gethostbyname,
-                     sleep: Callable[[float], None] = time.sleep) -> PodIdentity:
+def resolve_identity(
+    config: RuntimeConfig,
+    env: Mapping[str, str],
+    resolve: Resolver = socket.gethostbyname,
+    sleep: Callable[[float], None] = time.sleep,
+) -> PodIdentity:
     instance, index, leader_name = worker_position(config, env)
     pod_ip = _pod_ip(env)
-    leader_ip = pod_ip if leader_name is None else wait_for_leader(
-        leader_name, config.leader.wait_seconds, resolve, sleep)
-    return PodIdentity(instance=instance, worker_index=index, pod_ip=pod_ip,
-                       leader_address=leader_ip)
+    leader_ip = (
+        pod_ip
+        if leader_name is None
+        else wait_for_leader(leader_name, config.leader.wait_seconds, resolve, sleep)
+    )
+    return PodIdentity(
+        instance=instance, worker_index=index, pod_ip=pod_ip, leader_address=leader_ip
+    )
 
 
 def load_config(path: str) -> RuntimeConfig:
@@ -123,15 +138,21 @@ def load_config(path: str) -> RuntimeConfig:
 
 
 def print_command(cmd: EngineCommand, ident: PodIdentity, out: TextIO) -> None:
-    out.write(f"# instance {ident.instance}, worker {ident.worker_index}, pod IP "
-              f"{ident.pod_ip}, leader {ident.leader_address}\n")
+    out.write(
+        f"# instance {ident.instance}, worker {ident.worker_index}, pod IP "
+        f"{ident.pod_ip}, leader {ident.leader_address}\n"
+    )
     for key, value in sorted(cmd.env.items()):
         out.write(f"{key}={value}\n")
     out.write(" ".join(cmd.argv) + "\n")
 
 
-def launch(config_path: str, dry_run: bool = False, env: Mapping[str, str] | None = None,
-           out: TextIO | None = None) -> int:
+def launch(
+    config_path: str,
+    dry_run: bool = False,
+    env: Mapping[str, str] | None = None,
+    out: TextIO | None = None,
+) -> int:
     """Resolve, build, then exec (or print with dry_run)."""
     env = dict(os.environ if env is None else env)
     config = load_config(config_path)
@@ -155,8 +176,9 @@ def probe(config_path: str, env: Mapping[str, str] | None = None, timeout: float
     if index > 0:
         return 0
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{config.http_port}/health",
-                                    timeout=timeout) as response:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{config.http_port}/health", timeout=timeout
+        ) as response:
             return 0 if response.status == 200 else 1
     except (urllib.error.URLError, OSError):
         return 1

@@ -16,15 +16,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 class OpenAIError(Exception):
     """An error answered in OpenAI's JSON shape with an HTTP status."""
 
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
-            status, message, type_, param, code)
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code or str(self.status)}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code or str(self.status),
+            }
+        }
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
@@ -47,8 +65,11 @@ class _Req(BaseModel):
     kv_transfer_params: dict[str, Any] | None = None
 
     def output_limit(self, default: int) -> int:
-        value = self.max_completion_tokens if self.max_completion_tokens is not None else (
-            self.max_tokens)
+        value = (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else (self.max_tokens)
+        )
         return default if value is None else value
 
 
@@ -77,12 +98,16 @@ async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -
     """Read and validate a JSON body, with a size limit; raises OpenAIError."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > max_bytes:
-        raise OpenAIError(413, f"request body of {length} bytes exceeds the limit of "
-                               f"{max_bytes} bytes", code="request_too_large")
+        raise OpenAIError(
+            413,
+            f"request body of {length} bytes exceeds the limit of {max_bytes} bytes",
+            code="request_too_large",
+        )
     raw = await request.body()
     if len(raw) > max_bytes:
-        raise OpenAIError(413, f"request body exceeds the limit of {max_bytes} bytes",
-                          code="request_too_large")
+        raise OpenAIError(
+            413, f"request body exceeds the limit of {max_bytes} bytes", code="request_too_large"
+        )
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

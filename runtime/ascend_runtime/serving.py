@@ -10,15 +10,25 @@ import uvicorn
 
 
 def make_server(app: Any, host: str, port: int, log_level: str = "warning") -> uvicorn.Server:
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            loop="uvloop", http="httptools", lifespan="off",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
     return uvicorn.Server(config)
 
 
-async def serve(servers: list[uvicorn.Server],
-                on_start: Callable[[], Awaitable[None]] | None = None,
-                on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+async def serve(
+    servers: list[uvicorn.Server],
+    on_start: Callable[[], Awaitable[None]] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     """Serve until any server exits (a signal makes them all exit)."""
     if on_start:
         await on_start()

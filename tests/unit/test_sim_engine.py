@@ -13,8 +13,14 @@ from ascend_runtime.sim.engine import Sequence, SimEngine
 
 def seq(rid: str, prompt_len: int, max_tokens: int, temperature: float = 0.0) -> Sequence:
     prompt = model.tokenize(" ".join(f"w{rid}{i}" for i in range(prompt_len)))
-    return Sequence(request_id=rid, prompt=prompt, max_tokens=max_tokens,
-                    temperature=temperature, sample_seed=7, seed=0)
+    return Sequence(
+        request_id=rid,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        sample_seed=7,
+        seed=0,
+    )
 
 
 async def run_all(engine: SimEngine, seqs: list[Sequence], observe=None) -> list[list[int]]:
@@ -42,22 +48,37 @@ async def run_all(engine: SimEngine, seqs: list[Sequence], observe=None) -> list
 
 
 def settings(**kw) -> SimSettings:
-    return SimSettings(**{"block_size": 4, "num_blocks": 256, "max_num_seqs": 8,
-                          "max_num_batched_tokens": 64, **kw})
+    return SimSettings(
+        **{
+            "block_size": 4,
+            "num_blocks": 256,
+            "max_num_seqs": 8,
+            "max_num_batched_tokens": 64,
+            **kw,
+        }
+    )
 
 
 def test_deterministic_and_independent_of_batching():
     alone = asyncio.run(run_all(SimEngine(settings()), [seq("a", 10, 12)]))[0]
-    crowded = asyncio.run(run_all(SimEngine(settings(max_num_seqs=3)),
-                                  [seq(str(i), 5 + i, 12) for i in range(6)] + [seq("a", 10, 12)]))
+    crowded = asyncio.run(
+        run_all(
+            SimEngine(settings(max_num_seqs=3)),
+            [seq(str(i), 5 + i, 12) for i in range(6)] + [seq("a", 10, 12)],
+        )
+    )
     assert crowded[-1] == alone and len(alone) == 12
 
 
 def test_running_never_exceeds_max_num_seqs():
     peak = []
-    asyncio.run(run_all(SimEngine(settings(max_num_seqs=3)), [seq(str(i), 4, 6)
-                                                               for i in range(10)],
-                        observe=lambda e: peak.append(len(e.running))))
+    asyncio.run(
+        run_all(
+            SimEngine(settings(max_num_seqs=3)),
+            [seq(str(i), 4, 6) for i in range(10)],
+            observe=lambda e: peak.append(len(e.running)),
+        )
+    )
     assert max(peak) <= 3
 
 
@@ -69,8 +90,7 @@ def test_token_budget_chunks_prefill():
 
 def test_preemption_when_kv_full_keeps_outputs_and_frees_blocks():
     seqs = [seq(str(i), 6, 10) for i in range(4)]
-    reference = asyncio.run(run_all(SimEngine(settings()), [seq(str(i), 6, 10)
-                                                            for i in range(4)]))
+    reference = asyncio.run(run_all(SimEngine(settings()), [seq(str(i), 6, 10) for i in range(4)]))
     tight = SimEngine(settings(num_blocks=12))  # 4 sequences x 4 blocks each do not fit
     outputs = asyncio.run(run_all(tight, seqs))
     assert outputs == reference
@@ -100,8 +120,13 @@ def test_abort_frees_blocks():
 
 
 def test_latency_model_shapes():
-    engine = SimEngine(settings(prefill_tokens_per_second=1000, decode_step_seconds=0.01,
-                                decode_seconds_per_kv_token=0.001))
+    engine = SimEngine(
+        settings(
+            prefill_tokens_per_second=1000,
+            decode_step_seconds=0.01,
+            decode_seconds_per_kv_token=0.001,
+        )
+    )
     s = seq("a", 10, 1)
     assert engine.step_seconds(500, []) == pytest.approx(0.5)
     assert engine.step_seconds(0, [s]) == pytest.approx(0.01 + 0.001 * len(s.tokens))

@@ -25,22 +25,34 @@ async def client():
 
 
 async def post(client, path, body, **kw):
-    return await client.post(path, content=body if isinstance(body, bytes) else json.dumps(body),
-                             headers={"content-type": "application/json"}, **kw)
+    return await client.post(
+        path,
+        content=body if isinstance(body, bytes) else json.dumps(body),
+        headers={"content-type": "application/json"},
+        **kw,
+    )
 
 
 @pytest.mark.asyncio
 async def test_completion_plain_and_usage(client):
-    r = await post(client, "/v1/completions", {"model": "tiny", "prompt": "a b c",
-                                               "max_tokens": 5, "temperature": 0})
+    r = await post(
+        client,
+        "/v1/completions",
+        {"model": "tiny", "prompt": "a b c", "max_tokens": 5, "temperature": 0},
+    )
     assert r.status_code == 200
     body = r.json()
     assert body["object"] == "text_completion"
     assert len(body["choices"][0]["text"].split()) == 5
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
-    again = (await post(client, "/v1/completions", {"model": "tiny", "prompt": "a b c",
-                                                    "max_tokens": 5, "temperature": 0})).json()
+    again = (
+        await post(
+            client,
+            "/v1/completions",
+            {"model": "tiny", "prompt": "a b c", "max_tokens": 5, "temperature": 0},
+        )
+    ).json()
     assert again["choices"][0]["text"] == body["choices"][0]["text"]
 
 
@@ -55,9 +67,17 @@ async def test_seeded_sampling_is_reproducible(client):
 
 @pytest.mark.asyncio
 async def test_chat_stream_with_usage(client):
-    async with client.stream("POST", "/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "hi there"}],
-        "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    async with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi there"}],
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as r:
         lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
@@ -69,23 +89,28 @@ async def test_chat_stream_with_usage(client):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("body", "status", "fragment"), [
-    (b"{not json", 400, "not valid JSON"),
-    ({"model": "other", "prompt": "x"}, 404, "does not exist"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "at least 1"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": -3}, 400, "at least 1"),
-    ({"model": "tiny", "prompt": "x " * 5000}, 400, "maximum context length is 4096"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": 5000}, 400, "maximum context length"),
-    ({"model": "tiny"}, 400, "prompt"),
-    ({"model": "tiny", "prompt": "x", "temperature": 9}, 400, "temperature"),
-    (b"[1, 2]", 400, "JSON object"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ({"model": "other", "prompt": "x"}, 404, "does not exist"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "at least 1"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": -3}, 400, "at least 1"),
+        ({"model": "tiny", "prompt": "x " * 5000}, 400, "maximum context length is 4096"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 5000}, 400, "maximum context length"),
+        ({"model": "tiny"}, 400, "prompt"),
+        ({"model": "tiny", "prompt": "x", "temperature": 9}, 400, "temperature"),
+        (b"[1, 2]", 400, "JSON object"),
+    ],
+)
 async def test_bad_requests_get_openai_errors(client, body, status, fragment):
     r = await post(client, "/v1/completions", body)
     assert r.status_code == status
     error = r.json()["error"]
     assert fragment in error["message"] and error["type"]
-    ok = await post(client, "/v1/completions", {"model": "tiny", "prompt": "still", "max_tokens": 1})
+    ok = await post(
+        client, "/v1/completions", {"model": "tiny", "prompt": "still", "max_tokens": 1}
+    )
     assert ok.status_code == 200
 
 
@@ -102,10 +127,16 @@ async def test_models_health_metrics(client):
     assert (await client.get("/health")).status_code == 200
     await post(client, "/v1/completions", {"model": "tiny", "prompt": "m", "max_tokens": 3})
     text = (await client.get("/metrics")).text
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
-                 "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds_bucket",
-                 "vllm:inter_token_latency_seconds_bucket", "vllm:prompt_tokens_total",
-                 "vllm:generation_tokens_total", "vllm:e2e_request_latency_seconds_count",
-                 "vllm:request_success_total"):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:request_success_total",
+    ):
         assert name in text, name
     assert 'vllm:generation_tokens_total{engine="tiny-unified-0",model_name="tiny"} 3.0' in text

@@ -34,22 +34,23 @@ def kv_bytes_per_token(arch: Architecture) -> int | None:
     return arch.num_layers * arch.num_kv_heads * arch.head_dim * factor * 2
 
 
-def sim_settings(spec: ModelDeploymentSpec, role: RoleSpec, arch: Architecture,
-                 hw: HardwareProfile) -> SimSettings:
+def sim_settings(
+    spec: ModelDeploymentSpec, role: RoleSpec, arch: Architecture, hw: HardwareProfile
+) -> SimSettings:
     """Capacity and latency of one instance of `role` for the sim engine."""
     par, runtime = role.parallelism, spec.runtime
     rank_devices = par.tensor * par.pipeline * par.prefill_context
     devices = rank_devices * par.data
     per_param = bytes_per_param(spec.model.quantization)
     seqs = (role.max_num_seqs or runtime.max_num_seqs or DEFAULT_MAX_NUM_SEQS) * par.data
-    batched = (role.max_num_batched_tokens or runtime.max_num_batched_tokens
-               or DEFAULT_BATCHED_TOKENS) * par.data
+    batched = (
+        role.max_num_batched_tokens or runtime.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
+    ) * par.data
     prefill_tps = decode_step = per_kv_token = 0.0
     if arch.active_params_b:
         active = arch.active_params_b * 1e9
         prefill_tps = hw.peak_tflops_bf16 * 1e12 * devices * PREFILL_MFU / (2 * active)
-        decode_step = active * per_param / (hw.hbm_gbps * 1e9 * rank_devices
-                                            * DECODE_BW_EFFICIENCY)
+        decode_step = active * per_param / (hw.hbm_gbps * 1e9 * rank_devices * DECODE_BW_EFFICIENCY)
     kv_token = kv_bytes_per_token(arch)
     if kv_token:
         per_kv_token = kv_token / (hw.hbm_gbps * 1e9 * devices * DECODE_BW_EFFICIENCY)

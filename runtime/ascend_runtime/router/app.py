@@ -33,42 +33,77 @@ from .pool import Backend, HealthChecker, Pool
 
 log = logging.getLogger("ascend_runtime.router")
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                   10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
 
 
 class RouterMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("ascend_serve_router_requests", "Requests answered.",
-                                ["route", "code"], registry=r)
-        self.errors = Counter("ascend_serve_router_errors", "Upstream failures by kind.",
-                              ["kind", "role"], registry=r)
-        self.retries = Counter("ascend_serve_router_retries", "Requests retried on another "
-                               "instance.", ["role"], registry=r)
-        self.inflight = Gauge("ascend_serve_router_inflight_requests", "Requests in flight.",
-                              registry=r)
-        self.ttft = Histogram("ascend_serve_router_time_to_first_token_seconds",
-                              "Time to the first streamed byte (client view).",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.upstream = Histogram("ascend_serve_router_upstream_latency_seconds",
-                                  "Upstream response time (headers) per instance.",
-                                  ["role", "instance"], buckets=LATENCY_BUCKETS, registry=r)
-        self.healthy = Gauge("ascend_serve_router_healthy_instances", "Instances in rotation.",
-                             ["role"], registry=r)
+        self.requests = Counter(
+            "ascend_serve_router_requests", "Requests answered.", ["route", "code"], registry=r
+        )
+        self.errors = Counter(
+            "ascend_serve_router_errors", "Upstream failures by kind.", ["kind", "role"], registry=r
+        )
+        self.retries = Counter(
+            "ascend_serve_router_retries",
+            "Requests retried on another instance.",
+            ["role"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "ascend_serve_router_inflight_requests", "Requests in flight.", registry=r
+        )
+        self.ttft = Histogram(
+            "ascend_serve_router_time_to_first_token_seconds",
+            "Time to the first streamed byte (client view).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream = Histogram(
+            "ascend_serve_router_upstream_latency_seconds",
+            "Upstream response time (headers) per instance.",
+            ["role", "instance"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.healthy = Gauge(
+            "ascend_serve_router_healthy_instances", "Instances in rotation.", ["role"], registry=r
+        )
 
 
 class Router:
     """Request handling; the FastAPI app is `Router.app`."""
 
-    def __init__(self, config: RouterConfig, pool: Pool | None = None,
-                 health_interval: float = 2.0):
+    def __init__(
+        self, config: RouterConfig, pool: Pool | None = None, health_interval: float = 2.0
+    ):
         self.config = config
         self.pool = pool or Pool(policy=config.policy)
         self.metrics = RouterMetrics()
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.request_timeout_seconds, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024))
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024),
+        )
         self.health = HealthChecker(self.pool, self.client, health_interval)
         self.membership = Membership(config.backends, self.pool)
         self.slots = asyncio.Semaphore(config.max_concurrent_requests)
@@ -106,19 +141,29 @@ class Router:
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not any(hmac.compare_digest(token, key) for key in self.api_keys):
-            raise OpenAIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                              type_="authentication_error", code="invalid_api_key")
+            raise OpenAIError(
+                401,
+                "invalid or missing API key (Authorization: Bearer <key>)",
+                type_="authentication_error",
+                code="invalid_api_key",
+            )
 
     async def _read(self, request: Request) -> dict[str, Any]:
         limit = self.config.max_request_bytes
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
-            raise OpenAIError(413, f"request body of {length} bytes exceeds the router's limit "
-                                   f"of {limit} bytes", code="request_too_large")
+            raise OpenAIError(
+                413,
+                f"request body of {length} bytes exceeds the router's limit of {limit} bytes",
+                code="request_too_large",
+            )
         raw = await request.body()
         if len(raw) > limit:
-            raise OpenAIError(413, f"request body exceeds the router's limit of {limit} bytes",
-                              code="request_too_large")
+            raise OpenAIError(
+                413,
+                f"request body exceeds the router's limit of {limit} bytes",
+                code="request_too_large",
+            )
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -126,9 +171,13 @@ class Router:
         if not isinstance(body, dict):
             raise OpenAIError(400, "request body must be a JSON object")
         if body.get("model") != self.config.served_model_name:
-            raise OpenAIError(404, f"The model `{body.get('model')}` does not exist. This "
-                                   f"endpoint serves `{self.config.served_model_name}`.",
-                              param="model", code="model_not_found")
+            raise OpenAIError(
+                404,
+                f"The model `{body.get('model')}` does not exist. This "
+                f"endpoint serves `{self.config.served_model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
         return body
 
     def _headers(self, request_id: str) -> dict[str, str]:
@@ -140,9 +189,12 @@ class Router:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         if self.slots.locked():
             self.metrics.requests.labels(route, "429").inc()
-            return OpenAIError(429, f"the router has {self.config.max_concurrent_requests} "
-                                    "requests in flight; retry later",
-                               type_="rate_limit_error").response({"x-request-id": request_id})
+            return OpenAIError(
+                429,
+                f"the router has {self.config.max_concurrent_requests} "
+                "requests in flight; retry later",
+                type_="rate_limit_error",
+            ).response({"x-request-id": request_id})
         await self.slots.acquire()
         self.metrics.inflight.inc()
         code, handed_off = 500, False
@@ -169,8 +221,9 @@ class Router:
             if not handed_off:
                 release()
 
-    async def _route(self, request: Request, route: str, body: dict[str, Any],
-                     request_id: str) -> Response:
+    async def _route(
+        self, request: Request, route: str, body: dict[str, Any], request_id: str
+    ) -> Response:
         if self.config.mode == "pd":
             body = dict(body)
             body["kv_transfer_params"] = await self._prefill(route, body, request_id)
@@ -179,13 +232,26 @@ class Router:
             role = "unified"
         return await self._forward(request, role, route, body, request_id)
 
-    async def _prefill(self, route: str, body: dict[str, Any], request_id: str,
-                       ) -> dict[str, Any]:
+    async def _prefill(
+        self,
+        route: str,
+        body: dict[str, Any],
+        request_id: str,
+    ) -> dict[str, Any]:
         """Send a one-token copy to a prefill instance; return its kv_transfer_params."""
         copy = {k: v for k, v in body.items() if k not in ("stream_options",)}
-        copy.update(stream=False, max_tokens=1, kv_transfer_params={
-            "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-            "remote_block_ids": None, "remote_host": None, "remote_port": None})
+        copy.update(
+            stream=False,
+            max_tokens=1,
+            kv_transfer_params={
+                "do_remote_decode": True,
+                "do_remote_prefill": False,
+                "remote_engine_id": None,
+                "remote_block_ids": None,
+                "remote_host": None,
+                "remote_port": None,
+            },
+        )
         if "max_completion_tokens" in copy:
             copy["max_completion_tokens"] = 1
         tried: set[str] = set()
@@ -212,28 +278,38 @@ class Router:
                 raise _upstream_error(response)
             params = response.json().get("kv_transfer_params")
             if not params:
-                raise OpenAIError(502, f"prefill instance {backend.url} returned no "
-                                       "kv_transfer_params (is it a PD prefill engine?)",
-                                  type_="upstream_error")
+                raise OpenAIError(
+                    502,
+                    f"prefill instance {backend.url} returned no "
+                    "kv_transfer_params (is it a PD prefill engine?)",
+                    type_="upstream_error",
+                )
             return params
-        raise OpenAIError(503, f"prefill failed after {len(tried)} attempt(s): {last_error}",
-                          type_="upstream_error")
+        raise OpenAIError(
+            503,
+            f"prefill failed after {len(tried)} attempt(s): {last_error}",
+            type_="upstream_error",
+        )
 
-    async def _send(self, backend: Backend, route: str, body: dict[str, Any],
-                    request_id: str) -> httpx.Response:
+    async def _send(
+        self, backend: Backend, route: str, body: dict[str, Any], request_id: str
+    ) -> httpx.Response:
         backend.outstanding += 1
         backend.served += 1
         start = time.perf_counter()
         try:
-            return await self.client.post(f"{backend.url}{route}", json=body,
-                                          headers={"x-request-id": request_id})
+            return await self.client.post(
+                f"{backend.url}{route}", json=body, headers={"x-request-id": request_id}
+            )
         finally:
             backend.outstanding -= 1
             self.metrics.upstream.labels(backend.role, backend.url).observe(
-                time.perf_counter() - start)
+                time.perf_counter() - start
+            )
 
-    async def _forward(self, request: Request, role: str, route: str, body: dict[str, Any],
-                       request_id: str) -> Response:
+    async def _forward(
+        self, request: Request, role: str, route: str, body: dict[str, Any], request_id: str
+    ) -> Response:
         """Send to one instance of `role` (another on a connection failure); stream back."""
         tried: set[str] = set()
         last_error = f"no {role} instance is available"
@@ -245,7 +321,8 @@ class Router:
             if attempt:
                 self.metrics.retries.labels(role).inc()
             upstream_request = self.client.build_request(
-                "POST", f"{backend.url}{route}", json=body, headers={"x-request-id": request_id})
+                "POST", f"{backend.url}{route}", json=body, headers={"x-request-id": request_id}
+            )
             backend.outstanding += 1
             start = time.perf_counter()
             try:
@@ -264,19 +341,30 @@ class Router:
                 except httpx.HTTPError as exc:
                     self.metrics.errors.labels("read", role).inc()
                     self.pool.eject(backend, repr(exc))
-                    raise OpenAIError(502, f"{role} instance {backend.url} failed mid-response: "
-                                           f"{exc!r}", type_="upstream_error") from exc
+                    raise OpenAIError(
+                        502,
+                        f"{role} instance {backend.url} failed mid-response: {exc!r}",
+                        type_="upstream_error",
+                    ) from exc
                 finally:
                     backend.outstanding -= 1
                     await upstream.aclose()
-                return Response(content, status_code=upstream.status_code,
-                                media_type=upstream.headers.get("content-type"))
-            return StreamingResponse(self._relay(upstream, backend, role),
-                                     media_type="text/event-stream")
+                return Response(
+                    content,
+                    status_code=upstream.status_code,
+                    media_type=upstream.headers.get("content-type"),
+                )
+            return StreamingResponse(
+                self._relay(upstream, backend, role), media_type="text/event-stream"
+            )
         raise OpenAIError(503, last_error, type_="upstream_error")
 
-    async def _relay(self, upstream: httpx.Response, backend: Backend, role: str,
-                     ) -> AsyncIterator[bytes]:
+    async def _relay(
+        self,
+        upstream: httpx.Response,
+        backend: Backend,
+        role: str,
+    ) -> AsyncIterator[bytes]:
         """Pass an SSE stream through chunk by chunk; a client that leaves closes upstream,
         which aborts the request in the engine."""
         start, first = time.perf_counter(), True
@@ -289,9 +377,14 @@ class Router:
         except httpx.HTTPError as exc:
             self.metrics.errors.labels("stream", role).inc()
             self.pool.eject(backend, repr(exc))
-            yield sse(OpenAIError(502, f"{role} instance {backend.url} failed mid-stream: "
-                                       f"{exc!r}; the response is incomplete",
-                                  type_="upstream_error").body())
+            yield sse(
+                OpenAIError(
+                    502,
+                    f"{role} instance {backend.url} failed mid-stream: "
+                    f"{exc!r}; the response is incomplete",
+                    type_="upstream_error",
+                ).body()
+            )
             yield SSE_DONE
         finally:
             backend.outstanding -= 1
@@ -313,36 +406,52 @@ class Router:
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
-            entry: dict[str, Any] = {"id": self.config.served_model_name, "object": "model",
-                                     "owned_by": "ascend-serve"}
+            entry: dict[str, Any] = {
+                "id": self.config.served_model_name,
+                "object": "model",
+                "owned_by": "ascend-serve",
+            }
             if self.config.max_model_len:
                 entry["max_model_len"] = self.config.max_model_len
             return {"object": "list", "data": [entry]}
 
         @app.get("/health")
         async def health() -> Response:
-            missing = [r for r in self.roles if not any(b.available
-                                                        for b in self.pool.members(r))]
+            missing = [r for r in self.roles if not any(b.available for b in self.pool.members(r))]
             if missing:
-                return JSONResponse({"status": "unavailable",
-                                     "message": f"no healthy {', '.join(missing)} instance"},
-                                    status_code=503)
+                return JSONResponse(
+                    {
+                        "status": "unavailable",
+                        "message": f"no healthy {', '.join(missing)} instance",
+                    },
+                    status_code=503,
+                )
             return JSONResponse({"status": "ok"})
 
         @app.get("/metrics")
         async def metrics() -> Response:
             for role in self.roles:
                 self.metrics.healthy.labels(role).set(
-                    sum(b.available for b in self.pool.members(role)))
-            return Response(generate_latest(self.metrics.registry),
-                            media_type=CONTENT_TYPE_LATEST)
+                    sum(b.available for b in self.pool.members(role))
+                )
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
         @app.get("/instances")
         async def instances() -> dict[str, Any]:
-            return {role: [{"url": b.url, "healthy": b.available, "outstanding": b.outstanding,
-                            "kv_usage": b.kv_usage, "served": b.served,
-                            "last_error": b.last_error} for b in self.pool.members(role)]
-                    for role in self.roles}
+            return {
+                role: [
+                    {
+                        "url": b.url,
+                        "healthy": b.available,
+                        "outstanding": b.outstanding,
+                        "kv_usage": b.kv_usage,
+                        "served": b.served,
+                        "last_error": b.last_error,
+                    }
+                    for b in self.pool.members(role)
+                ]
+                for role in self.roles
+            }
 
         @app.post("/instances/add")
         async def add(request: Request) -> dict[str, str]:
@@ -388,9 +497,14 @@ async def _until_done(body: Any, done: Any) -> AsyncIterator[bytes]:
 def _upstream_error(response: httpx.Response) -> OpenAIError:
     try:
         error = response.json()["error"]
-        return OpenAIError(response.status_code, str(error.get("message")),
-                           type_=str(error.get("type") or "invalid_request_error"),
-                           param=error.get("param"), code=error.get("code"))
+        return OpenAIError(
+            response.status_code,
+            str(error.get("message")),
+            type_=str(error.get("type") or "invalid_request_error"),
+            param=error.get("param"),
+            code=error.get("code"),
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
-        return OpenAIError(response.status_code, response.text[:500] or "upstream error",
-                           type_="upstream_error")
+        return OpenAIError(
+            response.status_code, response.text[:500] or "upstream error", type_="upstream_error"
+        )

@@ -41,8 +41,11 @@ class Membership:
             api = KubernetesApi.from_environment()
             namespace = self.backends.namespace or api.namespace
             for role, service in self.backends.services.items():
-                self._tasks.append(asyncio.create_task(
-                    self._watch_slices(api, namespace, role, service), name=f"slices-{role}"))
+                self._tasks.append(
+                    asyncio.create_task(
+                        self._watch_slices(api, namespace, role, service), name=f"slices-{role}"
+                    )
+                )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -77,8 +80,9 @@ class Membership:
 
     # ------------------------------------------------------------------ kubernetes
 
-    async def _watch_slices(self, api: KubernetesApi, namespace: str, role: str,
-                            service: str) -> None:
+    async def _watch_slices(
+        self, api: KubernetesApi, namespace: str, role: str, service: str
+    ) -> None:
         slices: dict[str, list[str]] = {}
         port = self.backends.engine_port
         path = f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
@@ -86,15 +90,24 @@ class Membership:
         while True:
             try:
                 listing = await api.get(path, selector)
-                slices = {s["metadata"]["name"]: ready_urls(s, port)
-                          for s in listing.get("items", [])}
+                slices = {
+                    s["metadata"]["name"]: ready_urls(s, port)
+                    for s in listing.get("items", [])
+                    if _owned_by(s, service)
+                }
                 self._apply(role, slices)
                 version = listing.get("metadata", {}).get("resourceVersion", "")
-                params = {**selector, "watch": "true", "resourceVersion": version,
-                          "allowWatchBookmarks": "true"}
+                params = {
+                    **selector,
+                    "watch": "true",
+                    "resourceVersion": version,
+                    "allowWatchBookmarks": "true",
+                }
                 async for event in api.watch(path, params):
                     kind, obj = event.get("type"), event.get("object", {})
                     name = obj.get("metadata", {}).get("name")
+                    if name and not _owned_by(obj, service):
+                        continue
                     if kind in ("ADDED", "MODIFIED") and name:
                         slices[name] = ready_urls(obj, port)
                     elif kind == "DELETED" and name:
@@ -105,12 +118,19 @@ class Membership:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep watching through API server hiccups
-                log.warning("watching EndpointSlices of %s/%s failed: %r; retrying", namespace,
-                            service, exc)
+                log.warning(
+                    "watching EndpointSlices of %s/%s failed: %r; retrying", namespace, service, exc
+                )
             await asyncio.sleep(1.0)
 
     def _apply(self, role: str, slices: dict[str, list[str]]) -> None:
         self.pool.set_members(role, sorted({u for urls in slices.values() for u in urls}))
+
+
+def _owned_by(endpoint_slice: dict[str, Any], service: str) -> bool:
+    """The label selector again, client side (cheap insurance against a loose server)."""
+    labels = endpoint_slice.get("metadata", {}).get("labels") or {}
+    return labels.get("kubernetes.io/service-name") == service
 
 
 def ready_urls(endpoint_slice: dict[str, Any], default_port: int) -> list[str]:
@@ -130,12 +150,17 @@ def ready_urls(endpoint_slice: dict[str, Any], default_port: int) -> list[str]:
 class KubernetesApi:
     """Just enough of a Kubernetes client: GET and watch, in-cluster credentials."""
 
-    def __init__(self, base_url: str, token: str | None, verify: ssl.SSLContext | bool,
-                 namespace: str):
+    def __init__(
+        self, base_url: str, token: str | None, verify: ssl.SSLContext | bool, namespace: str
+    ):
         self.namespace = namespace
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = httpx.AsyncClient(base_url=base_url, headers=headers, verify=verify,
-                                        timeout=httpx.Timeout(10.0, read=None))
+        self.client = httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            verify=verify,
+            timeout=httpx.Timeout(10.0, read=None),
+        )
 
     @classmethod
     def from_environment(cls) -> KubernetesApi:
@@ -147,9 +172,11 @@ class KubernetesApi:
         host = os.environ.get("KUBERNETES_SERVICE_HOST")
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if not host:
-            raise RuntimeError("not in a cluster (KUBERNETES_SERVICE_HOST unset) and "
-                               "ASCEND_SERVE_KUBE_API not set: use backends.source static or "
-                               "file outside Kubernetes")
+            raise RuntimeError(
+                "not in a cluster (KUBERNETES_SERVICE_HOST unset) and "
+                "ASCEND_SERVE_KUBE_API not set: use backends.source static or "
+                "file outside Kubernetes"
+            )
         token = (SA_DIR / "token").read_text().strip()
         ctx = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
         with contextlib.suppress(OSError):

@@ -44,12 +44,12 @@ class Pool:
 
     policy: str = "least-outstanding"
     backends: dict[str, dict[str, Backend]] = field(default_factory=dict)
-    _rr: itertools.count[int] = field(default_factory=itertools.count)
+    _turns: dict[str, itertools.count[int]] = field(default_factory=dict)
 
     def set_members(self, role: str, urls: Iterable[str]) -> None:
         """Replace a role's membership, keeping state of instances that stay."""
         current = self.backends.setdefault(role, {})
-        wanted = {u.rstrip("/") for u in urls}
+        wanted = list(dict.fromkeys(u.rstrip("/") for u in urls))  # ordered, no repeats
         for url in list(current):
             if url not in wanted:
                 del current[url]
@@ -58,7 +58,8 @@ class Pool:
 
     def add(self, role: str, url: str) -> Backend:
         return self.backends.setdefault(role, {}).setdefault(
-            url.rstrip("/"), Backend(url=url.rstrip("/"), role=role))
+            url.rstrip("/"), Backend(url=url.rstrip("/"), role=role)
+        )
 
     def remove(self, role: str, url: str) -> bool:
         return self.backends.get(role, {}).pop(url.rstrip("/"), None) is not None
@@ -71,12 +72,19 @@ class Pool:
         candidates = [b for b in self.members(role) if b.available and b.url not in exclude]
         if not candidates:
             return None
+        turn = next(self._turns.setdefault(role, itertools.count()))
         if self.policy == "round-robin":
-            return candidates[next(self._rr) % len(candidates)]
-        turn, n = next(self._rr), len(candidates)
-        ranked = sorted(range(n), key=lambda i: (candidates[i].outstanding,
-                                                 candidates[i].kv_usage,
-                                                 candidates[i].waiting, (i - turn) % n))
+            return candidates[turn % len(candidates)]
+        n = len(candidates)
+        ranked = sorted(
+            range(n),
+            key=lambda i: (
+                candidates[i].outstanding,
+                candidates[i].kv_usage,
+                candidates[i].waiting,
+                (i - turn) % n,
+            ),
+        )
         return candidates[ranked[0]]
 
     def eject(self, backend: Backend, reason: str) -> None:

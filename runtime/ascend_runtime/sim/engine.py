@@ -277,7 +277,7 @@ class SimEngine:
         start = seq.computed
         tokens = seq.tokens
         state = seq.states[-1] if seq.states else model.initial_state(seq.seed)
-        for token in tokens[start:start + chunk]:
+        for token in tokens[start : start + chunk]:
             state = model.advance(state, token)
             seq.states.append(state)
         seq.computed += chunk

@@ -6,14 +6,75 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .engine import EngineObserver, Sequence
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-               7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
-                 100000)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 class EngineMetrics(EngineObserver):
@@ -23,31 +84,80 @@ class EngineMetrics(EngineObserver):
         self.registry = CollectorRegistry()
         r, labels = self.registry, ["model_name", "engine"]
         self.labels = {"model_name": model_name, "engine": engine}
-        self.running = Gauge("vllm:num_requests_running", "Requests in model execution batches.",
-                             labels, registry=r)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be processed.",
-                             labels, registry=r)
-        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.",
-                              labels, registry=r)
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels,
-                                     registry=r)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.",
-                                         labels, registry=r)
-        self.preemptions = Counter("vllm:num_preemptions", "Cumulative preemptions.", labels,
-                                   registry=r)
-        self.success = Counter("vllm:request_success", "Successfully finished requests.",
-                               [*labels, "finished_reason"], registry=r)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.",
-                              labels, buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency.", labels,
-                             buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.",
-                             labels, buckets=E2E_BUCKETS, registry=r)
-        self.request_prompt = Histogram("vllm:request_prompt_tokens", "Prompt tokens per request.",
-                                        labels, buckets=TOKEN_BUCKETS, registry=r)
-        self.request_generation = Histogram("vllm:request_generation_tokens",
-                                            "Generated tokens per request.", labels,
-                                            buckets=TOKEN_BUCKETS, registry=r)
+        self.running = Gauge(
+            "vllm:num_requests_running", "Requests in model execution batches.", labels, registry=r
+        )
+        self.waiting = Gauge(
+            "vllm:num_requests_waiting", "Requests waiting to be processed.", labels, registry=r
+        )
+        self.kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", labels, registry=r
+        )
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=r
+        )
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Generation tokens processed.", labels, registry=r
+        )
+        self.preemptions = Counter(
+            "vllm:num_preemptions", "Cumulative preemptions.", labels, registry=r
+        )
+        self.success = Counter(
+            "vllm:request_success",
+            "Successfully finished requests.",
+            [*labels, "finished_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Inter-token latency.",
+            labels,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            labels,
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.request_prompt = Histogram(
+            "vllm:request_prompt_tokens",
+            "Prompt tokens per request.",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_generation = Histogram(
+            "vllm:request_generation_tokens",
+            "Generated tokens per request.",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+
+        for metric in (
+            self.running,
+            self.waiting,
+            self.kv_usage,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.preemptions,
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.request_prompt,
+            self.request_generation,
+        ):
+            metric.labels(**self.labels)  # export every series from the start, at zero
 
     def refresh(self, running: int, waiting: int, kv_usage: float) -> None:
         self.running.labels(**self.labels).set(running)

@@ -12,17 +12,164 @@ import hashlib
 import re
 import struct
 
-VOCAB = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at "
-    "which but have an they you were her she there one all we their can has been more when "
-    "will would who so no if out time up about into than them only other new some could these "
-    "two may first then do any like my now over such our man me even most made after also did "
-    "many before must through back years where much your way well down should because each "
-    "just those people how too little state good very make world still own see men work long "
-    "here get both between life being under never day same another know while last might us "
-    "great old year off come since against go came right used take three Ascend NPU model "
-    "token cache block prefill decode router serve graph tensor expert"
-).split()
+VOCAB = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "one",
+    "all",
+    "we",
+    "their",
+    "can",
+    "has",
+    "been",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "if",
+    "out",
+    "time",
+    "up",
+    "about",
+    "into",
+    "than",
+    "them",
+    "only",
+    "other",
+    "new",
+    "some",
+    "could",
+    "these",
+    "two",
+    "may",
+    "first",
+    "then",
+    "do",
+    "any",
+    "like",
+    "my",
+    "now",
+    "over",
+    "such",
+    "our",
+    "man",
+    "me",
+    "even",
+    "most",
+    "made",
+    "after",
+    "also",
+    "did",
+    "many",
+    "before",
+    "must",
+    "through",
+    "back",
+    "years",
+    "where",
+    "much",
+    "your",
+    "way",
+    "well",
+    "down",
+    "should",
+    "because",
+    "each",
+    "just",
+    "those",
+    "people",
+    "how",
+    "too",
+    "little",
+    "state",
+    "good",
+    "very",
+    "make",
+    "world",
+    "still",
+    "own",
+    "see",
+    "men",
+    "work",
+    "long",
+    "here",
+    "get",
+    "both",
+    "between",
+    "life",
+    "being",
+    "under",
+    "never",
+    "day",
+    "same",
+    "another",
+    "know",
+    "while",
+    "last",
+    "might",
+    "us",
+    "great",
+    "old",
+    "year",
+    "off",
+    "come",
+    "since",
+    "against",
+    "go",
+    "came",
+    "right",
+    "used",
+    "take",
+    "three",
+    "Ascend",
+    "NPU",
+    "model",
+    "token",
+    "cache",
+    "block",
+    "prefill",
+    "decode",
+    "router",
+    "serve",
+    "graph",
+    "tensor",
+    "expert",
+]
 
 STATE_BYTES = 8
 _WORD = re.compile(r"\S+")
@@ -38,14 +185,16 @@ def tokenize(text: str) -> list[int]:
 
 
 def initial_state(seed: int) -> int:
-    return int.from_bytes(hashlib.blake2b(struct.pack("<q", seed), digest_size=8).digest(),
-                          "little")
+    return int.from_bytes(
+        hashlib.blake2b(struct.pack("<q", seed), digest_size=8).digest(), "little"
+    )
 
 
 def advance(state: int, token: int) -> int:
     """The state after one more token."""
-    digest = hashlib.blake2b(struct.pack("<QQ", state, token & 0xFFFFFFFFFFFFFFFF),
-                             digest_size=8).digest()
+    digest = hashlib.blake2b(
+        struct.pack("<QQ", state, token & 0xFFFFFFFFFFFFFFFF), digest_size=8
+    ).digest()
     return int.from_bytes(digest, "little")
 
 

@@ -36,8 +36,9 @@ CHAT_DEFAULT_MAX_TOKENS = 128
 class SimServer:
     """One sim engine instance: engine, metrics, PD exporter/puller, and its two apps."""
 
-    def __init__(self, config: RuntimeConfig, instance: int, host_ip: str,
-                 kv_port: int | None = None):
+    def __init__(
+        self, config: RuntimeConfig, instance: int, host_ip: str, kv_port: int | None = None
+    ):
         self.config = config
         self.settings = config.sim
         self.instance = instance
@@ -50,8 +51,13 @@ class SimServer:
         self.exporter: pd.KvExporter | None = None
         if config.role == "prefill":
             port = kv_port or (config.kv_transfer.kv_port if config.kv_transfer else 0)
-            self.exporter = pd.KvExporter(self.engine, self.engine_id, host_ip, port,
-                                          self.settings.kv_transfer_timeout_seconds)
+            self.exporter = pd.KvExporter(
+                self.engine,
+                self.engine_id,
+                host_ip,
+                port,
+                self.settings.kv_transfer_timeout_seconds,
+            )
         self.client: httpx.AsyncClient | None = None
         self.api = self._api_app()
         self.kv_app = self._kv_app() if self.exporter else None
@@ -77,15 +83,20 @@ class SimServer:
     def _sample_seed(self, req: Any, prompt: list[int]) -> int:
         if req.seed is not None:
             return int(req.seed)
-        digest = hashlib.blake2b(repr((self.settings.seed, prompt[:64], len(prompt))).encode(),
-                                 digest_size=8).digest()
+        digest = hashlib.blake2b(
+            repr((self.settings.seed, prompt[:64], len(prompt))).encode(), digest_size=8
+        ).digest()
         return int.from_bytes(digest, "little")
 
     def _check_common(self, req: Any) -> None:
         if req.model != self.config.served_model_name:
-            raise OpenAIError(404, f"The model `{req.model}` does not exist. This server serves "
-                                   f"`{self.config.served_model_name}`.", param="model",
-                              code="model_not_found")
+            raise OpenAIError(
+                404,
+                f"The model `{req.model}` does not exist. This server serves "
+                f"`{self.config.served_model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
         if req.n != 1:
             raise OpenAIError(400, "n must be 1 (the sim engine returns one choice)", param="n")
 
@@ -94,22 +105,37 @@ class SimServer:
         limit = self.settings.max_model_len
         max_tokens = req.output_limit(default_max)
         if max_tokens <= 0:
-            raise OpenAIError(400, f"max_tokens must be at least 1, got {max_tokens}",
-                              param="max_tokens")
+            raise OpenAIError(
+                400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens"
+            )
         if len(prompt) >= limit:
-            raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. "
-                                   f"However, your prompt has {len(prompt)} tokens.",
-                              param="prompt", code="context_length_exceeded")
+            raise OpenAIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. "
+                f"However, your prompt has {len(prompt)} tokens.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         if len(prompt) + max_tokens > limit:
-            raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. "
-                                   f"However, you requested {len(prompt) + max_tokens} tokens "
-                                   f"({len(prompt)} in the prompt, {max_tokens} for the "
-                                   "completion). Please reduce the prompt or max_tokens.",
-                              param="max_tokens", code="context_length_exceeded")
+            raise OpenAIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. "
+                f"However, you requested {len(prompt) + max_tokens} tokens "
+                f"({len(prompt)} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        seq = Sequence(request_id=new_id("req"), prompt=prompt, max_tokens=max_tokens,
-                       temperature=req.temperature, sample_seed=self._sample_seed(req, prompt),
-                       seed=self.settings.seed, stop=stop)
+        seq = Sequence(
+            request_id=new_id("req"),
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            sample_seed=self._sample_seed(req, prompt),
+            seed=self.settings.seed,
+            stop=stop,
+        )
         params = req.kv_transfer_params or {}
         if self.config.role == "prefill" and params.get("do_remote_decode"):
             seq.hold_blocks = True
@@ -118,9 +144,12 @@ class SimServer:
             assert self.client is not None
             seq.imported_states = await pd.pull(self.client, params, len(prompt))
         elif self.config.role == "decode" and params:
-            raise OpenAIError(400, "a decode instance needs kv_transfer_params from a prefill "
-                                   "instance (do_remote_prefill: true)",
-                              param="kv_transfer_params")
+            raise OpenAIError(
+                400,
+                "a decode instance needs kv_transfer_params from a prefill "
+                "instance (do_remote_prefill: true)",
+                param="kv_transfer_params",
+            )
         return seq
 
     async def _events(self, seq: Sequence) -> AsyncIterator[tuple[str, Any]]:
@@ -141,8 +170,11 @@ class SimServer:
                 self.engine.abort(seq)
 
     def _usage(self, seq: Sequence) -> dict[str, int]:
-        return {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.output),
-                "total_tokens": len(seq.prompt) + len(seq.output)}
+        return {
+            "prompt_tokens": len(seq.prompt),
+            "completion_tokens": len(seq.output),
+            "total_tokens": len(seq.prompt) + len(seq.output),
+        }
 
     def _kv_params(self, seq: Sequence) -> dict[str, Any] | None:
         if seq.hold_blocks and self.exporter is not None:
@@ -175,13 +207,18 @@ class SimServer:
         seq = await self._sequence(req, prompt, self.settings.default_max_tokens)
         rid, created = new_id("cmpl"), now()
         if req.stream:
-            return StreamingResponse(self._stream_completion(seq, req, rid, created),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream_completion(seq, req, rid, created), media_type="text/event-stream"
+            )
         text = await self._collect(request, seq)
         body: dict[str, Any] = {
-            "id": rid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
-                         "finish_reason": seq.finish_reason}],
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "choices": [
+                {"index": 0, "text": text, "logprobs": None, "finish_reason": seq.finish_reason}
+            ],
             "usage": self._usage(seq),
         }
         kv = self._kv_params(seq)
@@ -189,17 +226,33 @@ class SimServer:
             body["kv_transfer_params"] = kv
         return JSONResponse(body)
 
-    async def _stream_completion(self, seq: Sequence, req: CompletionRequest, rid: str,
-                                 created: int) -> AsyncIterator[bytes]:
+    async def _stream_completion(
+        self, seq: Sequence, req: CompletionRequest, rid: str, created: int
+    ) -> AsyncIterator[bytes]:
         base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
         try:
             async for kind, value in self._events(seq):
                 if kind == "token":
-                    yield sse({**base, "choices": [{"index": 0, "text": " " + model.detokenize(
-                        value), "logprobs": None, "finish_reason": None}]})
+                    yield sse(
+                        {
+                            **base,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "text": " " + model.detokenize(value),
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
                 else:
-                    final: dict[str, Any] = {**base, "choices": [
-                        {"index": 0, "text": "", "logprobs": None, "finish_reason": value}]}
+                    final: dict[str, Any] = {
+                        **base,
+                        "choices": [
+                            {"index": 0, "text": "", "logprobs": None, "finish_reason": value}
+                        ],
+                    }
                     kv = self._kv_params(seq)
                     if kv is not None:
                         final["kv_transfer_params"] = kv
@@ -216,13 +269,23 @@ class SimServer:
         seq = await self._sequence(req, model.tokenize(text), CHAT_DEFAULT_MAX_TOKENS)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
-            return StreamingResponse(self._stream_chat(seq, req, rid, created),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream_chat(seq, req, rid, created), media_type="text/event-stream"
+            )
         content = await self._collect(request, seq)
         body: dict[str, Any] = {
-            "id": rid, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "logprobs": None, "finish_reason": seq.finish_reason}],
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": req.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "logprobs": None,
+                    "finish_reason": seq.finish_reason,
+                }
+            ],
             "usage": self._usage(seq),
         }
         kv = self._kv_params(seq)
@@ -230,21 +293,51 @@ class SimServer:
             body["kv_transfer_params"] = kv
         return JSONResponse(body)
 
-    async def _stream_chat(self, seq: Sequence, req: ChatRequest, rid: str, created: int,
-                           ) -> AsyncIterator[bytes]:
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                "model": req.model}
-        yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant",
-                                                              "content": ""},
-                                        "finish_reason": None}]})
+    async def _stream_chat(
+        self,
+        seq: Sequence,
+        req: ChatRequest,
+        rid: str,
+        created: int,
+    ) -> AsyncIterator[bytes]:
+        base = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+        }
+        yield sse(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
         try:
             async for kind, value in self._events(seq):
                 if kind == "token":
-                    yield sse({**base, "choices": [{"index": 0, "delta": {
-                        "content": " " + model.detokenize(value)}, "finish_reason": None}]})
+                    yield sse(
+                        {
+                            **base,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "delta": {"content": " " + model.detokenize(value)},
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
                 else:
-                    final: dict[str, Any] = {**base, "choices": [
-                        {"index": 0, "delta": {}, "finish_reason": value}]}
+                    final: dict[str, Any] = {
+                        **base,
+                        "choices": [{"index": 0, "delta": {}, "finish_reason": value}],
+                    }
                     kv = self._kv_params(seq)
                     if kv is not None:
                         final["kv_transfer_params"] = kv
@@ -272,8 +365,11 @@ class SimServer:
         if all(isinstance(p, int) for p in prompt):
             return [int(p) for p in prompt]
         if len(prompt) != 1:
-            raise OpenAIError(400, "the sim engine takes one prompt per request; send "
-                                   f"{len(prompt)} requests", param="prompt")
+            raise OpenAIError(
+                400,
+                f"the sim engine takes one prompt per request; send {len(prompt)} requests",
+                param="prompt",
+            )
         return model.tokenize(str(prompt[0]))
 
     # ------------------------------------------------------------------ apps
@@ -286,10 +382,19 @@ class SimServer:
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
-            return {"object": "list", "data": [{
-                "id": self.config.served_model_name, "object": "model", "created": now(),
-                "owned_by": "ascend-serve", "root": self.config.model_path,
-                "max_model_len": self.settings.max_model_len}]}
+            return {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.config.served_model_name,
+                        "object": "model",
+                        "created": now(),
+                        "owned_by": "ascend-serve",
+                        "root": self.config.model_path,
+                        "max_model_len": self.settings.max_model_len,
+                    }
+                ],
+            }
 
         @app.get("/health")
         async def health() -> Response:
@@ -300,10 +405,10 @@ class SimServer:
 
         @app.get("/metrics")
         async def metrics() -> Response:
-            self.metrics.refresh(len(self.engine.running), len(self.engine.waiting),
-                                 self.engine.kv_usage)
-            return Response(generate_latest(self.metrics.registry),
-                            media_type=CONTENT_TYPE_LATEST)
+            self.metrics.refresh(
+                len(self.engine.running), len(self.engine.waiting), self.engine.kv_usage
+            )
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
         return app
 
@@ -320,8 +425,11 @@ class SimServer:
             except ValueError as exc:
                 raise OpenAIError(400, "block_ids must be comma-separated integers") from exc
             payload = exporter.export(request_id, engine_id, ids)
-            return Response(payload, media_type="application/octet-stream",
-                            headers={"x-kv-checksum": pd.checksum(payload)})
+            return Response(
+                payload,
+                media_type="application/octet-stream",
+                headers={"x-kv-checksum": pd.checksum(payload)},
+            )
 
         @app.post("/kv/{request_id}/free")
         async def free(request_id: str, engine_id: str) -> dict[str, str]:

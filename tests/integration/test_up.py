@@ -1,0 +1,173 @@
+"""`ascend-serve up` with real processes on loopback: unified and PD deployments answer,
+agree with each other, survive a killed decode instance, and reject bad input cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from procs import up
+
+PROMPTS = ["the quick brown fox", "Ascend NPU serving at scale", "one two three four five six"]
+
+
+def complete(url: str, prompt: str, **kw) -> dict:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, **kw}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream_text(url: str, prompt: str, path: str = "/v1/completions", **kw) -> str:
+    text, errors = stream(url, prompt, path, **kw)
+    assert not errors, errors
+    return text
+
+
+def stream(url: str, prompt: str, path: str = "/v1/completions", **kw) -> tuple[str, list]:
+    """Streamed text and any error events."""
+    body = {"model": "tiny", "max_tokens": 12, "temperature": 0, "stream": True, **kw}
+    if path.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    text, errors = [], []
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                if "error" in event:
+                    errors.append(event["error"])
+                    continue
+                choice = event["choices"]
+                if choice:
+                    text.append(
+                        choice[0].get("text") or choice[0].get("delta", {}).get("content") or ""
+                    )
+    return "".join(text), errors
+
+
+@pytest.fixture(scope="module")
+def unified(tmp_path_factory):
+    with up("tiny-sim.yaml", tmp_path_factory.mktemp("unified")) as (url, _proc, _out):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def unified_outputs(unified):
+    return {p: complete(unified, p)["choices"][0]["text"] for p in PROMPTS}
+
+
+def test_unified_answers(unified, unified_outputs):
+    for prompt, text in unified_outputs.items():
+        assert len(text.split()) == 12
+        assert stream_text(unified, prompt) == text
+
+
+def test_pd_matches_unified_plain_and_streaming(tmp_path, unified_outputs, unified):
+    with up("tiny-sim-pd.yaml", tmp_path) as (url, _proc, _out):
+        for prompt, expected in unified_outputs.items():
+            body = complete(url, prompt)
+            assert body["choices"][0]["text"] == expected
+            assert body["usage"]["completion_tokens"] == 12
+            assert "kv_transfer_params" not in body
+            assert stream_text(url, prompt) == expected
+        chat = stream_text(url, "hello", "/v1/chat/completions")
+        assert chat == stream_text(unified, "hello", "/v1/chat/completions")
+        instances = httpx.get(f"{url}/instances").json()
+        assert all(b["served"] > 0 for b in instances["prefill"])
+        assert all(b["served"] > 0 for b in instances["decode"])
+
+
+def test_killed_decode_instance(tmp_path):
+    import yaml
+
+    from helpers import load_example
+
+    spec = load_example("tiny-sim-pd.yaml")
+    spec["spec"]["runtime"]["sim"] = {"fixedItlMs": 5}  # 400 tokens take 2 s
+    path = tmp_path / "slow-pd.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with up(path, tmp_path) as (url, _proc, out):
+        results: list[tuple[str, list]] = []
+
+        def long_stream() -> None:
+            results.append(stream(url, "long request", max_tokens=400))
+
+        threads = [threading.Thread(target=long_stream) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        os.kill(subprocess_pids(tmp_path)["decode-0-0"], signal.SIGKILL)
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "a request hung"
+        failed = [errors for _, errors in results if errors]
+        finished = [text for text, errors in results if not errors]
+        # requests on the killed instance end with a clear error; the others complete
+        assert failed and finished, results
+        for errors in failed:
+            assert "failed mid-stream" in errors[0]["message"]
+            assert "response is incomplete" in errors[0]["message"]
+        assert all(len(text.split()) == 400 for text in finished)
+        for _ in range(6):  # new requests go to the surviving decode instance
+            assert complete(url, "after the failure")["choices"][0]["text"]
+        victim = tmp_path / "decode-0-0.log"
+        deadline = time.time() + 10
+        while "decode-0-0 exited" not in out.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        assert f"decode-0-0 exited with code -9; log: {victim}" in out.read_text()
+
+
+def subprocess_pids(run_dir) -> dict[str, int]:
+    """Process ids of the engines of an `up` run, from /proc (Linux)."""
+    pids = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except OSError:
+            continue
+        text = b" ".join(argv).decode(errors="replace")
+        if str(run_dir) in text and " sim " in f" {text} ":
+            role = os.path.basename(argv[argv.index(b"--config") + 1].decode())[:-5]
+            inst = argv[argv.index(b"--instance") + 1].decode()
+            worker = argv[argv.index(b"--worker-index") + 1].decode()
+            pids[f"{role}-{inst}-{worker}"] = int(entry)
+    return pids
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{oops", 400, "not valid JSON"),
+        (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "does not exist"),
+        (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 0}).encode(), 400, "at least 1"),
+        (
+            json.dumps({"model": "tiny", "prompt": "x " * 4100}).encode(),
+            400,
+            "maximum context length",
+        ),
+        (b"x" * (5 * 1024 * 1024), 413, "exceeds the router's limit"),
+    ],
+)
+def test_bad_input_through_router(unified, body, status, fragment):
+    r = httpx.post(
+        f"{unified}/v1/completions",
+        content=body,
+        headers={"content-type": "application/json", "x-request-id": "req-123"},
+        timeout=30,
+    )
+    assert r.status_code == status
+    assert fragment in r.json()["error"]["message"]
+    assert r.headers["x-request-id"] == "req-123"
+    assert complete(unified, "still serving")["choices"][0]["text"]
