@@ -4,10 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 EXAMPLE ?= examples/qwen3-235b-pd.yaml
+PORT   ?= 8000
 
-.PHONY: help venv test lint format crd golden plan render clean
+.PHONY: help venv demo up test lint format crd golden plan render bench clean
 
 help:
+	@echo "make demo     install, run examples/tiny-sim.yaml with ascend-serve up, answer a request"
+	@echo "make up       run EXAMPLE=... (default examples/tiny-sim.yaml) on localhost:8000"
 	@echo "make test     install (venv, pinned deps, helm/kubectl) then lint + all tests"
 	@echo "make plan     show the plan of EXAMPLE (default $(EXAMPLE))"
 	@echo "make render   render EXAMPLE's Kubernetes objects"
@@ -21,6 +24,15 @@ $(STAMP): pyproject.toml scripts/install-tools.sh
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+demo: $(STAMP)
+	bash scripts/demo.sh $(VENV) examples/tiny-sim.yaml $(PORT)
+
+up: $(STAMP)
+	$(BIN)/ascend-serve up -f $(or $(UP_EXAMPLE),examples/tiny-sim.yaml) --port $(PORT)
+
+bench: $(STAMP)
+	$(BIN)/python bench/router.py
 
 test: $(STAMP)
 	$(BIN)/ruff check .

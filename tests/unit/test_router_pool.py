@@ -159,3 +159,53 @@ def test_kubernetes_source_outside_cluster_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(RuntimeError, match="not in a cluster"):
         KubernetesApi.from_environment()
+
+
+def test_health_checker_ejects_and_readmits():
+    """A failing instance leaves the rotation and comes back once /health passes again."""
+    import aiohttp
+    from aiohttp import web
+
+    from ascend_runtime.router import pool as pool_module
+    from ascend_runtime.router.pool import HealthChecker
+
+    state = {"healthy": True}
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(status=200 if state["healthy"] else 503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text='vllm:kv_cache_usage_perc{engine="e"} 0.42\n')
+
+    async def scenario() -> list[bool]:
+        app = web.Application()
+        app.router.add_get("/health", health)
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        pool = Pool()
+        backend = pool.add("unified", f"http://127.0.0.1:{port}")
+        seen = []
+        async with aiohttp.ClientSession() as session:
+            checker = HealthChecker(pool, session)
+            await checker.check(backend)
+            seen.append(backend.available)
+            assert backend.kv_usage == 0.42
+            state["healthy"] = False
+            await checker.check(backend)
+            seen.append(backend.available)
+            state["healthy"] = True
+            pool.eject(backend, "stream broke")  # ejected: stays out for EJECT_SECONDS
+            await checker.check(backend)
+            seen.append(backend.available)
+            backend.ejected_until = 0  # the ejection period is over
+            await checker.check(backend)
+            seen.append(backend.available)
+        await runner.cleanup()
+        return seen
+
+    assert pool_module.EJECT_SECONDS > 0
+    assert asyncio.run(scenario()) == [True, False, False, True]

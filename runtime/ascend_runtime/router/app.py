@@ -4,7 +4,6 @@ prefill instance and then a decode instance (PD disaggregation, Mooncake's proxy
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -14,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
@@ -86,9 +85,17 @@ class RouterMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._requests: dict[tuple[str, str], Any] = {}
         self.healthy = Gauge(
             "ascend_serve_router_healthy_instances", "Instances in rotation.", ["role"], registry=r
         )
+
+    def request_done(self, route: str, code: int) -> None:
+        key = (route, str(code))
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(*key)
+        child.inc()
 
 
 class Router:
@@ -100,11 +107,11 @@ class Router:
         self.config = config
         self.pool = pool or Pool(policy=config.policy)
         self.metrics = RouterMetrics()
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.request_timeout_seconds, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024),
-        )
-        self.health = HealthChecker(self.pool, self.client, health_interval)
+        # aiohttp, not httpx, for the hot path: measured on a 2-core machine, httpx's pool
+        # served 164 req/s at 64 concurrent requests where aiohttp served 3270.
+        self.session: aiohttp.ClientSession | None = None
+        self.health_interval = health_interval
+        self.health: HealthChecker | None = None
         self.membership = Membership(config.backends, self.pool)
         self.slots = asyncio.Semaphore(config.max_concurrent_requests)
         self.api_keys = self._load_keys()
@@ -120,14 +127,30 @@ class Router:
         return keys
 
     async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=5.0, sock_read=self.config.request_timeout_seconds
+            ),
+            json_serialize=_dumps,
+        )
+        self.health = HealthChecker(self.pool, self.session, self.health_interval)
         await self.membership.start()
         await self.health.check_all()
         self.health.start()
 
     async def stop(self) -> None:
-        await self.health.stop()
+        if self.health:
+            await self.health.stop()
         await self.membership.stop()
-        await self.client.aclose()
+        if self.session:
+            await self.session.close()
+
+    @property
+    def _session(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            raise RuntimeError("Router.start() has not run")
+        return self.session
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -148,7 +171,7 @@ class Router:
                 code="invalid_api_key",
             )
 
-    async def _read(self, request: Request) -> dict[str, Any]:
+    async def _read(self, request: Request) -> tuple[dict[str, Any], bytes]:
         limit = self.config.max_request_bytes
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
@@ -178,7 +201,7 @@ class Router:
                 param="model",
                 code="model_not_found",
             )
-        return body
+        return body, raw
 
     def _headers(self, request_id: str) -> dict[str, str]:
         return {"x-request-id": request_id, "content-type": "application/json"}
@@ -188,7 +211,7 @@ class Router:
         (streamed or not) is complete."""
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         if self.slots.locked():
-            self.metrics.requests.labels(route, "429").inc()
+            self.metrics.request_done(route, 429)
             return OpenAIError(
                 429,
                 f"the router has {self.config.max_concurrent_requests} "
@@ -202,12 +225,12 @@ class Router:
         def release() -> None:
             self.slots.release()
             self.metrics.inflight.dec()
-            self.metrics.requests.labels(route, str(code)).inc()
+            self.metrics.request_done(route, code)
 
         try:
             self._authorize(request)
-            body = await self._read(request)
-            response = await self._route(request, route, body, request_id)
+            body, raw = await self._read(request)
+            response = await self._route(route, body, raw, request_id)
             code = response.status_code
             response.headers["x-request-id"] = request_id
             if isinstance(response, StreamingResponse):
@@ -222,15 +245,16 @@ class Router:
                 release()
 
     async def _route(
-        self, request: Request, route: str, body: dict[str, Any], request_id: str
+        self, route: str, body: dict[str, Any], raw: bytes, request_id: str
     ) -> Response:
         if self.config.mode == "pd":
-            body = dict(body)
-            body["kv_transfer_params"] = await self._prefill(route, body, request_id)
-            role = "decode"
-        else:
-            role = "unified"
-        return await self._forward(request, role, route, body, request_id)
+            decode_body = {
+                **body,
+                "kv_transfer_params": await self._prefill(route, body, request_id),
+            }
+            return await self._forward("decode", route, decode_body, None, request_id)
+        # Unified: the client's bytes go upstream untouched (no re-serialisation).
+        return await self._forward("unified", route, body, raw, request_id)
 
     async def _prefill(
         self,
@@ -264,19 +288,22 @@ class Router:
             if attempt:
                 self.metrics.retries.labels("prefill").inc()
             try:
-                response = await self._send(backend, route, copy, request_id)
-            except httpx.HTTPError as exc:
+                status, content = await self._send(backend, route, copy, request_id)
+            except UPSTREAM_ERRORS as exc:
                 last_error = f"prefill instance {backend.url} failed: {exc!r}"
                 self.metrics.errors.labels("connect", "prefill").inc()
                 self.pool.eject(backend, repr(exc))
                 continue
-            if response.status_code >= 500:
-                last_error = f"prefill instance {backend.url} answered {response.status_code}"
+            if status >= 500:
+                last_error = f"prefill instance {backend.url} answered {status}"
                 self.metrics.errors.labels("status", "prefill").inc()
                 continue
-            if response.status_code != 200:
-                raise _upstream_error(response)
-            params = response.json().get("kv_transfer_params")
+            if status != 200:
+                raise _upstream_error(status, content)
+            try:
+                params = json.loads(content).get("kv_transfer_params")
+            except (ValueError, AttributeError):
+                params = None
             if not params:
                 raise OpenAIError(
                     502,
@@ -293,14 +320,15 @@ class Router:
 
     async def _send(
         self, backend: Backend, route: str, body: dict[str, Any], request_id: str
-    ) -> httpx.Response:
+    ) -> tuple[int, bytes]:
         backend.outstanding += 1
         backend.served += 1
         start = time.perf_counter()
         try:
-            return await self.client.post(
+            async with self._session.post(
                 f"{backend.url}{route}", json=body, headers={"x-request-id": request_id}
-            )
+            ) as response:
+                return response.status, await response.read()
         finally:
             backend.outstanding -= 1
             self.metrics.upstream.labels(backend.role, backend.url).observe(
@@ -308,7 +336,7 @@ class Router:
             )
 
     async def _forward(
-        self, request: Request, role: str, route: str, body: dict[str, Any], request_id: str
+        self, role: str, route: str, body: dict[str, Any], raw: bytes | None, request_id: str
     ) -> Response:
         """Send to one instance of `role` (another on a connection failure); stream back."""
         tried: set[str] = set()
@@ -320,14 +348,15 @@ class Router:
             tried.add(backend.url)
             if attempt:
                 self.metrics.retries.labels(role).inc()
-            upstream_request = self.client.build_request(
-                "POST", f"{backend.url}{route}", json=body, headers={"x-request-id": request_id}
-            )
             backend.outstanding += 1
             start = time.perf_counter()
             try:
-                upstream = await self.client.send(upstream_request, stream=True)
-            except httpx.HTTPError as exc:
+                upstream = await self._session.post(
+                    f"{backend.url}{route}",
+                    data=raw if raw is not None else _dumps(body),
+                    headers={"x-request-id": request_id, "content-type": "application/json"},
+                )
+            except UPSTREAM_ERRORS as exc:
                 backend.outstanding -= 1
                 self.metrics.errors.labels("connect", role).inc()
                 self.pool.eject(backend, repr(exc))
@@ -335,10 +364,10 @@ class Router:
                 continue
             self.metrics.upstream.labels(role, backend.url).observe(time.perf_counter() - start)
             backend.served += 1
-            if upstream.status_code != 200 or not body.get("stream"):
+            if upstream.status != 200 or not body.get("stream"):
                 try:
-                    content = await upstream.aread()
-                except httpx.HTTPError as exc:
+                    content = await upstream.read()
+                except UPSTREAM_ERRORS as exc:
                     self.metrics.errors.labels("read", role).inc()
                     self.pool.eject(backend, repr(exc))
                     raise OpenAIError(
@@ -348,10 +377,10 @@ class Router:
                     ) from exc
                 finally:
                     backend.outstanding -= 1
-                    await upstream.aclose()
+                    upstream.release()
                 return Response(
                     content,
-                    status_code=upstream.status_code,
+                    status_code=upstream.status,
                     media_type=upstream.headers.get("content-type"),
                 )
             return StreamingResponse(
@@ -361,7 +390,7 @@ class Router:
 
     async def _relay(
         self,
-        upstream: httpx.Response,
+        upstream: aiohttp.ClientResponse,
         backend: Backend,
         role: str,
     ) -> AsyncIterator[bytes]:
@@ -369,12 +398,12 @@ class Router:
         which aborts the request in the engine."""
         start, first = time.perf_counter(), True
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.content.iter_any():
                 if first:
                     self.metrics.ttft.observe(time.perf_counter() - start)
                     first = False
                 yield chunk
-        except httpx.HTTPError as exc:
+        except UPSTREAM_ERRORS as exc:
             self.metrics.errors.labels("stream", role).inc()
             self.pool.eject(backend, repr(exc))
             yield sse(
@@ -388,21 +417,24 @@ class Router:
             yield SSE_DONE
         finally:
             backend.outstanding -= 1
-            with contextlib.suppress(Exception):
-                await upstream.aclose()
+            # Closing (not releasing) drops the connection, so the engine aborts the request
+            # when the client went away early.
+            upstream.close()
 
     # ------------------------------------------------------------------ app
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="ascend-serve router", docs_url=None, redoc_url=None)
 
-        @app.post("/v1/completions")
         async def completions(request: Request) -> Response:
             return await self.handle(request, "/v1/completions")
 
-        @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
             return await self.handle(request, "/v1/chat/completions")
+
+        # Plain Starlette routes for the hot path: no FastAPI parameter machinery per request.
+        app.add_route("/v1/completions", completions, methods=["POST"])
+        app.add_route("/v1/chat/completions", chat, methods=["POST"])
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
@@ -456,7 +488,10 @@ class Router:
         @app.post("/instances/add")
         async def add(request: Request) -> dict[str, str]:
             role, url = await self._membership_body(request)
-            await self.health.check(self.pool.add(role, url))
+            if self.health:
+                await self.health.check(self.pool.add(role, url))
+            else:
+                self.pool.add(role, url)
             return {"status": "added", "role": role, "url": url}
 
         @app.post("/instances/remove")
@@ -494,17 +529,23 @@ async def _until_done(body: Any, done: Any) -> AsyncIterator[bytes]:
         done()
 
 
-def _upstream_error(response: httpx.Response) -> OpenAIError:
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _upstream_error(status: int, content: bytes) -> OpenAIError:
     try:
-        error = response.json()["error"]
+        error = json.loads(content)["error"]
         return OpenAIError(
-            response.status_code,
+            status,
             str(error.get("message")),
             type_=str(error.get("type") or "invalid_request_error"),
             param=error.get("param"),
             code=error.get("code"),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
-        return OpenAIError(
-            response.status_code, response.text[:500] or "upstream error", type_="upstream_error"
-        )
+        text = content[:500].decode(errors="replace")
+        return OpenAIError(status, text or "upstream error", type_="upstream_error")

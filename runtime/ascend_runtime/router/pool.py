@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 log = logging.getLogger("ascend_runtime.router")
 
@@ -110,8 +110,8 @@ def parse_metric(text: str, name: str) -> float | None:
 class HealthChecker:
     """Probes every instance's /health; scrapes /metrics for KV usage and queue length."""
 
-    def __init__(self, pool: Pool, client: httpx.AsyncClient, interval: float = 2.0):
-        self.pool, self.client, self.interval = pool, client, interval
+    def __init__(self, pool: Pool, session: aiohttp.ClientSession, interval: float = 2.0):
+        self.pool, self.session, self.interval = pool, session, interval
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -124,17 +124,19 @@ class HealthChecker:
                 await self._task
 
     async def check(self, backend: Backend) -> None:
+        timeout = aiohttp.ClientTimeout(total=2.0)
         try:
-            response = await self.client.get(f"{backend.url}/health", timeout=2.0)
-            ok = response.status_code == 200
-        except httpx.HTTPError as exc:
+            async with self.session.get(f"{backend.url}/health", timeout=timeout) as response:
+                ok = response.status == 200
+        except (TimeoutError, aiohttp.ClientError) as exc:
             ok, backend.last_error = False, repr(exc)
         if ok and time.monotonic() >= backend.ejected_until:
             if not backend.healthy:
                 log.info("re-admitting %s instance %s", backend.role, backend.url)
             backend.healthy, backend.last_error = True, None
-            with contextlib.suppress(httpx.HTTPError):
-                metrics = (await self.client.get(f"{backend.url}/metrics", timeout=2.0)).text
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with self.session.get(f"{backend.url}/metrics", timeout=timeout) as r:
+                    metrics = await r.text()
                 backend.kv_usage = parse_metric(metrics, "vllm:kv_cache_usage_perc") or 0.0
                 backend.waiting = parse_metric(metrics, "vllm:num_requests_waiting") or 0.0
         elif not ok:

@@ -1,0 +1,216 @@
+"""Router overhead: requests/s and latency through the router vs straight to the engines.
+
+Starts sim engines with zero latency and a router in front of them (real processes on
+loopback), then, in one run and side by side, drives the same closed-loop load at each
+concurrency level (1, 64, 256 by default) once directly (round robin over the engines) and
+once through the router. Prints the throughput ratio and the added p50/p99 latency, and
+writes JSON under bench/results/.
+
+    python bench/router.py [--seconds 10] [--engines 2] [--concurrency 1 64 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "runtime"), str(ROOT / "tests")]
+
+from ascend_operator.planner import plan_manifest  # noqa: E402
+from procs import cli, free_port, wait_healthy  # noqa: E402
+
+SPEC = {
+    "apiVersion": "ascendserve.dev/v1alpha1",
+    "kind": "ModelDeployment",
+    "metadata": {"name": "bench"},
+    "spec": {
+        "model": {
+            "name": "bench",
+            "source": {"hostPath": {"path": "/m"}},
+            "maxModelLen": 4096,
+            "architecture": {"preset": "tiny"},
+        },
+        "runtime": {
+            "engine": "sim",
+            "maxNumSeqs": 512,
+            "maxNumBatchedTokens": 8192,
+            "sim": {"fixedTtftMs": 0, "fixedItlMs": 0},
+        },
+        "roles": [{"name": "unified"}],
+    },
+}
+BODY = {
+    "model": "bench",
+    "prompt": "measure the router overhead please",
+    "max_tokens": 8,
+    "temperature": 0,
+}
+
+
+async def load(urls: list[str], concurrency: int, seconds: float) -> dict[str, float]:
+    """Closed loop: `concurrency` workers each send the next request when one returns."""
+    latencies: list[float] = []
+    errors = 0
+    targets = itertools.cycle(urls)
+    deadline = time.perf_counter() + seconds
+    # aiohttp as the load generator: httpx's pool cannot drive more than ~200 req/s at
+    # 64 concurrent requests here, which would measure the client, not the router.
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                async with client.post(f"{next(targets)}/v1/completions", json=BODY) as r:
+                    await r.read()
+                    ok = r.status == 200
+                if ok:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--engines", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let client, engines and router share every core (default: the router gets its "
+        "own cores, as it has its own pod in a cluster, and the client and engines keep the "
+        "same cores in both runs)",
+    )
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "router.json"))
+    args = parser.parse_args()
+
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = not args.no_pin and len(cpus) >= 2
+    router_cpus = set(cpus[len(cpus) // 2 :]) if pin else set(cpus)
+    other_cpus = set(cpus[: len(cpus) // 2]) if pin else set(cpus)
+    if pin:
+        os.sched_setaffinity(0, other_cpus)  # the load generator
+    plan = plan_manifest(SPEC)
+    work = Path(tempfile.mkdtemp(prefix="bench-router-"))
+    config = work / "unified.json"
+    config.write_text(plan.role("unified").runtime_config.model_dump_json())
+    ports = [free_port() for _ in range(args.engines)]
+    engines = [f"http://127.0.0.1:{p}" for p in ports]
+    router_port = free_port()
+    router_cfg = plan.router.config.model_copy(
+        update={
+            "backends": plan.router.config.backends.model_copy(
+                update={"source": "static", "static": {"unified": engines}}
+            ),
+            "max_concurrent_requests": 100000,
+        }
+    )
+    (work / "router.json").write_text(router_cfg.model_dump_json())
+    procs = [
+        subprocess.Popen(
+            cli("sim", "--config", str(config), "--host", "127.0.0.1", "--port", str(p)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for p in ports
+    ]
+    procs.append(
+        subprocess.Popen(
+            cli(
+                "router",
+                "--config",
+                str(work / "router.json"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(router_port),
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+    for proc in procs[:-1]:
+        os.sched_setaffinity(proc.pid, other_cpus)
+    os.sched_setaffinity(procs[-1].pid, router_cpus)
+    router = f"http://127.0.0.1:{router_port}"
+    try:
+        for url in [*engines, router]:
+            wait_healthy(url)
+        rows = []
+        for concurrency in args.concurrency:
+            asyncio.run(load(engines, concurrency, 1.0))  # warm up connections
+            direct = asyncio.run(load(engines, concurrency, args.seconds))
+            routed = asyncio.run(load([router], concurrency, args.seconds))
+            row = {
+                "concurrency": concurrency,
+                "direct": direct,
+                "router": routed,
+                "throughput_ratio": routed["rps"] / direct["rps"],
+                "added_p50_ms": routed["p50_ms"] - direct["p50_ms"],
+                "added_p99_ms": routed["p99_ms"] - direct["p99_ms"],
+            }
+            rows.append(row)
+            print(
+                f"c={concurrency:<4} direct {direct['rps']:8.1f} req/s p50 "
+                f"{direct['p50_ms']:7.2f} ms | router {routed['rps']:8.1f} req/s p50 "
+                f"{routed['p50_ms']:7.2f} ms | ratio {row['throughput_ratio']:.3f} "
+                f"added p50 {row['added_p50_ms']:+.2f} ms p99 {row['added_p99_ms']:+.2f} ms",
+                flush=True,
+            )
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+    result = {
+        "benchmark": "router",
+        "device": f"CPU only: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores (client, router and engines share them)",
+        "python": platform.python_version(),
+        "engines": args.engines,
+        "cpu_pinning": (
+            f"router on CPUs {sorted(router_cpus)}, client and engines on {sorted(other_cpus)}"
+        )
+        if pin
+        else "none (all processes share CPUs)",
+        "seconds_per_point": args.seconds,
+        "request": BODY,
+        "goal": "router throughput >= 0.9 x direct; added p50 < 2 ms at concurrency 64",
+        "results": rows,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
