@@ -174,32 +174,34 @@ class LocalDeployment:
         return [*self.engines, self.router]
 
     def start(self, ready_timeout: float = 60.0) -> None:
-        for proc in self.processes:
-            log = proc.log.open("wb")
-            proc.popen = subprocess.Popen(
-                proc.argv,
-                env={**os.environ, **proc.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            log.close()
+        """Engines first, then the router once every leader answers /health (so it starts
+        with every instance in rotation)."""
         deadline = time.monotonic() + ready_timeout
-        pending = [p for p in self.processes if p.url]
-        while pending:
-            dead = [p for p in self.check() if p.url]
-            if dead:
-                proc = dead[0]
-                raise RuntimeError(
-                    f"{proc.name} exited before it became healthy; last lines "
-                    f"of {proc.log}:\n{_tail(proc.log)}"
-                )
-            pending = [p for p in pending if not _healthy(p.url or "")]
-            if pending and time.monotonic() > deadline:
-                names = ", ".join(f"{p.name} (log {p.log})" for p in pending)
-                raise RuntimeError(f"not healthy after {ready_timeout:g} s: {names}")
-            time.sleep(0.2)
+        for group in (self.engines, [self.router]):
+            for proc in group:
+                with proc.log.open("wb") as log:
+                    proc.popen = subprocess.Popen(
+                        proc.argv,
+                        env={**os.environ, **proc.env},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+            pending = [p for p in group if p.url]
+            while pending:
+                dead = [p for p in self.check() if p.url]
+                if dead:
+                    proc = dead[0]
+                    raise RuntimeError(
+                        f"{proc.name} exited before it became healthy; last "
+                        f"lines of {proc.log}:\n{_tail(proc.log)}"
+                    )
+                pending = [p for p in pending if not _healthy(p.url or "")]
+                if pending and time.monotonic() > deadline:
+                    names = ", ".join(f"{p.name} (log {p.log})" for p in pending)
+                    raise RuntimeError(f"not healthy after {ready_timeout:g} s: {names}")
+                time.sleep(0.1)
 
     def check(self) -> list[LocalProcess]:
         """Report processes that died (once each); returns them."""
