@@ -181,6 +181,24 @@ def cmd_router(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return run_router(args.config, args.host, args.port, args.health_interval)
 
 
+def cmd_operator(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .controller.run import run_operator
+
+    if not args.all_namespaces and not args.namespace:
+        raise UsageError("say which namespaces to watch: --all-namespaces or --namespace NS")
+    return run_operator(
+        namespaces=args.namespace or [],
+        all_namespaces=args.all_namespaces,
+        standalone=args.standalone,
+        peering=args.peering,
+        liveness=args.liveness,
+        metrics_port=args.metrics_port,
+        image_registry=args.image_registry,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ascend-serve",
@@ -237,6 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the processes, start none")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-A",
+        "--all-namespaces",
+        action="store_true",
+        help="watch ModelDeployments in every namespace",
+    )
+    scope.add_argument(
+        "-n", "--namespace", action="append", help="watch this namespace (repeatable)"
+    )
+    peering = p.add_mutually_exclusive_group()
+    peering.add_argument(
+        "--standalone", action="store_true", help="no peering: the only operator replica"
+    )
+    peering.add_argument("--peering", help="KopfPeering name: replicas elect one active")
+    p.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    from .images import DEFAULT_REGISTRY
+
+    p.add_argument(
+        "--image-registry",
+        default=DEFAULT_REGISTRY,
+        help="registry of the default engine/router images",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("launch", help="(in a pod) resolve this pod's rank and exec the engine")
     p.add_argument("--config", required=True, help="RuntimeConfig JSON")

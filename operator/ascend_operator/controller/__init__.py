@@ -1,0 +1,1 @@
+"""The kopf operator: handlers (events), reconcile (one pass), status and rollout (pure)."""

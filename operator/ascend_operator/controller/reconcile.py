@@ -1,0 +1,204 @@
+"""One reconcile pass of a ModelDeployment: plan, render, apply what differs, prune what the
+plan no longer has, and compute the status. An invalid spec touches no child."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..planner import ClusterInfo, PlanError, plan_manifest
+from ..render import labels as lbl
+from ..render import render
+from . import rollout
+from .kube import CHILD_KINDS, KubeClient, KubeError
+from .status import Observed, aggregate, invalid_status, now_iso
+
+log = logging.getLogger("ascend_operator.reconcile")
+
+DESIRED_HASH = "ascendserve.dev/desired-hash"
+LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
+
+
+@dataclass
+class Outcome:
+    """What one pass did."""
+
+    status: dict[str, Any]
+    applied: int = 0
+    deleted: int = 0
+    valid: bool = True
+    error: KubeError | None = None
+    problems: str = ""
+
+
+@dataclass
+class LwsDetector:
+    """Whether the LeaderWorkerSet CRD is installed, re-checked at most once a minute."""
+
+    ttl: float = 60.0
+    _value: bool | None = None
+    _checked: float = field(default=0.0)
+
+    async def available(self, client: KubeClient) -> bool:
+        if self._value is None or time.monotonic() - self._checked > self.ttl:
+            self._value = await client.get("CustomResourceDefinition", None, LWS_CRD) is not None
+            self._checked = time.monotonic()
+        return self._value
+
+
+def desired_hash(obj: dict[str, Any]) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def stamp(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object with the hash of its desired form in an annotation (drift detection)."""
+    out = copy.deepcopy(obj)
+    out["metadata"].setdefault("annotations", {})[DESIRED_HASH] = desired_hash(obj)
+    return out
+
+
+def contains(want: Any, live: Any) -> bool:
+    """Every field we set is present in `live` with our value (servers add defaults)."""
+    if isinstance(want, dict):
+        return isinstance(live, dict) and all(
+            k in live and contains(v, live[k]) for k, v in want.items()
+        )
+    if isinstance(want, list):
+        return (
+            isinstance(live, list)
+            and len(want) == len(live)
+            and all(contains(w, x) for w, x in zip(want, live, strict=True))
+        )
+    return want == live
+
+
+def up_to_date(want: dict[str, Any], live: dict[str, Any] | None) -> bool:
+    if live is None:
+        return False
+    annotations = live.get("metadata", {}).get("annotations") or {}
+    if annotations.get(DESIRED_HASH) != want["metadata"]["annotations"][DESIRED_HASH]:
+        return False
+    body = {k: v for k, v in want.items() if k not in ("metadata", "status")}
+    return contains(body, live) and contains(
+        want["metadata"].get("labels", {}), live["metadata"].get("labels") or {}
+    )
+
+
+async def observe(client: KubeClient, namespace: str, name: str, uid: str | None) -> Observed:
+    """Every child of this ModelDeployment (by our label, and owned by this uid)."""
+    observed = Observed()
+    for kind in CHILD_KINDS:
+        try:
+            items = await client.list(kind, namespace, {lbl.DEPLOYMENT_LABEL: name})
+        except KubeError as exc:
+            if exc.status == 404 and kind == "LeaderWorkerSet":
+                continue  # the CRD is not installed
+            raise
+        for obj in items:
+            owners = obj.get("metadata", {}).get("ownerReferences") or []
+            if uid and not any(o.get("uid") == uid for o in owners):
+                continue  # same label, someone else's object: never ours to touch
+            obj.setdefault("kind", kind)
+            observed.objects[(kind, obj["metadata"]["name"])] = obj
+    return observed
+
+
+def _manifest(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata", {})
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {
+            k: meta[k]
+            for k in ("name", "namespace", "uid", "generation", "labels", "annotations")
+            if k in meta
+        },
+        "spec": body.get("spec"),
+    }
+
+
+async def reconcile(
+    body: dict[str, Any], client: KubeClient, lws: LwsDetector, image_registry: str
+) -> Outcome:
+    """Bring the children of one ModelDeployment in line with its spec."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta.get("namespace", "default")
+    uid, generation = meta.get("uid"), meta.get("generation")
+    previous = body.get("status") or {}
+    cluster = ClusterInfo(lws_available=await lws.available(client), image_registry=image_registry)
+    try:
+        plan = plan_manifest(_manifest(body), cluster)
+    except PlanError as exc:
+        return Outcome(
+            invalid_status(exc.problems, generation, previous), valid=False, problems=str(exc)
+        )
+    desired = [stamp(o) for o in render(plan)]
+    observed = await observe(client, namespace, name, uid)
+    held = rollout.held_roles(plan, desired, observed)
+    outcome = Outcome(status={})
+    try:
+        for obj in rollout.with_live_templates(desired, observed, held):
+            live = observed.get(obj["kind"], obj["metadata"]["name"])
+            if up_to_date(obj, live):
+                continue
+            result = await client.apply(obj)
+            outcome.applied += 1
+            if result:
+                result.setdefault("kind", obj["kind"])
+                observed.objects[(obj["kind"], obj["metadata"]["name"])] = {
+                    **result,
+                    "status": (live or {}).get("status", result.get("status")),
+                }
+        wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
+        for key in [k for k in observed.objects if k not in wanted]:
+            if await client.delete(key[0], namespace, key[1]):
+                outcome.deleted += 1
+            del observed.objects[key]
+    except KubeError as exc:
+        outcome.error = exc
+    outcome.status = aggregate(
+        plan,
+        desired,
+        observed,
+        generation,
+        previous,
+        apply_error=str(outcome.error) if outcome.error else None,
+        held=held,
+    )
+    return outcome
+
+
+def event(
+    body: dict[str, Any],
+    reason: str,
+    message: str,
+    type_: str = "Warning",
+) -> dict[str, Any]:
+    """A core/v1 Event about the ModelDeployment."""
+    meta = body["metadata"]
+    stamp_ = now_iso()
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta.get("namespace")},
+        "involvedObject": {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "name": meta["name"],
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+        },
+        "reason": reason,
+        "message": message[:1024],
+        "type": type_,
+        "source": {"component": "ascend-serve-operator"},
+        "firstTimestamp": stamp_,
+        "lastTimestamp": stamp_,
+        "count": 1,
+    }
