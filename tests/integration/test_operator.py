@@ -11,6 +11,7 @@ import json
 import time
 
 import pytest
+from operator_harness import eventually, running_operator
 
 from ascend_operator.api import ModelDeployment
 from ascend_operator.controller.reconcile import contains
@@ -18,7 +19,6 @@ from ascend_operator.planner import ClusterInfo
 from ascend_operator.planner.plan import plan
 from ascend_operator.render import render
 from helpers import load_example
-from operator_harness import eventually, running_operator
 
 NS = "llm"
 

@@ -244,7 +244,6 @@ def _message(response: httpx.Response) -> str:
 
 
 def _temp_file(data: bytes | str) -> str:
-    handle = tempfile.NamedTemporaryFile(delete=False, prefix="ascend-serve-", suffix=".pem")
-    handle.write(data if isinstance(data, bytes) else data.encode())
-    handle.close()
-    return handle.name
+    with tempfile.NamedTemporaryFile(delete=False, prefix="ascend-serve-", suffix=".pem") as fh:
+        fh.write(data if isinstance(data, bytes) else data.encode())
+        return fh.name

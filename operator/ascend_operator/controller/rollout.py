@@ -3,8 +3,9 @@
 PD rollout order: prefill first, then decode. While the prefill role's pods move to a new
 template (or are not all ready), a changed decode template is held back: the decode workload
 is still applied, with its live template (and its ConfigMap with its live runtime.json) and
-the desired replica count, so scaling is never blocked. Old decode instances keep serving while prefill rolls; decode rolls once every
-prefill instance runs the new template and is ready. At most one role is mid-rollout.
+the desired replica count, so scaling is never blocked. Old decode instances keep serving
+while prefill rolls; decode rolls once every prefill instance runs the new template and is
+ready. At most one role is mid-rollout.
 """
 
 from __future__ import annotations
@@ -48,16 +49,18 @@ def with_live_templates(
 ) -> list[dict[str, Any]]:
     """The desired objects, with the held roles' workloads keeping their live templates."""
     out = []
-    for obj in desired:
-        role = obj["metadata"]["labels"].get("ascendserve.dev/role")
-        live = observed.get(obj["kind"], obj["metadata"]["name"])
-        if role in held and live is not None and obj["kind"] in ("LeaderWorkerSet", "StatefulSet"):
-            obj = copy.deepcopy(obj)
+    for want in desired:
+        role = want["metadata"]["labels"].get("ascendserve.dev/role")
+        live = observed.get(want["kind"], want["metadata"]["name"])
+        if role not in held or live is None:
+            out.append(want)
+            continue
+        obj = copy.deepcopy(want)
+        if obj["kind"] in ("LeaderWorkerSet", "StatefulSet"):
             key = "leaderWorkerTemplate" if obj["kind"] == "LeaderWorkerSet" else "template"
             obj["spec"][key] = copy.deepcopy(live["spec"][key])
-        elif role in held and live is not None and obj["kind"] == "ConfigMap":
+        elif obj["kind"] == "ConfigMap":
             # the held pods' runtime.json must not change under them either
-            obj = copy.deepcopy(obj)
             obj["data"] = copy.deepcopy(live.get("data") or {})
         out.append(obj)
     return out

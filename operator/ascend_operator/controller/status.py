@@ -71,7 +71,7 @@ def role_progress(
     return ready, rolling
 
 
-def _condition(
+def _condition(  # noqa: PLR0917 - a condition is exactly these six things
     type_: str,
     ok: bool,
     reason: str,
