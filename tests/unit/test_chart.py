@@ -61,6 +61,8 @@ def test_default_render_is_valid_kubernetes():
 def test_crds_ship_in_chart():
     crd = yaml.safe_load((CHART / "crds" / "modeldeployments.ascendserve.dev.yaml").read_text())
     assert crd["kind"] == "CustomResourceDefinition"
+    for doc in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text()):
+        kubernetes_validate.validate(doc, "1.34", strict=True)
 
 
 def test_namespaced_scope_and_peering():
@@ -76,13 +78,19 @@ def test_namespaced_scope_and_peering():
         o["kind"] == "ClusterRole" and o["metadata"]["name"] == "rel-ascend-serve" for o in objs
     )
     discovery = next(o for o in objs if o["kind"] == "ClusterRole")
-    assert all("namespaces" not in r["resources"] for r in discovery["rules"])
+    assert any("namespaces" in r["resources"] for r in discovery["rules"])  # kopf needs them
+    cluster_scope = next(o for o in template() if o["kind"] == "ClusterRole")
+    assert all("namespaces" not in r["resources"] for r in cluster_scope["rules"])
     args = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"
     ][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--peering=rel-ascend-serve" in args and "--standalone" not in args
     assert any(o["kind"] == "ServiceMonitor" for o in objs)
+    peerings = [o for o in objs if o["kind"] == "KopfPeering"]
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+    cluster_peering = template("replicaCount=3")
+    assert [o["kind"] for o in cluster_peering].count("ClusterKopfPeering") == 1
 
 
 def test_values_schema_rejects_bad_values():
@@ -134,7 +142,7 @@ def test_rbac_covers_every_rendered_kind():
             }
     for api_version, kind in kinds:
         group = api_version.split("/")[0] if "/" in api_version else ""
-        for verb in ("get", "list", "watch", "create", "patch", "delete"):
+        for verb in ("list", "watch", "create", "patch", "delete"):
             assert (group, _PLURALS[kind], verb) in granted, (kind, verb)
     # the router Role grants endpointslices; RBAC requires the operator to hold them too
     assert ("discovery.k8s.io", "endpointslices", "watch") in granted

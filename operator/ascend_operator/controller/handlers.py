@@ -26,7 +26,7 @@ from ..images import DEFAULT_REGISTRY
 from ..render import labels as lbl
 from . import metrics
 from .kube import KubeClient, KubeError
-from .reconcile import LwsDetector, event, reconcile
+from .reconcile import ChildCache, LwsDetector, event, reconcile
 
 log = logging.getLogger("ascend_operator")
 
@@ -41,10 +41,13 @@ class OperatorState:
     image_registry: str = DEFAULT_REGISTRY
     client: KubeClient | None = None
     lws: LwsDetector = field(default_factory=LwsDetector)
+    cache: ChildCache = field(default_factory=ChildCache)
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     pending: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     last_invalid: dict[tuple[str, str], str] = field(default_factory=dict)
     known: set[tuple[str, str]] = field(default_factory=set)
+    bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    """Latest ModelDeployment bodies from the watch (no GET before a debounced pass)."""
     resync: asyncio.Task[None] | None = None
 
     def lock(self, key: tuple[str, str]) -> asyncio.Lock:
@@ -62,7 +65,9 @@ async def run_pass(body: dict[str, Any], state: OperatorState, trigger: str) -> 
     async with state.lock(key):
         started = time.perf_counter()
         try:
-            outcome = await reconcile(body, state.client, state.lws, state.image_registry)
+            outcome = await reconcile(
+                body, state.client, state.lws, state.image_registry, state.cache
+            )
         except KubeError as exc:
             metrics.RECONCILES.labels("error").inc()
             metrics.ERRORS.labels(str(exc.status)).inc()
@@ -145,8 +150,11 @@ async def track(event: kopf.RawEvent, **_: Any) -> None:
     key = (meta.get("namespace", "default"), meta.get("name"))
     if event.get("type") == "DELETED":
         STATE.known.discard(key)
+        STATE.bodies.pop(key, None)
+        STATE.cache.forget(*key)
     elif key[1]:
         STATE.known.add(key)
+        STATE.bodies[key] = dict(event.get("object") or {})
 
 
 async def _resync_loop(state: OperatorState) -> None:
@@ -165,7 +173,9 @@ async def _debounced(namespace: str, name: str, state: OperatorState) -> None:
     assert state.client is not None
     for attempt in range(5):
         try:
-            body = await state.client.get("ModelDeployment", namespace, name)
+            body = state.bodies.get((namespace, name))
+            if attempt or body is None:  # after a failure, read the object afresh
+                body = await state.client.get("ModelDeployment", namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             await run_pass(body, state, "child changed")
@@ -187,7 +197,7 @@ def poke(namespace: str, name: str, state: OperatorState = STATE) -> None:
         state.pending[key] = asyncio.create_task(_debounced(namespace, name, state))
 
 
-def _child_handler(group: str, version: str, plural: str) -> None:
+def _child_handler(group: str, version: str, plural: str, kind: str) -> None:
     resource = f"{plural}.{version}.{group}" if group else f"{plural}.{version}"
 
     @kopf.on.event(
@@ -195,25 +205,23 @@ def _child_handler(group: str, version: str, plural: str) -> None:
         labels={lbl.DEPLOYMENT_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": lbl.MANAGED_BY},
     )
     async def on_child_event(event: kopf.RawEvent, **_: Any) -> None:
-        obj = event.get("object") or {}
-        meta = obj.get("metadata") or {}
-        parent = (meta.get("labels") or {}).get(lbl.DEPLOYMENT_LABEL)
-        if parent and meta.get("namespace"):
-            poke(meta["namespace"], parent)
+        key = STATE.cache.update(str(event.get("type")), dict(event.get("object") or {}), kind)
+        if key is not None and key in STATE.known:
+            poke(*key)
 
     on_child_event.__name__ = f"on_{plural}_event"
 
 
-for _group_version, _plural in (
-    ("v1", "configmaps"),
-    ("v1", "services"),
-    ("v1", "serviceaccounts"),
-    ("apps/v1", "deployments"),
-    ("apps/v1", "statefulsets"),
-    ("leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
-    ("policy/v1", "poddisruptionbudgets"),
-    ("rbac.authorization.k8s.io/v1", "roles"),
-    ("rbac.authorization.k8s.io/v1", "rolebindings"),
+for _group_version, _plural, _kind in (
+    ("v1", "configmaps", "ConfigMap"),
+    ("v1", "services", "Service"),
+    ("v1", "serviceaccounts", "ServiceAccount"),
+    ("apps/v1", "deployments", "Deployment"),
+    ("apps/v1", "statefulsets", "StatefulSet"),
+    ("leaderworkerset.x-k8s.io/v1", "leaderworkersets", "LeaderWorkerSet"),
+    ("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget"),
+    ("rbac.authorization.k8s.io/v1", "roles", "Role"),
+    ("rbac.authorization.k8s.io/v1", "rolebindings", "RoleBinding"),
 ):
     _group, _, _version = _group_version.rpartition("/")
-    _child_handler(_group, _version, _plural)
+    _child_handler(_group, _version, _plural, _kind)

@@ -92,9 +92,11 @@ class KubeClient:
         verify: ssl.SSLContext | bool = True,
         cert: tuple[str, str] | None = None,
     ):
+        from .. import __version__
+
         self.http = httpx.AsyncClient(
             base_url=base_url,
-            headers=headers or {},
+            headers={"User-Agent": f"ascend-serve-operator/{__version__}", **(headers or {})},
             verify=verify,
             cert=cert,
             timeout=httpx.Timeout(30.0),
@@ -173,13 +175,15 @@ class KubeClient:
             )
         ]
 
-    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    async def apply(self, obj: dict[str, Any], exists: bool = True) -> dict[str, Any]:
         """Server-side apply as field manager `ascend-serve` (forcing ownership of our
-        fields); creates the object where a server does not create on apply."""
+        fields). An object believed new is created in one request; if it exists after all,
+        or a server does not create on apply, the other call follows."""
         meta = obj["metadata"]
         resource = RESOURCES[obj["kind"]]
         path = resource.path(meta.get("namespace"), meta["name"])
-        try:
+
+        async def ssa() -> dict[str, Any]:
             return await self._call(
                 "PATCH",
                 path,
@@ -187,27 +191,23 @@ class KubeClient:
                 content=json.dumps(obj),
                 headers={"Content-Type": "application/apply-patch+yaml"},
             )
-        except KubeError as exc:
-            if exc.status != 404:
-                raise
-        try:
+
+        async def create() -> dict[str, Any]:
             return await self._call(
                 "POST",
                 resource.path(meta.get("namespace")),
                 json=obj,
                 params={"fieldManager": FIELD_MANAGER},
             )
+
+        first, second = (ssa, create) if exists else (create, ssa)
+        try:
+            return await first()
         except KubeError as exc:
-            if exc.status != 409:
+            # 404: it is not there (create it); 409: it is there already (apply onto it)
+            if exc.status not in (404, 409):
                 raise
-            # Created meanwhile (another writer, or a watch lagging): apply onto it.
-            return await self._call(
-                "PATCH",
-                path,
-                params={"fieldManager": FIELD_MANAGER, "force": "true"},
-                content=json.dumps(obj),
-                headers={"Content-Type": "application/apply-patch+yaml"},
-            )
+        return await second()
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         try:

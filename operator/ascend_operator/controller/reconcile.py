@@ -3,6 +3,7 @@ plan no longer has, and compute the status. An invalid spec touches no child."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import json
@@ -43,12 +44,14 @@ class LwsDetector:
     ttl: float = 60.0
     _value: bool | None = None
     _checked: float = field(default=0.0)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def available(self, client: KubeClient) -> bool:
-        if self._value is None or time.monotonic() - self._checked > self.ttl:
-            self._value = await client.get("CustomResourceDefinition", None, LWS_CRD) is not None
-            self._checked = time.monotonic()
-        return self._value
+        async with self._lock:  # one lookup for a burst of reconciles
+            if self._value is None or time.monotonic() - self._checked > self.ttl:
+                found = await client.get("CustomResourceDefinition", None, LWS_CRD)
+                self._value, self._checked = found is not None, time.monotonic()
+            return self._value
 
 
 def desired_hash(obj: dict[str, Any]) -> str:
@@ -123,10 +126,68 @@ def _manifest(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class ChildCache:
+    """Children as the watch streams last reported them, by (namespace, deployment), like
+    an informer's store: a reconcile reads it instead of listing every kind again."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[str, str], dict[tuple[str, str], dict[str, Any]]] = {}
+        self.applied: dict[tuple[str, str, str], str | None] = {}
+
+    def update(self, event_type: str, obj: dict[str, Any], kind: str) -> tuple[str, str] | None:
+        """Record an event; returns the parent's key when something changed (a re-listed,
+        identical object, as after a watch reconnects, changes nothing)."""
+        meta = obj.get("metadata") or {}
+        parent = (meta.get("labels") or {}).get(lbl.DEPLOYMENT_LABEL)
+        if not parent or not meta.get("name"):
+            return None
+        key = (meta.get("namespace", "default"), parent)
+        children = self._store.setdefault(key, {})
+        if event_type == "DELETED":
+            return key if children.pop((kind, meta["name"]), None) is not None else None
+        new = {**obj, "kind": kind}
+        old = children.get((kind, meta["name"]))
+        if old == new:
+            return None
+        applied = self.applied.get((key[0], kind, meta["name"]))
+        annotations = meta.get("annotations") or {}
+        echo = (
+            old is None
+            and applied is not None
+            and annotations.get(DESIRED_HASH) == applied
+            and not obj.get("status")
+        )
+        children[(kind, meta["name"])] = new
+        return None if echo else key  # our own create coming back needs no new pass
+
+    def remember_applied(self, namespace: str, obj: dict[str, Any]) -> None:
+        """The desired-hash just applied, so the watch echo of that write is recognised."""
+        annotations = obj["metadata"].get("annotations") or {}
+        self.applied[(namespace, obj["kind"], obj["metadata"]["name"])] = annotations.get(
+            DESIRED_HASH
+        )
+
+    def observed(self, namespace: str, name: str, uid: str | None) -> Observed:
+        observed = Observed()
+        for key, obj in self._store.get((namespace, name), {}).items():
+            owners = obj.get("metadata", {}).get("ownerReferences") or []
+            if not uid or any(o.get("uid") == uid for o in owners):
+                observed.objects[key] = obj
+        return observed
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._store.pop((namespace, name), None)
+
+
 async def reconcile(
-    body: dict[str, Any], client: KubeClient, lws: LwsDetector, image_registry: str
+    body: dict[str, Any],
+    client: KubeClient,
+    lws: LwsDetector,
+    image_registry: str,
+    cache: ChildCache | None = None,
 ) -> Outcome:
-    """Bring the children of one ModelDeployment in line with its spec."""
+    """Bring the children of one ModelDeployment in line with its spec (children read from
+    the watch cache when one is given, else listed)."""
     meta = body["metadata"]
     name, namespace = meta["name"], meta.get("namespace", "default")
     uid, generation = meta.get("uid"), meta.get("generation")
@@ -139,7 +200,10 @@ async def reconcile(
             invalid_status(exc.problems, generation, previous), valid=False, problems=str(exc)
         )
     desired = [stamp(o) for o in render(plan)]
-    observed = await observe(client, namespace, name, uid)
+    if cache is not None:
+        observed = cache.observed(namespace, name, uid)
+    else:
+        observed = await observe(client, namespace, name, uid)
     held = rollout.held_roles(plan, desired, observed)
     outcome = Outcome(status={})
     try:
@@ -147,7 +211,9 @@ async def reconcile(
             live = observed.get(obj["kind"], obj["metadata"]["name"])
             if up_to_date(obj, live):
                 continue
-            result = await client.apply(obj)
+            if cache is not None:
+                cache.remember_applied(namespace, obj)
+            result = await client.apply(obj, exists=live is not None)
             outcome.applied += 1
             if result:
                 result.setdefault("kind", obj["kind"])
