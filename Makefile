@@ -33,6 +33,7 @@ up: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/router.py
+	$(BIN)/python bench/operator_scale.py
 
 test: $(STAMP)
 	$(BIN)/ruff check .
