@@ -94,19 +94,24 @@ def validation_error(exc: ValidationError) -> OpenAIError:
     return OpenAIError(400, f"{param}: {first['msg']}", param=param)
 
 
-async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -> Any:
-    """Read and validate a JSON body, with a size limit; raises OpenAIError."""
+async def read_json_object(
+    request: Request, max_bytes: int, owner: str = "the"
+) -> tuple[dict[str, Any], bytes]:
+    """The body as a JSON object and as bytes, within a size limit; raises OpenAIError
+    (413 too large, 400 not a JSON object)."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > max_bytes:
         raise OpenAIError(
             413,
-            f"request body of {length} bytes exceeds the limit of {max_bytes} bytes",
+            f"request body of {length} bytes exceeds {owner} limit of {max_bytes} bytes",
             code="request_too_large",
         )
     raw = await request.body()
     if len(raw) > max_bytes:
         raise OpenAIError(
-            413, f"request body exceeds the limit of {max_bytes} bytes", code="request_too_large"
+            413,
+            f"request body exceeds {owner} limit of {max_bytes} bytes",
+            code="request_too_large",
         )
     try:
         data = json.loads(raw)
@@ -114,6 +119,12 @@ async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -
         raise OpenAIError(400, f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise OpenAIError(400, "request body must be a JSON object")
+    return data, raw
+
+
+async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -> Any:
+    """Read and validate a JSON body, with a size limit; raises OpenAIError."""
+    data, _ = await read_json_object(request, max_bytes)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

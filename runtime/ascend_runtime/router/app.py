@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 
 from ..config import RouterConfig
-from ..openai import SSE_DONE, OpenAIError, sse
+from ..openai import SSE_DONE, OpenAIError, read_json_object, sse
 from .membership import Membership
 from .pool import Backend, HealthChecker, Pool
 
@@ -172,27 +172,7 @@ class Router:
             )
 
     async def _read(self, request: Request) -> tuple[dict[str, Any], bytes]:
-        limit = self.config.max_request_bytes
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit:
-            raise OpenAIError(
-                413,
-                f"request body of {length} bytes exceeds the router's limit of {limit} bytes",
-                code="request_too_large",
-            )
-        raw = await request.body()
-        if len(raw) > limit:
-            raise OpenAIError(
-                413,
-                f"request body exceeds the router's limit of {limit} bytes",
-                code="request_too_large",
-            )
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise OpenAIError(400, f"request body is not valid JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise OpenAIError(400, "request body must be a JSON object")
+        body, raw = await read_json_object(request, self.config.max_request_bytes, "the router's")
         if body.get("model") != self.config.served_model_name:
             raise OpenAIError(
                 404,
