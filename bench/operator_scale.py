@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "runtime"), str(ROOT / "tests")]
+
+from _common import cpu_device, write_result  # noqa: E402
 
 from ascend_operator.planner import ClusterInfo, plan_manifest  # noqa: E402
 from ascend_operator.render import render  # noqa: E402
@@ -233,16 +233,11 @@ def main() -> int:
         )
     result = {
         "benchmark": "operator_scale",
-        "device": f"CPU only: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores; API server: KMock 0.8 (in-memory emulator)",
-        "python": platform.python_version(),
+        "device": cpu_device("API server: KMock 0.8 (in-memory emulator)"),
         "goal": "ratio >= 0.5; peak RSS < 200 MB at 200 deployments",
         "results": rows,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.output, result)
     return 0
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +26,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "runtime"), str(ROOT / "tests")]
+
+from _common import cpu_device, write_result  # noqa: E402
 
 from ascend_operator.planner import plan_manifest  # noqa: E402
 from procs import cli, free_port, wait_healthy  # noqa: E402
@@ -191,9 +191,7 @@ def main() -> int:
             p.wait(10)
     result = {
         "benchmark": "router",
-        "device": f"CPU only: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores (client, router and engines share them)",
-        "python": platform.python_version(),
+        "device": cpu_device("client, router and engines share them"),
         "engines": args.engines,
         "cpu_pinning": (
             f"router on CPUs {sorted(router_cpus)}, client and engines on {sorted(other_cpus)}"
@@ -205,10 +203,7 @@ def main() -> int:
         "goal": "router throughput >= 0.9 x direct; added p50 < 2 ms at concurrency 64",
         "results": rows,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.output, result)
     return 0
 
 

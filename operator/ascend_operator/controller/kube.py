@@ -55,18 +55,6 @@ RESOURCES: dict[str, Resource] = {
         ),
     )
 }
-CHILD_KINDS = (
-    "ConfigMap",
-    "ServiceAccount",
-    "Role",
-    "RoleBinding",
-    "Service",
-    "StatefulSet",
-    "LeaderWorkerSet",
-    "Deployment",
-    "PodDisruptionBudget",
-)
-"""Kinds a ModelDeployment owns, in apply order (configuration before workloads)."""
 
 
 class KubeError(Exception):
@@ -153,27 +141,6 @@ class KubeClient:
             if exc.status == 404:
                 return None
             raise
-
-    async def list(
-        self,
-        kind: str,
-        namespace: str | None,
-        labels: dict[str, str],
-    ) -> list[dict[str, Any]]:
-        """Objects of a kind matching labels (filtered here too: selectors are a hint to a
-        lenient server, a contract to us)."""
-        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        body = await self._call(
-            "GET", RESOURCES[kind].path(namespace), params={"labelSelector": selector}
-        )
-        items = body.get("items") or []
-        return [
-            o
-            for o in items
-            if all(
-                (o.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in labels.items()
-            )
-        ]
 
     async def apply(self, obj: dict[str, Any], exists: bool = True) -> dict[str, Any]:
         """Server-side apply as field manager `ascend-serve` (forcing ownership of our

@@ -16,7 +16,7 @@ from ..planner import ClusterInfo, PlanError, plan_manifest
 from ..render import labels as lbl
 from ..render import render
 from . import rollout
-from .kube import CHILD_KINDS, KubeClient, KubeError
+from .kube import KubeClient, KubeError
 from .status import Observed, aggregate, invalid_status, now_iso
 
 log = logging.getLogger("ascend_operator.reconcile")
@@ -93,25 +93,6 @@ def up_to_date(want: dict[str, Any], live: dict[str, Any] | None) -> bool:
     )
 
 
-async def observe(client: KubeClient, namespace: str, name: str, uid: str | None) -> Observed:
-    """Every child of this ModelDeployment (by our label, and owned by this uid)."""
-    observed = Observed()
-    for kind in CHILD_KINDS:
-        try:
-            items = await client.list(kind, namespace, {lbl.DEPLOYMENT_LABEL: name})
-        except KubeError as exc:
-            if exc.status == 404 and kind == "LeaderWorkerSet":
-                continue  # the CRD is not installed
-            raise
-        for obj in items:
-            owners = obj.get("metadata", {}).get("ownerReferences") or []
-            if uid and not any(o.get("uid") == uid for o in owners):
-                continue  # same label, someone else's object: never ours to touch
-            obj.setdefault("kind", kind)
-            observed.objects[(kind, obj["metadata"]["name"])] = obj
-    return observed
-
-
 def _manifest(body: dict[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata", {})
     return {
@@ -184,10 +165,10 @@ async def reconcile(
     client: KubeClient,
     lws: LwsDetector,
     image_registry: str,
-    cache: ChildCache | None = None,
+    cache: ChildCache,
 ) -> Outcome:
-    """Bring the children of one ModelDeployment in line with its spec (children read from
-    the watch cache when one is given, else listed)."""
+    """Bring the children of one ModelDeployment in line with its spec (children as the
+    watch cache has them)."""
     meta = body["metadata"]
     name, namespace = meta["name"], meta.get("namespace", "default")
     uid, generation = meta.get("uid"), meta.get("generation")
@@ -200,10 +181,7 @@ async def reconcile(
             invalid_status(exc.problems, generation, previous), valid=False, problems=str(exc)
         )
     desired = [stamp(o) for o in render(plan)]
-    if cache is not None:
-        observed = cache.observed(namespace, name, uid)
-    else:
-        observed = await observe(client, namespace, name, uid)
+    observed = cache.observed(namespace, name, uid)
     held = rollout.held_roles(plan, desired, observed)
     outcome = Outcome(status={})
     try:
@@ -211,8 +189,7 @@ async def reconcile(
             live = observed.get(obj["kind"], obj["metadata"]["name"])
             if up_to_date(obj, live):
                 continue
-            if cache is not None:
-                cache.remember_applied(namespace, obj)
+            cache.remember_applied(namespace, obj)
             result = await client.apply(obj, exists=live is not None)
             outcome.applied += 1
             if result:

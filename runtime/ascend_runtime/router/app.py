@@ -183,9 +183,6 @@ class Router:
             )
         return body, raw
 
-    def _headers(self, request_id: str) -> dict[str, str]:
-        return {"x-request-id": request_id, "content-type": "application/json"}
-
     async def handle(self, request: Request, route: str) -> Response:
         """Limits, auth, parsing, routing; the concurrency slot is held until the response
         (streamed or not) is complete."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -201,58 +201,32 @@ class SimServer:
         task.result()
         return "".join(text)
 
-    async def completions(self, request: Request) -> Response:
-        req = await parse_body(request, CompletionRequest, MAX_BODY_BYTES)
-        prompt = self._prompt_tokens(req.prompt)
-        seq = await self._sequence(req, prompt, self.settings.default_max_tokens)
-        rid, created = new_id("cmpl"), now()
-        if req.stream:
-            return StreamingResponse(
-                self._stream_completion(seq, req, rid, created), media_type="text/event-stream"
-            )
-        text = await self._collect(request, seq)
-        body: dict[str, Any] = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": req.model,
-            "choices": [
-                {"index": 0, "text": text, "logprobs": None, "finish_reason": seq.finish_reason}
-            ],
-            "usage": self._usage(seq),
-        }
+    def _respond(self, seq: Sequence, body: dict[str, Any]) -> JSONResponse:
+        """A non-streamed answer: the body plus usage (and kv_transfer_params on prefill)."""
+        body["usage"] = self._usage(seq)
         kv = self._kv_params(seq)
         if kv is not None:
             body["kv_transfer_params"] = kv
         return JSONResponse(body)
 
-    async def _stream_completion(
-        self, seq: Sequence, req: CompletionRequest, rid: str, created: int
+    async def _stream(
+        self,
+        seq: Sequence,
+        req: Any,
+        base: dict[str, Any],
+        choice: Callable[[str | None, str | None], dict[str, Any]],
+        opening: dict[str, Any] | None = None,
     ) -> AsyncIterator[bytes]:
-        base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
+        """SSE chunks of one sequence; `choice(text, finish_reason)` shapes each choice."""
+        if opening is not None:
+            yield sse({**base, "choices": [opening]})
         try:
             async for kind, value in self._events(seq):
                 if kind == "token":
-                    yield sse(
-                        {
-                            **base,
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "text": " " + model.detokenize(value),
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
-                    )
+                    text = " " + model.detokenize(value)
+                    yield sse({**base, "choices": [choice(text, None)]})
                 else:
-                    final: dict[str, Any] = {
-                        **base,
-                        "choices": [
-                            {"index": 0, "text": "", "logprobs": None, "finish_reason": value}
-                        ],
-                    }
+                    final: dict[str, Any] = {**base, "choices": [choice(None, value)]}
                     kv = self._kv_params(seq)
                     if kv is not None:
                         final["kv_transfer_params"] = kv
@@ -262,6 +236,35 @@ class SimServer:
         except OpenAIError as exc:
             yield sse(exc.body())
         yield SSE_DONE
+
+    async def completions(self, request: Request) -> Response:
+        req = await parse_body(request, CompletionRequest, MAX_BODY_BYTES)
+        prompt = self._prompt_tokens(req.prompt)
+        seq = await self._sequence(req, prompt, self.settings.default_max_tokens)
+        base = {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": now(),
+            "model": req.model,
+        }
+        if req.stream:
+
+            def choice(text: str | None, finish: str | None) -> dict[str, Any]:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+            return StreamingResponse(
+                self._stream(seq, req, base, choice), media_type="text/event-stream"
+            )
+        text = await self._collect(request, seq)
+        return self._respond(
+            seq,
+            {
+                **base,
+                "choices": [
+                    {"index": 0, "text": text, "logprobs": None, "finish_reason": seq.finish_reason}
+                ],
+            },
+        )
 
     async def chat(self, request: Request) -> Response:
         req = await parse_body(request, ChatRequest, MAX_BODY_BYTES)
@@ -269,84 +272,43 @@ class SimServer:
         seq = await self._sequence(req, model.tokenize(text), CHAT_DEFAULT_MAX_TOKENS)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
+            base = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+            }
+
+            def choice(text: str | None, finish: str | None) -> dict[str, Any]:
+                delta = {"content": text} if text is not None else {}
+                return {"index": 0, "delta": delta, "finish_reason": finish}
+
+            opening = {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "finish_reason": None,
+            }
             return StreamingResponse(
-                self._stream_chat(seq, req, rid, created), media_type="text/event-stream"
+                self._stream(seq, req, base, choice, opening), media_type="text/event-stream"
             )
         content = await self._collect(request, seq)
-        body: dict[str, Any] = {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": req.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "logprobs": None,
-                    "finish_reason": seq.finish_reason,
-                }
-            ],
-            "usage": self._usage(seq),
-        }
-        kv = self._kv_params(seq)
-        if kv is not None:
-            body["kv_transfer_params"] = kv
-        return JSONResponse(body)
-
-    async def _stream_chat(
-        self,
-        seq: Sequence,
-        req: ChatRequest,
-        rid: str,
-        created: int,
-    ) -> AsyncIterator[bytes]:
-        base = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": req.model,
-        }
-        yield sse(
+        return self._respond(
+            seq,
             {
-                **base,
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": req.model,
                 "choices": [
                     {
                         "index": 0,
-                        "delta": {"role": "assistant", "content": ""},
-                        "finish_reason": None,
+                        "message": {"role": "assistant", "content": content},
+                        "logprobs": None,
+                        "finish_reason": seq.finish_reason,
                     }
                 ],
-            }
+            },
         )
-        try:
-            async for kind, value in self._events(seq):
-                if kind == "token":
-                    yield sse(
-                        {
-                            **base,
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "delta": {"content": " " + model.detokenize(value)},
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
-                    )
-                else:
-                    final: dict[str, Any] = {
-                        **base,
-                        "choices": [{"index": 0, "delta": {}, "finish_reason": value}],
-                    }
-                    kv = self._kv_params(seq)
-                    if kv is not None:
-                        final["kv_transfer_params"] = kv
-                    yield sse(final)
-            if (req.stream_options or {}).get("include_usage"):
-                yield sse({**base, "choices": [], "usage": self._usage(seq)})
-        except OpenAIError as exc:
-            yield sse(exc.body())
-        yield SSE_DONE
 
     @staticmethod
     def _content(content: Any) -> str:
