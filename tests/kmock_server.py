@@ -48,6 +48,30 @@ class _Emulator(kmock.KubernetesEmulator):
             payload = {**payload, "groupVersion": payload["groupVersion"][1:]}
         return payload
 
+    # KMock checks every request against its whole request log (identity scans of each
+    # reaction's view), so its per-request cost grows with history. Tests keep the log (they
+    # assert on recorded calls); the scale benchmark bounds it, as a real API server keeps none.
+    # Requests still being served (watches, and any awaiting the store's lock) stay in the log,
+    # since KMock looks each one up there before answering it.
+    history: int | None = None
+    _in_flight: set[int] | None = None
+
+    async def _handle(self, request: Any) -> Any:
+        if self.history is None:
+            return await super()._handle(request)
+        if self._in_flight is None:
+            self._in_flight = set()
+        self._in_flight.add(id(request))
+        if len(self._requests) > 2 * self.history:
+            keep = len(self._requests) - self.history
+            self._requests[:] = [
+                r for i, r in enumerate(self._requests) if i >= keep or id(r) in self._in_flight
+            ]
+        try:
+            return await super()._handle(request)
+        finally:
+            self._in_flight.discard(id(request))
+
 
 def _declare(emulator: Any, resources: dict[str, tuple[str, bool, set[str]]]) -> None:
     for key, (kind, namespaced, subresources) in resources.items():
@@ -59,8 +83,11 @@ def _declare(emulator: Any, resources: dict[str, tuple[str, bool, set[str]]]) ->
 @contextlib.contextmanager
 def kmock_api(
     resources: dict[str, tuple[str, bool, set[str]]] | None = None,
+    history: int | None = None,
 ) -> Iterator[tuple[str, Any]]:
-    """Yield (base URL, emulator) of a running KMock Kubernetes API; stop it on exit."""
+    """Yield (base URL, emulator) of a running KMock Kubernetes API; stop it on exit.
+
+    ``history`` bounds the request log to about that many recent requests (None keeps all)."""
     started = threading.Event()
     state: dict[str, Any] = {}
     loop = asyncio.new_event_loop()
@@ -68,6 +95,7 @@ def kmock_api(
     async def serve() -> None:
         async with _Emulator() as emulator, kmock.Server(emulator) as server:
             _declare(emulator, resources or RESOURCES)
+            emulator.history = history
             state["url"], state["emulator"] = str(server.url), emulator
             state["stop"] = asyncio.Event()
             started.set()
