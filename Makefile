@@ -19,7 +19,7 @@ help:
 
 $(STAMP): pyproject.toml scripts/install-tools.sh
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,kernels]'
 	bash scripts/install-tools.sh $(VENV)
 	touch $(STAMP)
 
@@ -34,6 +34,7 @@ up: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/router.py
 	$(BIN)/python bench/operator_scale.py
+	@echo "bench/kernels.py needs an NVIDIA GPU: run it there (see docs/kernels.md)"
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,401 @@
+"""Kernel benchmark on an NVIDIA GPU: time, GB/s, fraction of the copy bandwidth measured in the
+same run, and the speed ratio to each kernel's torch reference.
+
+Shapes are Qwen3-Next-80B's (conv dim 8192, width 4; 16 key and 32 value heads of dim 128;
+hidden 2048, 512 experts, top-10; full-attention layers with 2 KV heads of dim 256) with KV
+blocks of 128 tokens.
+
+    python bench/kernels.py [--output bench/results/kernels.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "kernels"), str(ROOT / "bench")]
+
+from _common import write_result  # noqa: E402
+
+from ascend_kernels import block_copy, causal_conv1d, gdn, moe_permute, reshape_and_cache  # noqa: E402
+
+GOAL_FRACTION = 0.70
+GOAL_GDN_SPEEDUP = 10.0
+BF16 = torch.bfloat16
+
+
+def ms(fn: Callable[[], Any], rep: int = 200) -> float:
+    return float(do_bench(fn, warmup=25, rep=rep))
+
+
+def copy_bandwidth(dev: str) -> float:
+    """Device-to-device copy GB/s (bytes read + written) of one 1 GiB buffer."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / ms(lambda: dst.copy_(src)) / 1e6
+
+
+def pinned_bandwidth(dev: str) -> float:
+    """Device-to-pinned-host GB/s of one 1 GiB copy (bytes moved once)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=dev)
+    dst = torch.empty(2**30, dtype=torch.uint8).pin_memory()
+    return src.numel() / ms(lambda: dst.copy_(src, non_blocking=True), rep=100) / 1e6
+
+
+def same_size_copy_gbps(nbytes: int) -> float:
+    """GB/s of a device-to-device copy moving the same bytes (half read, half written): small
+    kernels pay launch and tail latency that a 1 GiB copy hides."""
+    src = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return nbytes / ms(lambda: dst.copy_(src)) / 1e6
+
+
+def row(
+    name: str,
+    shape: str,
+    t_ms: float,
+    nbytes: int,
+    limit: float,
+    ref_ms: float | None,
+    memory_bound: bool = True,
+    limit_name: str = "d2d copy",
+) -> dict[str, Any]:
+    gbps = nbytes / t_ms / 1e6
+    same = same_size_copy_gbps(nbytes) if limit_name == "d2d copy" and nbytes else None
+    out = {
+        "kernel": name,
+        "shape": shape,
+        "ms": round(t_ms, 4),
+        "gb_per_s": round(gbps, 1),
+        "fraction_of_" + limit_name.replace(" ", "_"): round(gbps / limit, 3),
+        "reference_ms": round(ref_ms, 3) if ref_ms is not None else None,
+        "speedup_vs_reference": round(ref_ms / t_ms, 1) if ref_ms is not None else None,
+        "memory_bound": memory_bound,
+    }
+    if same is not None:
+        out["fraction_of_same_size_copy"] = round(gbps / same, 3)
+    if memory_bound:
+        out["meets_goal"] = gbps / limit >= GOAL_FRACTION
+    print(
+        f"{name:28s} {shape:44s} {t_ms:9.4f} ms {gbps:8.1f} GB/s  "
+        f"{gbps / limit:6.1%} of {limit_name}"
+        + (f" ({gbps / same:6.1%} of a same-size copy)" if same is not None else "")
+        + (f"  ref {ref_ms:9.3f} ms  x{ref_ms / t_ms:8.1f}" if ref_ms is not None else ""),
+        flush=True,
+    )
+    return out
+
+
+def bench_conv(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    dim, width = 8192, 4
+    for lens in ([2048] * 4, [512] * 16):
+        tokens = sum(lens)
+        x = torch.randn(tokens, dim, device=dev, dtype=BF16)
+        w = torch.randn(dim, width, device=dev, dtype=BF16)
+        b = torch.randn(dim, device=dev, dtype=BF16)
+        cu = torch.tensor(
+            [0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev
+        )
+        slots = len(lens)
+        states = torch.randn(slots, width - 1, dim, device=dev, dtype=BF16).transpose(1, 2)
+        idx = torch.arange(slots, dtype=torch.int32, device=dev)
+        init = torch.ones(slots, dtype=torch.bool, device=dev)
+        out = torch.empty_like(x)
+        kw = {
+            "bias": b,
+            "conv_states": states,
+            "cache_indices": idx,
+            "has_initial_state": init,
+            "activation": "silu",
+        }
+        t = ms(lambda: causal_conv1d.causal_conv1d_prefill(x, w, cu, out=out, **kw))
+        ref = ms(
+            lambda: causal_conv1d.causal_conv1d_prefill_ref(
+                x, w, cu, **{**kw, "conv_states": states.clone()}
+            ),
+            rep=50,
+        )
+        nbytes = 2 * x.numel() * 2 + 2 * states.numel() * 2
+        rows.append(
+            row(
+                "causal_conv1d_prefill",
+                f"{len(lens)}x{lens[0]} tok, dim {dim}, w {width}",
+                t,
+                nbytes,
+                copy_bw,
+                ref,
+            )
+        )
+    for batch, steps in ((256, 1), (1024, 1), (256, 4)):
+        x = torch.randn(batch, steps, dim, device=dev, dtype=BF16)
+        w = torch.randn(dim, width, device=dev, dtype=BF16)
+        states = torch.randn(batch, width - 1, dim, device=dev, dtype=BF16).transpose(1, 2)
+        idx = torch.arange(batch, dtype=torch.int32, device=dev)
+        out = torch.empty_like(x)
+        t = ms(
+            lambda: causal_conv1d.causal_conv1d_update(
+                x, states, w, idx, activation="silu", out=out
+            )
+        )
+        ref = (
+            ms(
+                lambda: causal_conv1d.causal_conv1d_update_ref(
+                    x, states.clone(), w, idx, activation="silu"
+                ),
+                rep=20,
+            )
+            if not quick and batch <= 256
+            else None
+        )
+        nbytes = 2 * x.numel() * 2 + 2 * states.numel() * 2
+        rows.append(
+            row(
+                "causal_conv1d_update",
+                f"batch {batch}, {steps} tok, dim {dim}, w {width}",
+                t,
+                nbytes,
+                copy_bw,
+                ref,
+            )
+        )
+    return rows
+
+
+def bench_gdn(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    hk, hv, d = 16, 32, 128
+    for lens in ([8192], [2048] * 4):
+        tokens = sum(lens)
+        cu = torch.tensor(
+            [0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev
+        )
+        q = F.normalize(torch.randn(tokens, hk, d, device=dev), dim=-1).to(BF16)
+        k = F.normalize(torch.randn(tokens, hk, d, device=dev), dim=-1).to(BF16)
+        v = torch.randn(tokens, hv, d, device=dev, dtype=BF16)
+        g = F.logsigmoid(torch.randn(tokens, hv, device=dev))
+        beta = torch.rand(tokens, hv, device=dev)
+        h0 = torch.zeros(len(lens), hv, d, d, device=dev)
+        meta = gdn.chunk_metadata(cu.cpu(), dev)
+        t = ms(
+            lambda: gdn.chunk_gated_delta_rule(
+                q, k, v, g, beta, cu, initial_state=h0, metadata=meta
+            )
+        )
+        ref = ms(lambda: gdn.gated_delta_rule_ref(q, k, v, g, beta, cu, initial_state=h0), rep=1)
+        o, _ = gdn.chunk_gated_delta_rule(q, k, v, g, beta, cu, initial_state=h0, metadata=meta)
+        o_ref, _ = gdn.gated_delta_rule_ref(q, k, v, g, beta, cu, initial_state=h0)
+        err = float((o.float() - o_ref.float()).abs().max())
+        nbytes = (q.numel() + k.numel() + 2 * v.numel()) * 2 + 2 * h0.numel() * 4
+        r = row(
+            "gdn_chunk_prefill",
+            f"{len(lens)}x{lens[0]} tok, Hk {hk} Hv {hv} d {d}",
+            t,
+            nbytes,
+            copy_bw,
+            ref,
+            memory_bound=False,
+        )
+        r["max_abs_error_vs_reference"] = err
+        r["meets_goal"] = ref / t >= GOAL_GDN_SPEEDUP
+        rows.append(r)
+    for batch in (64, 256):
+        q = F.normalize(torch.randn(batch, hk, d, device=dev), dim=-1).to(BF16)
+        k = F.normalize(torch.randn(batch, hk, d, device=dev), dim=-1).to(BF16)
+        v = torch.randn(batch, hv, d, device=dev, dtype=BF16)
+        g = F.logsigmoid(torch.randn(batch, hv, device=dev))
+        beta = torch.rand(batch, hv, device=dev)
+        states = torch.randn(batch, hv, d, d, device=dev) * 0.01
+        idx = torch.arange(batch, dtype=torch.int32, device=dev)
+        cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+        t = ms(lambda: gdn.gated_delta_rule_decode(q, k, v, g, beta, states, idx))
+        ref = (
+            ms(lambda: gdn.gated_delta_rule_ref(q, k, v, g, beta, cu, initial_state=states), rep=1)
+            if batch <= 64 and not quick
+            else None
+        )
+        nbytes = 2 * states.numel() * 4 + (q.numel() + k.numel() + 2 * v.numel()) * 2
+        rows.append(
+            row("gdn_decode", f"batch {batch}, Hk {hk} Hv {hv} d {d}", t, nbytes, copy_bw, ref)
+        )
+    return rows
+
+
+def bench_cache(dev: str, copy_bw: float, pinned_bw: float) -> list[dict[str, Any]]:
+    rows = []
+    block = 128
+    for label, heads, ks, vs, layers in (
+        ("gqa 2x256", 2, 256, 256, 12),
+        ("mla 512+64", 1, 512, 64, 61),
+    ):
+        tokens, num_blocks = 8192, 1024
+        kbuf = torch.zeros(num_blocks, layers, block, heads, ks, device=dev, dtype=BF16)
+        vbuf = torch.zeros(num_blocks, layers, block, heads, vs, device=dev, dtype=BF16)
+        key = torch.randn(tokens, heads, ks, device=dev, dtype=BF16)
+        value = torch.randn(tokens, heads, vs, device=dev, dtype=BF16)
+        slots = torch.randperm(num_blocks * block, device=dev)[:tokens]
+        kc, vc = kbuf[:, 3], vbuf[:, 3]
+        t = ms(lambda: reshape_and_cache.reshape_and_cache(key, value, kc, vc, slots))
+        ref = ms(lambda: reshape_and_cache.reshape_and_cache_ref(key, value, kc, vc, slots))
+        nbytes = 2 * (key.numel() + value.numel()) * 2
+        rows.append(
+            row(
+                "reshape_and_cache",
+                f"{tokens} tok, {label}, cross-layer view",
+                t,
+                nbytes,
+                copy_bw,
+                ref,
+            )
+        )
+        del kbuf, vbuf
+    # Block copies: Qwen3-Next's 12 full-attention layers, 2 KV heads x 256, 128-token blocks.
+    layers, heads, d, pairs = 12, 2, 256, 512
+    cross = torch.randn(2048, layers, block, heads, d, device=dev, dtype=BF16)
+    dst = torch.zeros_like(cross)
+    src_ids = torch.randperm(2048, device=dev)[:pairs]
+    dst_ids = torch.randperm(2048, device=dev)[:pairs]
+    block_bytes = cross[0].numel() * 2
+    t = ms(lambda: block_copy.copy_blocks(cross, dst, src_ids, dst_ids))
+    ref = ms(lambda: block_copy.copy_blocks_ref(cross, dst, src_ids, dst_ids))
+    rows.append(
+        row(
+            "copy_blocks d2d",
+            f"{pairs} cross-layer blocks of {block_bytes >> 10} KiB",
+            t,
+            2 * pairs * block_bytes,
+            copy_bw,
+            ref,
+        )
+    )
+
+    def per_layer() -> None:
+        for layer in range(layers):
+            block_copy.copy_blocks(cross[:, layer], dst[:, layer], src_ids, dst_ids)
+
+    t = ms(per_layer)
+    rows.append(
+        row(
+            "copy_blocks d2d per-layer",
+            f"{pairs} blocks x {layers} layer views",
+            t,
+            2 * pairs * block_bytes,
+            copy_bw,
+            None,
+        )
+    )
+    host = torch.zeros(pairs, layers, block, heads, d, dtype=BF16).pin_memory()
+    host_ids = torch.arange(pairs, device=dev)
+    t = ms(lambda: block_copy.copy_blocks(cross, host, src_ids, host_ids), rep=100)
+    ref = ms(lambda: block_copy._copy_runs(cross, host, src_ids.cpu(), host_ids.cpu()), rep=100)
+    rows.append(
+        row(
+            "copy_blocks d2h pinned",
+            f"{pairs} cross-layer blocks",
+            t,
+            pairs * block_bytes,
+            pinned_bw,
+            ref,
+            limit_name="pinned copy",
+        )
+    )
+    t = ms(lambda: block_copy.copy_blocks(host, dst, host_ids, src_ids), rep=100)
+    rows.append(
+        row(
+            "copy_blocks h2d pinned",
+            f"{pairs} cross-layer blocks",
+            t,
+            pairs * block_bytes,
+            pinned_bw,
+            None,
+            limit_name="pinned copy",
+        )
+    )
+    return rows
+
+
+def bench_moe(dev: str, copy_bw: float) -> list[dict[str, Any]]:
+    """Routing (sort and offsets, launch-bound bookkeeping) apart from the row movement."""
+    rows = []
+    hidden, experts, top_k = 2048, 512, 10
+    for tokens in (4096, 16384):
+        x = torch.randn(tokens, hidden, device=dev, dtype=BF16)
+        ids = torch.topk(torch.randn(tokens, experts, device=dev), top_k).indices
+        w = torch.rand(tokens, top_k, device=dev)
+        shape = f"{tokens} tok, hidden {hidden}, E {experts}, top {top_k}"
+        nbytes = (x.numel() + x.numel() * top_k) * 2
+        unit = moe_permute.align_rows(hidden, x.element_size())
+        t = ms(lambda: moe_permute.route(ids, experts, unit))
+        ref = ms(lambda: torch.argsort(ids.flatten(), stable=True))
+        rows.append(row("moe_route", shape, t, 0, copy_bw, ref, memory_bound=False))
+        routing = moe_permute.route(ids, experts, unit)
+        t = ms(lambda: moe_permute.moe_permute(x, ids, experts, routing))
+        ref = ms(lambda: x.repeat_interleave(top_k, 0)[torch.argsort(ids.flatten(), stable=True)])
+        rows.append(row("moe_permute (rows)", shape, t, nbytes, copy_bw, ref))
+        t = ms(lambda: moe_permute.moe_permute(x, ids, experts))
+        rows.append(row("moe_permute (with route)", shape, t, nbytes, copy_bw, ref))
+        p = moe_permute.moe_permute(x, ids, experts, routing)
+        t = ms(lambda: moe_permute.moe_unpermute(p.rows, p.row_of, w))
+        ref = ms(lambda: (p.rows[p.row_of].float() * w[..., None]).sum(1).to(BF16))
+        rows.append(row("moe_unpermute", shape, t, nbytes, copy_bw, ref))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "kernels.json"))
+    parser.add_argument("--quick", action="store_true", help="skip the slowest references")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print(
+            "bench/kernels.py needs an NVIDIA GPU (run it through the device tool)", file=sys.stderr
+        )
+        return 2
+    dev = "cuda"
+    torch.manual_seed(0)
+    copy_bw = copy_bandwidth(dev)
+    pinned_bw = pinned_bandwidth(dev)
+    print(
+        f"{torch.cuda.get_device_name()}: d2d copy {copy_bw:.0f} GB/s, "
+        f"d2h pinned {pinned_bw:.1f} GB/s",
+        flush=True,
+    )
+    rows = (
+        bench_conv(dev, copy_bw, args.quick)
+        + bench_gdn(dev, copy_bw, args.quick)
+        + bench_cache(dev, copy_bw, pinned_bw)
+        + bench_moe(dev, copy_bw)
+    )
+    props = torch.cuda.get_device_properties(0)
+    write_result(
+        args.output,
+        {
+            "benchmark": "kernels",
+            "device": (
+                f"{props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+                f"triton {triton.__version__}, {platform.node()}"
+            ),
+            "copy_gb_per_s": round(copy_bw, 1),
+            "pinned_d2h_gb_per_s": round(pinned_bw, 1),
+            "goals": (
+                f"memory-bound kernels >= {GOAL_FRACTION:.0%} of the d2d copy bandwidth; "
+                f"gdn prefill >= {GOAL_GDN_SPEEDUP:.0f}x its reference at 8k tokens"
+            ),
+            "results": rows,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
