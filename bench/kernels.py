@@ -279,19 +279,26 @@ def bench_cache(dev: str, copy_bw: float, pinned_bw: float) -> list[dict[str, An
         )
     )
 
-    def per_layer() -> None:
-        for layer in range(layers):
-            block_copy.copy_blocks(cross[:, layer], dst[:, layer], src_ids, dst_ids)
-
-    t = ms(per_layer)
+    # vLLM's default layout: one cache tensor per layer, all moved in one launch.
+    per_layer_src = [
+        torch.randn(2048, block, heads, d, device=dev, dtype=BF16) for _ in range(layers)
+    ]
+    per_layer_dst = [torch.zeros_like(t) for t in per_layer_src]
+    t = ms(lambda: block_copy.copy_blocks_layers(per_layer_src, per_layer_dst, src_ids, dst_ids))
+    ref = ms(
+        lambda: [
+            block_copy.copy_blocks_ref(a, b, src_ids, dst_ids)
+            for a, b in zip(per_layer_src, per_layer_dst, strict=True)
+        ]
+    )
     rows.append(
         row(
-            "copy_blocks d2d per-layer",
-            f"{pairs} blocks x {layers} layer views",
+            "copy_blocks_layers d2d",
+            f"{pairs} blocks x {layers} per-layer caches",
             t,
             2 * pairs * block_bytes,
             copy_bw,
-            None,
+            ref,
         )
     )
     host = torch.zeros(pairs, layers, block, heads, d, dtype=BF16).pin_memory()

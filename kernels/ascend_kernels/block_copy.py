@@ -23,27 +23,38 @@ from ascend_kernels.device import grid_size, pow2_ceil, pow2_floor, tile_budget_
 
 @triton.jit
 def _copy_blocks_kernel(
-    src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr,
-    num_pairs, segments, seg_len, src_block_stride, src_seg_stride,
+    src_table, dst_table, carrier_ptr, src_ids_ptr, dst_ids_ptr,
+    num_layers, num_pairs, segments, seg_len, src_block_stride, src_seg_stride,
     dst_block_stride, dst_seg_stride,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
+    # Each layer's cache is reached through a table of base addresses, so separate per-layer
+    # tensors move in one launch like a single cross-layer buffer (one "layer").
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    ptr_type = tl.pointer_type(carrier_ptr.dtype.element_ty)
     chunks = tl.cdiv(seg_len, BLOCK)
     per_pair = segments * chunks
+    per_layer = num_pairs * per_pair
     offs = tl.arange(0, BLOCK)
-    for item in range(pid, num_pairs * per_pair, nprog):
-        pair = item // per_pair
-        rest = item % per_pair
+    for item in range(pid, num_layers * per_layer, nprog):
+        layer = item // per_layer
+        rest = item % per_layer
+        pair = rest // per_pair
+        rest = rest % per_pair
         seg = rest // chunks
         start = (rest % chunks) * BLOCK
+        src_base = tl.load(src_table + layer).to(ptr_type)
+        dst_base = tl.load(dst_table + layer).to(ptr_type)
+        if ALIGNED:  # addresses from a table carry no alignment; vector loads need it stated
+            src_base = tl.multiple_of(src_base, 16)
+            dst_base = tl.multiple_of(dst_base, 16)
         s = tl.load(src_ids_ptr + pair).to(tl.int64)
         d = tl.load(dst_ids_ptr + pair).to(tl.int64)
         i = start + offs
         mask = i < seg_len
-        vals = tl.load(src_ptr + s * src_block_stride + seg * src_seg_stride + i, mask=mask)
-        tl.store(dst_ptr + d * dst_block_stride + seg * dst_seg_stride + i, vals, mask=mask)
+        vals = tl.load(src_base + s * src_block_stride + seg * src_seg_stride + i, mask=mask)
+        tl.store(dst_base + d * dst_block_stride + seg * dst_seg_stride + i, vals, mask=mask)
 
 
 def block_segments(cache: torch.Tensor) -> tuple[int, int, int]:
@@ -89,6 +100,37 @@ def copy_blocks(
     dst_ids: torch.Tensor,
 ) -> None:
     """dst[dst_ids[i]] = src[src_ids[i]] for every i (ids are int32/int64, any device)."""
+    copy_blocks_layers([src], [dst], src_ids, dst_ids)
+
+
+def copy_blocks_layers(
+    srcs: list[torch.Tensor],
+    dsts: list[torch.Tensor],
+    src_ids: torch.Tensor,
+    dst_ids: torch.Tensor,
+) -> None:
+    """The same block pairs copied in every layer (srcs[l] -> dsts[l]), in one launch.
+
+    Every layer's cache must have the same shape, dtype and strides on each side (vLLM's
+    per-layer caches do), so one table of base addresses describes them all.
+    """
+    if not srcs or len(srcs) != len(dsts):
+        raise ValueError(f"need one destination per source cache, got {len(srcs)} and {len(dsts)}")
+    src, dst = srcs[0], dsts[0]
+    for name, group in (("source", srcs), ("destination", dsts)):
+        first = group[0]
+        for t in group[1:]:
+            if (t.shape, t.stride(), t.dtype, t.device) != (
+                first.shape,
+                first.stride(),
+                first.dtype,
+                first.device,
+            ):
+                raise ValueError(
+                    f"every {name} cache must share shape, strides, dtype and device: "
+                    f"{tuple(t.shape)} {t.stride()} {t.dtype} "
+                    f"vs {tuple(first.shape)} {first.stride()} {first.dtype}"
+                )
     if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
         raise ValueError(
             f"caches differ: src {tuple(src.shape)} {src.dtype} "
@@ -104,7 +146,8 @@ def copy_blocks(
         return
     run_on = dst.device if dst.device.type != "cpu" else src.device
     if not (_kernel_can_reach(src, run_on) and _kernel_can_reach(dst, run_on)):
-        _copy_runs(src, dst, src_ids, dst_ids)
+        for s_cache, d_cache in zip(srcs, dsts, strict=True):
+            _copy_runs(s_cache, d_cache, src_ids, dst_ids)
         return
     segs, seg_len, src_seg_stride = block_segments(src)
     dst_segs, dst_len, dst_seg_stride = block_segments(dst)
@@ -113,12 +156,29 @@ def copy_blocks(
     block = min(pow2_ceil(seg_len), pow2_floor(tile_budget_bytes(run_on) // src.element_size()))
     src_ids = src_ids.to(run_on, non_blocking=True)
     dst_ids = dst_ids.to(run_on, non_blocking=True)
-    items = pairs * segs * triton.cdiv(seg_len, block)
+    items = len(srcs) * pairs * segs * triton.cdiv(seg_len, block)
     _copy_blocks_kernel[(grid_size(run_on, items),)](
-        src, dst, src_ids, dst_ids, pairs, segs, seg_len,
+        _address_table(srcs, run_on), _address_table(dsts, run_on), src, src_ids, dst_ids,
+        len(srcs), pairs, segs, seg_len,
         src.stride(0), src_seg_stride, dst.stride(0), dst_seg_stride,
-        BLOCK=block,
+        BLOCK=block, ALIGNED=all(t.data_ptr() % 16 == 0 for t in (*srcs, *dsts)),
     )  # fmt: skip
+
+
+_TABLES: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+
+
+def _address_table(caches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Base addresses of `caches` as an int64 tensor on `device`, kept per set of caches (a
+    step copies between the same caches every time)."""
+    key = (str(device), tuple(t.data_ptr() for t in caches))
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        table = torch.tensor(key[1], dtype=torch.int64).to(device)
+        _TABLES[key] = table
+    return table
 
 
 def consecutive_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:

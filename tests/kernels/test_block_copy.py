@@ -10,6 +10,7 @@ from ascend_kernels.block_copy import (
     block_segments,
     consecutive_runs,
     copy_blocks,
+    copy_blocks_layers,
     copy_blocks_ref,
 )
 
@@ -58,6 +59,25 @@ def test_strided_segments_inside_a_block(device):
     assert torch.equal(dst, ref)
 
 
+def test_separate_per_layer_caches_in_one_call(device):
+    srcs = [torch.randn(10, 4, 2, 5, device=device) for _ in range(3)]
+    dsts = [torch.zeros(12, 4, 2, 5, device=device) for _ in range(3)]
+    copy_blocks_layers(srcs, dsts, *ids(device))
+    for s_cache, d_cache in zip(srcs, dsts, strict=True):
+        ref = torch.zeros_like(d_cache)
+        copy_blocks_ref(s_cache, ref, *ids(device))
+        assert torch.equal(d_cache, ref)
+
+
+def test_per_layer_caches_must_match(device):
+    srcs = [torch.randn(10, 4, 8, device=device), torch.randn(10, 4, 9, device=device)]
+    dsts = [torch.zeros(12, 4, 8, device=device), torch.zeros(12, 4, 8, device=device)]
+    with pytest.raises(ValueError, match="every source cache must share shape"):
+        copy_blocks_layers(srcs, dsts, *ids(device))
+    with pytest.raises(ValueError, match="one destination per source"):
+        copy_blocks_layers(srcs, dsts[:1], *ids(device))
+
+
 def test_layouts_it_cannot_describe_are_refused():
     t = torch.zeros(4, 3, 5, 7).permute(0, 2, 1, 3)[:, :, 1:]
     with pytest.raises(ValueError, match="more than one strided level"):
@@ -98,3 +118,15 @@ def test_device_to_pinned_host_and_back():
     ref_back = torch.zeros(12, 3, 4, 2, 8)
     copy_blocks_ref(ref, ref_back, *ids("cpu")[::-1])
     assert torch.equal(back.cpu(), ref_back)
+
+
+def test_unaligned_caches(device):
+    """A cache starting one element into its storage (no 16-byte alignment) still copies."""
+    storage = torch.randn(10 * 4 * 8 + 1, device=device)
+    src = storage[1:].view(10, 4, 8)
+    assert src.data_ptr() % 16 != 0
+    dst = torch.zeros(12, 4, 8, device=device)
+    ref = dst.clone()
+    copy_blocks(src, dst, *ids(device))
+    copy_blocks_ref(src, ref, *ids(device))
+    assert torch.equal(dst, ref)
