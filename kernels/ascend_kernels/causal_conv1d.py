@@ -107,7 +107,7 @@ def _conv_final_state_kernel(
     x_ptr, state_ptr, cu_ptr, idx_ptr, init_ptr,
     dim, batch,
     sx_t, sx_d, ss_n, ss_d, ss_k,
-    WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -128,14 +128,14 @@ def _conv_final_state_kernel(
                 mask=((pos >= 0) & k_ok)[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            if HAS_INIT:
-                use_init = tl.load(init_ptr + seq).to(tl.int32) + tl.zeros_like(k) != 0
-                sv = tl.load(
-                    state_ptr + slot * ss_n + d[None, :] * ss_d + (WIDTH - 1 + pos)[:, None] * ss_k,
-                    mask=((pos < 0) & k_ok & use_init)[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                xv = tl.where((pos >= 0)[:, None], xv, sv.to(xv.dtype))
+            # A sequence shorter than WIDTH-1 keeps part of its initial state (if it had one).
+            use_init = tl.load(init_ptr + seq).to(tl.int32) + tl.zeros_like(k) != 0
+            sv = tl.load(
+                state_ptr + slot * ss_n + d[None, :] * ss_d + (WIDTH - 1 + pos)[:, None] * ss_k,
+                mask=((pos < 0) & k_ok & use_init)[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            xv = tl.where((pos >= 0)[:, None], xv, sv.to(xv.dtype))
             # Every load above precedes this store, so updating the state in place is safe.
             tl.store(
                 state_ptr + slot * ss_n + d[None, :] * ss_d + k[:, None] * ss_k,
@@ -222,7 +222,7 @@ def causal_conv1d_prefill(
         _conv_final_state_kernel[(grid_size(x.device, batch * triton.cdiv(dim, block_d)),)](
             x, conv_states, cu_seqlens, cache_indices, has_initial_state,
             dim, batch, x.stride(0), x.stride(1), *conv_states.stride(),
-            WIDTH=width, HAS_INIT=True, BLOCK_D=block_d, BLOCK_K=pow2_ceil(width - 1),
+            WIDTH=width, BLOCK_D=block_d, BLOCK_K=pow2_ceil(width - 1),
         )  # fmt: skip
     return out
 

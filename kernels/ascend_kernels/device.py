@@ -9,7 +9,6 @@ programs, and no kernel hard-codes a core count.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -30,11 +29,6 @@ GPU_TILE_BUDGET_BYTES = 32 * 1024
 
 CPU_CORES_FOR_INTERPRETER = 4
 """Grid cap under TRITON_INTERPRET=1: small, so CPU tests exercise the in-kernel loops."""
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache

@@ -19,7 +19,7 @@ from ascend_kernels.device import grid_size, pow2_ceil, pow2_floor, tile_budget_
 def _write_rows(
     src_ptr, cache_ptr, tok, block, offset, keep, heads, head_size,
     s_t, s_h, s_d, c_b, c_o, c_h, c_d,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     # A token's (head, dim) elements, flattened: any head/dim strides on either side.
     for e0 in range(0, heads * head_size, BLOCK_E):
@@ -50,9 +50,9 @@ def _reshape_and_cache_kernel(
         block = slot // block_size
         offset = slot % block_size
         _write_rows(k_ptr, kc_ptr, tok, block, offset, keep, heads, k_size,
-                    sk_t, sk_h, sk_d, kc_b, kc_o, kc_h, kc_d, BLOCK_T, BLOCK_EK)  # fmt: skip
+                    sk_t, sk_h, sk_d, kc_b, kc_o, kc_h, kc_d, BLOCK_EK)  # fmt: skip
         _write_rows(v_ptr, vc_ptr, tok, block, offset, keep, heads, v_size,
-                    sv_t, sv_h, sv_d, vc_b, vc_o, vc_h, vc_d, BLOCK_T, BLOCK_EV)  # fmt: skip
+                    sv_t, sv_h, sv_d, vc_b, vc_o, vc_h, vc_d, BLOCK_EV)  # fmt: skip
 
 
 def _tiles(heads: int, k_size: int, v_size: int, budget_elems: int) -> tuple[int, int, int]:
