@@ -29,134 +29,267 @@ MAX_WIDTH = 4
 PREFILL_LAUNCH = {"num_warps": 4}
 UPDATE_LAUNCH = {"num_warps": 8}
 """Launch options for CUDA (triton-ascend ignores warps)."""
+UPDATE_TILE_CUDA = 1024
+"""Channels per decode-update program on NVIDIA GPUs (bench/kernel_tiles.py on an H100)."""
 
 
 @triton.jit
 def _silu(x):
-    return x / (1.0 + tl.exp(-x))
+    # Approximate division (a couple of ulp): IEEE division made SiLU a tenth of the prefill
+    # kernel's time on an H100.
+    return tl.fdiv(x, 1.0 + tl.exp(-x), ieee_rounding=False)
+
+
+@triton.jit
+def _weights(w_ptr, d, d_ok, sw_d, sw_k, WIDTH: tl.constexpr):
+    # The conv taps of channels d, oldest first (unused ones zero).
+    w_row = w_ptr + d * sw_d
+    w0 = tl.load(w_row, mask=d_ok, other=0.0).to(tl.float32)
+    w1 = tl.load(w_row + sw_k, mask=d_ok, other=0.0).to(tl.float32)
+    w2 = tl.zeros_like(w0)
+    w3 = tl.zeros_like(w0)
+    if WIDTH >= 3:
+        w2 = tl.load(w_row + 2 * sw_k, mask=d_ok, other=0.0).to(tl.float32)
+    if WIDTH >= 4:
+        w3 = tl.load(w_row + 3 * sw_k, mask=d_ok, other=0.0).to(tl.float32)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _tap(w0, w1, w2, w3, j: tl.constexpr):
+    w = w3
+    if j == 0:
+        w = w0
+    if j == 1:
+        w = w1
+    if j == 2:
+        w = w2
+    return w
+
+
+@triton.jit
+def _chunk_table(cu_ptr, batch, SKIP_FIRST: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_B: tl.constexpr):  # fmt: skip
+    # Chunks are numbered sequence by sequence, each sequence starting a new chunk. With
+    # SKIP_FIRST, every sequence's first chunk is left out (the state kernel computes those).
+    offs = tl.arange(0, BLOCK_B)
+    lo = tl.load(cu_ptr + offs, mask=offs < batch, other=0)
+    hi = tl.load(cu_ptr + 1 + offs, mask=offs < batch, other=0)
+    n_chunks = tl.where(offs < batch, tl.maximum(tl.cdiv(hi - lo, BLOCK_T), 1) - SKIP_FIRST, 0)
+    chunk_end = tl.cumsum(n_chunks, axis=0)
+    return lo, hi, n_chunks, chunk_end, tl.sum(n_chunks, axis=0)
+
+
+@triton.jit
+def _seq_chunk(chunk, lo, hi, n_chunks, chunk_end, SKIP_FIRST: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+    # chunk -> (the chunk's first token, its sequence's start and end)
+    seq = tl.sum((chunk_end <= chunk).to(tl.int32), axis=0)
+    mine = tl.arange(0, BLOCK_B) == seq
+    first = tl.sum(tl.where(mine, chunk_end - n_chunks, 0), axis=0)
+    start = tl.sum(tl.where(mine, lo, 0), axis=0)
+    end = tl.sum(tl.where(mine, hi, 0), axis=0)
+    return start + (chunk - first + SKIP_FIRST) * BLOCK_T, start, end
+
+
+@triton.jit
+def _channel_tile(w_ptr, b_ptr, dt, dim, sw_d, sw_k,
+                  WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    d = dt * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < dim
+    w0, w1, w2, w3 = _weights(w_ptr, d, d_ok, sw_d, sw_k, WIDTH)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    return d, d_ok, w0, w1, w2, w3, bias
+
+
+@triton.jit
+def _conv_tile(
+    x_ptr, t0, start, end, d, d_ok, w0, w1, w2, w3, bias, sx_t, sx_d,
+    WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, WIDE: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    # Pre-activation outputs of tokens t0.. of one sequence from its own inputs only, and t
+    # with its validity mask.
+    t = t0 + tl.arange(0, BLOCK_T)
+    t_ok = t < end
+    if WIDE:
+        t = t.to(tl.int64)
+    acc = tl.zeros((BLOCK_T, d.shape[0]), dtype=tl.float32) + bias[None, :]
+    for j in tl.static_range(WIDTH):
+        row = t + (j - (WIDTH - 1))
+        from_x = (row >= start) & t_ok
+        # Addresses built per tap, not kept as a pointer tile: fewer live registers.
+        at = x_ptr + row[:, None] * sx_t + d[None, :] * sx_d
+        if EVEN_D:
+            xv = tl.load(at, mask=from_x[:, None], other=0.0)
+        else:
+            xv = tl.load(at, mask=from_x[:, None] & d_ok[None, :], other=0.0)
+        acc += xv.to(tl.float32) * _tap(w0, w1, w2, w3, j)[None, :]
+    return acc, t, t_ok
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, t, t_ok, d, d_ok, so_t, so_d,
+                SILU: tl.constexpr, EVEN_D: tl.constexpr):  # fmt: skip
+    if SILU:
+        acc = _silu(acc)
+    at = out_ptr + t[:, None] * so_t + d[None, :] * so_d
+    if EVEN_D:
+        tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None])
+    else:
+        tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _store_window(at, s0, s1, s2, d_ok, ss_k, WIDTH: tl.constexpr):
+    # A conv state's WIDTH-1 entries, oldest first, at `at` (entry stride ss_k).
+    sdt = at.dtype.element_ty
+    tl.store(at, s0.to(sdt), mask=d_ok)
+    if WIDTH >= 3:
+        tl.store(at + ss_k, s1.to(sdt), mask=d_ok)
+    if WIDTH >= 4:
+        tl.store(at + 2 * ss_k, s2.to(sdt), mask=d_ok)
+
+
+@triton.jit
+def _final_row(
+    x_ptr, state_ptr, slot, use, start, end, d, d_ok, sx_t, sx_d, ss_n, ss_d, ss_k,
+    k: tl.constexpr, WIDTH: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    # Entry k of a sequence's final state: its input at end-(WIDTH-1)+k, or, before the
+    # sequence's start, entry WIDTH-1+pos of the old state (zero without one). Scalar
+    # conditions are broadcast by hand: Triton's interpreter rejects scalar-and-vector masks.
+    pos = end - start - (WIDTH - 1) + k
+    pos_v = tl.zeros_like(d) + pos
+    use_v = (tl.zeros_like(d) + use.to(tl.int32)) != 0
+    row = start + pos
+    if WIDE:
+        row = row.to(tl.int64)
+    xv = tl.load(x_ptr + row * sx_t + d * sx_d, mask=d_ok & (pos_v >= 0), other=0.0)
+    sv = tl.load(
+        state_ptr + slot * ss_n + d * ss_d + (WIDTH - 1 + pos) * ss_k,
+        mask=d_ok & (pos_v < 0) & use_v,
+        other=0.0,
+    )
+    return xv.to(tl.float32) + sv.to(tl.float32)
 
 
 @triton.jit
 def _conv_prefill_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, state_ptr, cu_ptr, idx_ptr, init_ptr,
-    num_tokens, dim, batch,
-    sx_t, sx_d, sw_d, sw_k, so_t, so_d, ss_n, ss_d, ss_k,
-    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, out_ptr, cu_ptr,
+    dim, batch,
+    sx_t, sx_d, sw_d, sw_k, so_t, so_d,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SKIP_FIRST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+    WIDE: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
+    # Programs form `lanes` rows of `group` channel tiles: each keeps its channel tiles' weights
+    # in registers and walks its lane's token chunks. No cached state is read here: with
+    # states, sequences' first chunks are left to _conv_prefill_first_kernel (keeping that
+    # path out of this kernel keeps its register count, and so its occupancy, where it is).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_d = tl.cdiv(dim, BLOCK_D)
-    n_items = tl.cdiv(num_tokens, BLOCK_T) * n_d
-    seq_offs = tl.arange(0, BLOCK_B)
-    # cu_seqlens[1:], padded with a value no token reaches: a token's sequence is the number
-    # of sequence ends at or before it.
-    ends = tl.load(cu_ptr + 1 + seq_offs, mask=seq_offs < batch, other=num_tokens + 1)
-    for item in range(pid, n_items, nprog):
-        t0 = (item // n_d) * BLOCK_T
-        d = (item % n_d) * BLOCK_D + tl.arange(0, BLOCK_D)
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < num_tokens
-        d_ok = d < dim
-        seq = tl.sum((ends[None, :] <= t[:, None]).to(tl.int32), axis=1)
-        seq = tl.minimum(seq, batch - 1)
-        start = tl.load(cu_ptr + seq, mask=t_ok, other=0)
-        if HAS_BIAS:
-            acc = tl.load(b_ptr + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-            acc = tl.broadcast_to(acc, (BLOCK_T, BLOCK_D))
-        else:
-            acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-        xrow = x_ptr + t.to(tl.int64)[:, None] * sx_t + d[None, :] * sx_d
-        for k in tl.static_range(WIDTH):
-            shift = k - (WIDTH - 1)
-            from_x = (t + shift - start >= 0) & t_ok  # inside this token's own sequence
-            xv = tl.load(xrow + shift * sx_t, mask=from_x[:, None] & d_ok[None, :], other=0.0)
-            wk = tl.load(w_ptr + d * sw_d + k * sw_k, mask=d_ok, other=0.0).to(tl.float32)
-            acc += xv.to(tl.float32) * wk[None, :]
-        if HAS_STATE:
-            # Only tiles holding a sequence's first WIDTH-1 tokens reach into a cached state.
-            near_start = tl.sum(((t - start < WIDTH - 1) & t_ok).to(tl.int32), axis=0) > 0
-            if near_start:
-                slot = tl.load(idx_ptr + seq, mask=t_ok, other=-1).to(tl.int64)
-                has_init = tl.load(init_ptr + seq, mask=t_ok, other=0).to(tl.int32) != 0
-                use_state = has_init & (slot >= 0) & t_ok
-                for k in tl.static_range(WIDTH - 1):
-                    pos = t + k - (WIDTH - 1) - start  # negative: index WIDTH-1+pos of the state
-                    from_s = (pos < 0) & use_state
-                    sv = tl.load(
-                        state_ptr
-                        + slot[:, None] * ss_n
-                        + d[None, :] * ss_d
-                        + (WIDTH - 1 + pos)[:, None] * ss_k,
-                        mask=from_s[:, None] & d_ok[None, :],
-                        other=0.0,
-                    )
-                    wk = tl.load(w_ptr + d * sw_d + k * sw_k, mask=d_ok, other=0.0).to(tl.float32)
-                    acc += sv.to(tl.float32) * wk[None, :]
-        if SILU:
-            acc = _silu(acc)
-        tl.store(
-            out_ptr + t.to(tl.int64)[:, None] * so_t + d[None, :] * so_d,
-            acc.to(out_ptr.dtype.element_ty),
-            mask=t_ok[:, None] & d_ok[None, :],
-        )
+    group = tl.minimum(nprog, n_d)
+    lane = pid // group
+    lanes = nprog // group
+    lo, hi, n_chunks, chunk_end, total = _chunk_table(cu_ptr, batch, SKIP_FIRST, BLOCK_T,
+                                                      BLOCK_B)  # fmt: skip
+    for dt in range(pid % group, n_d, group):
+        d, d_ok, w0, w1, w2, w3, bias = _channel_tile(w_ptr, b_ptr, dt, dim, sw_d, sw_k,
+                                                      WIDTH, HAS_BIAS, BLOCK_D)  # fmt: skip
+        for chunk in range(lane, total, lanes):
+            t0, start, end = _seq_chunk(chunk, lo, hi, n_chunks, chunk_end, SKIP_FIRST,
+                                        BLOCK_T, BLOCK_B)  # fmt: skip
+            acc, t, t_ok = _conv_tile(x_ptr, t0, start, end, d, d_ok, w0, w1, w2, w3, bias,
+                                      sx_t, sx_d, WIDTH, BLOCK_T, WIDE, EVEN_D)  # fmt: skip
+            _store_tile(out_ptr, acc, t, t_ok, d, d_ok, so_t, so_d, SILU, EVEN_D)
 
 
 @triton.jit
-def _conv_final_state_kernel(
-    x_ptr, state_ptr, cu_ptr, idx_ptr, init_ptr,
+def _conv_prefill_first_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, state_ptr, cu_ptr, idx_ptr, init_ptr,
     dim, batch,
-    sx_t, sx_d, ss_n, ss_d, ss_k,
-    WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    sx_t, sx_d, sw_d, sw_k, so_t, so_d, ss_n, ss_d, ss_k,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
+    # Each sequence's first chunk, continuing from its cached state, and its final state. Only
+    # this chunk reads the state (BLOCK_T >= WIDTH-1), so the same program writes the final
+    # state after a barrier: no other program reads the slot.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_d = tl.cdiv(dim, BLOCK_D)
-    k = tl.arange(0, BLOCK_K)
-    k_ok = k < WIDTH - 1
-    for item in range(pid, batch * n_d, nprog):
-        seq = item // n_d
-        d = (item % n_d) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        slot = tl.load(idx_ptr + seq).to(tl.int64)
-        if slot >= 0:
+    group = tl.minimum(nprog, n_d)
+    for dt in range(pid % group, n_d, group):
+        d, d_ok, w0, w1, w2, w3, bias = _channel_tile(w_ptr, b_ptr, dt, dim, sw_d, sw_k,
+                                                      WIDTH, HAS_BIAS, BLOCK_D)  # fmt: skip
+        for seq in range(pid // group, batch, nprog // group):
             start = tl.load(cu_ptr + seq)
-            length = tl.load(cu_ptr + seq + 1) - start
-            pos = length - (WIDTH - 1) + k  # the last WIDTH-1 positions of the sequence
-            xv = tl.load(
-                x_ptr + (start + pos).to(tl.int64)[:, None] * sx_t + d[None, :] * sx_d,
-                mask=((pos >= 0) & k_ok)[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            # A sequence shorter than WIDTH-1 keeps part of its initial state (if it had one).
-            use_init = tl.load(init_ptr + seq).to(tl.int32) + tl.zeros_like(k) != 0
-            sv = tl.load(
-                state_ptr + slot * ss_n + d[None, :] * ss_d + (WIDTH - 1 + pos)[:, None] * ss_k,
-                mask=((pos < 0) & k_ok & use_init)[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            xv = tl.where((pos >= 0)[:, None], xv, sv.to(xv.dtype))
-            # Every load above precedes this store, so updating the state in place is safe.
-            tl.store(
-                state_ptr + slot * ss_n + d[None, :] * ss_d + k[:, None] * ss_k,
-                xv.to(state_ptr.dtype.element_ty),
-                mask=k_ok[:, None] & d_ok[None, :],
-            )
+            end = tl.load(cu_ptr + seq + 1)
+            acc, t, t_ok = _conv_tile(x_ptr, start, start, end, d, d_ok, w0, w1, w2, w3, bias,
+                                      sx_t, sx_d, WIDTH, BLOCK_T, WIDE, EVEN_D)  # fmt: skip
+            slot = tl.load(idx_ptr + seq).to(tl.int64)
+            use = (tl.load(init_ptr + seq).to(tl.int32) != 0) & (slot >= 0)
+            if use:
+                # Token p < WIDTH-1 adds w_j * state[p + j] for the taps j with p + j < WIDTH-1.
+                base = state_ptr + slot * ss_n + d * ss_d
+                r = tl.arange(0, BLOCK_T)[:, None]
+                for p in tl.static_range(WIDTH - 1):
+                    extra = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                    for j in tl.static_range(WIDTH - 1 - p):
+                        sv = tl.load(base + (p + j) * ss_k, mask=d_ok, other=0.0)
+                        extra += _tap(w0, w1, w2, w3, j) * sv.to(tl.float32)
+                    acc += tl.where(r == p, extra[None, :], 0.0)
+            _store_tile(out_ptr, acc, t, t_ok, d, d_ok, so_t, so_d, SILU, EVEN_D)
+            f0 = _final_row(x_ptr, state_ptr, slot, use, start, end, d, d_ok,
+                            sx_t, sx_d, ss_n, ss_d, ss_k, 0, WIDTH, WIDE)  # fmt: skip
+            f1 = f0
+            f2 = f0
+            if WIDTH >= 3:
+                f1 = _final_row(x_ptr, state_ptr, slot, use, start, end, d, d_ok,
+                                sx_t, sx_d, ss_n, ss_d, ss_k, 1, WIDTH, WIDE)  # fmt: skip
+            if WIDTH >= 4:
+                f2 = _final_row(x_ptr, state_ptr, slot, use, start, end, d, d_ok,
+                                sx_t, sx_d, ss_n, ss_d, ss_k, 2, WIDTH, WIDE)  # fmt: skip
+            tl.debug_barrier()  # every warp has read the old state
+            if slot >= 0:
+                _store_window(state_ptr + slot * ss_n + d * ss_d, f0, f1, f2, d_ok, ss_k, WIDTH)
 
 
-PREFILL_TILE_CUDA = (32, 128)
+PREFILL_TILE_CUDA = (16, 256)
 """(tokens, channels) of a prefill tile on NVIDIA GPUs: the best of a sweep on an H100
-(2098 GB/s against 1620-1860 for 16 x 256, 8 x 256 and 32 x 256 in the same run)."""
+(bench/kernel_tiles.py)."""
 
 
 def prefill_tiles(dim: int, device: torch.device) -> tuple[int, int]:
     """(tokens, channels) per prefill tile. NPU: 512 channels (256 below 512) and as many tokens
-    as the 32 KB tile budget holds in fp32; CUDA: PREFILL_TILE_CUDA."""
+    as the 32 KB tile budget holds in fp32; CUDA: PREFILL_TILE_CUDA. At least MAX_WIDTH - 1
+    tokens, so a sequence's cached state is read by its first chunk only."""
     if device_type(device) == "cuda":
         block_t, block_d = PREFILL_TILE_CUDA
         return block_t, min(block_d, pow2_ceil(dim))
     block_d = min(channel_tile(dim, device), pow2_ceil(dim))
-    return max(1, min(16, pow2_floor(tile_budget_bytes(device) // (block_d * 4)))), block_d
+    budget_t = pow2_floor(tile_budget_bytes(device) // (block_d * 4))
+    return max(pow2_ceil(MAX_WIDTH - 1), min(16, budget_t)), block_d
+
+
+def row_grid(device: torch.device, n_d: int, rows: int) -> int:
+    """Programs for `rows` x `n_d` channel tiles: whole rows of `n_d` programs (the kernels
+    assign channel tiles by pid % n_d), or fewer than one row on small devices."""
+    cap = grid_size(device, n_d * rows)
+    return cap if cap < n_d else (cap // n_d) * n_d
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset of any tensor (its strides included) can pass int32."""
+    return any(
+        sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31 - 1
+        for t in tensors
+        if t.numel()
+    )
 
 
 def _check_conv(weight: torch.Tensor, dim: int, bias: torch.Tensor | None) -> int:
@@ -199,30 +332,28 @@ def causal_conv1d_prefill(
     if num_tokens == 0 or batch <= 0:
         return out
     block_t, block_d = prefill_tiles(dim, x.device)
-    items = triton.cdiv(num_tokens, block_t) * triton.cdiv(dim, block_d)
     has_state = conv_states is not None
     if has_state and has_initial_state is None:
         has_initial_state = torch.zeros(batch, dtype=torch.bool, device=x.device)
-    dummy = cu_seqlens
-    states = conv_states if has_state else x
-    state_strides = conv_states.stride() if has_state else (0, 0, 0)
-    _conv_prefill_kernel[(grid_size(x.device, items),)](
-        x, weight, bias if bias is not None else weight, out, states,
-        cu_seqlens, cache_indices if has_state else dummy,
-        has_initial_state if has_state else dummy,
-        num_tokens, dim, batch,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        *state_strides,
-        WIDTH=width, HAS_BIAS=bias is not None, HAS_STATE=has_state,
-        SILU=activation == "silu", BLOCK_T=block_t, BLOCK_D=block_d,
-        BLOCK_B=pow2_ceil(batch),
-        **PREFILL_LAUNCH,
+    n_d = triton.cdiv(dim, block_d)
+    common = {
+        "WIDTH": width, "HAS_BIAS": bias is not None, "SILU": activation == "silu",
+        "BLOCK_T": block_t, "BLOCK_D": block_d, "EVEN_D": dim % block_d == 0,
+        "WIDE": _needs_int64(x, out), **PREFILL_LAUNCH,
+    }  # fmt: skip
+    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+               out.stride(0), out.stride(1))  # fmt: skip
+    b_arg = bias if bias is not None else weight
+    # An upper bound of the chunk count, without reading cu_seqlens on the host (no sync).
+    max_chunks = triton.cdiv(num_tokens, block_t) + batch
+    _conv_prefill_kernel[(row_grid(x.device, n_d, max_chunks),)](
+        x, weight, b_arg, out, cu_seqlens, dim, batch, *strides,
+        SKIP_FIRST=int(has_state), BLOCK_B=pow2_ceil(batch), **common,
     )  # fmt: skip
     if has_state:
-        _conv_final_state_kernel[(grid_size(x.device, batch * triton.cdiv(dim, block_d)),)](
-            x, conv_states, cu_seqlens, cache_indices, has_initial_state,
-            dim, batch, x.stride(0), x.stride(1), *conv_states.stride(),
-            WIDTH=width, BLOCK_D=block_d, BLOCK_K=pow2_ceil(width - 1),
+        _conv_prefill_first_kernel[(row_grid(x.device, n_d, batch),)](
+            x, weight, b_arg, out, conv_states, cu_seqlens, cache_indices, has_initial_state,
+            dim, batch, *strides, *conv_states.stride(), **common,
         )  # fmt: skip
     return out
 
@@ -234,65 +365,50 @@ def _conv_update_kernel(
     sx_b, sx_t, sx_d, sw_d, sw_k, so_b, so_t, so_d, ss_n, ss_d, ss_k,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    # Programs form rows of `group` channel tiles (as in the prefill kernel): weights stay in
+    # registers while a program walks its lane's sequences.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_d = tl.cdiv(dim, BLOCK_D)
-    for item in range(pid, batch * n_d, nprog):
-        b = item // n_d
-        d = (item % n_d) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        slot = tl.load(idx_ptr + b).to(tl.int64)
-        if slot >= 0:
-            base = state_ptr + slot * ss_n + d * ss_d
-            # The window's WIDTH-1 cached inputs, oldest first; unused ones stay zero.
-            s0 = tl.load(base, mask=d_ok, other=0.0).to(tl.float32)
-            s1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            s2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            if WIDTH >= 3:
-                s1 = tl.load(base + ss_k, mask=d_ok, other=0.0).to(tl.float32)
-            if WIDTH >= 4:
-                s2 = tl.load(base + 2 * ss_k, mask=d_ok, other=0.0).to(tl.float32)
-            w0 = tl.load(w_ptr + d * sw_d, mask=d_ok, other=0.0).to(tl.float32)
-            w1 = tl.load(w_ptr + d * sw_d + sw_k, mask=d_ok, other=0.0).to(tl.float32)
-            w2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            w3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            if WIDTH >= 3:
-                w2 = tl.load(w_ptr + d * sw_d + 2 * sw_k, mask=d_ok, other=0.0).to(tl.float32)
-            if WIDTH >= 4:
-                w3 = tl.load(w_ptr + d * sw_d + 3 * sw_k, mask=d_ok, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                bias = tl.load(b_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-            else:
-                bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for t in range(steps):
-                xt = tl.load(
-                    x_ptr + b.to(tl.int64) * sx_b + t * sx_t + d * sx_d, mask=d_ok, other=0.0
-                ).to(tl.float32)
-                if WIDTH == 2:
-                    acc = bias + w0 * s0 + w1 * xt
-                    s0 = xt
-                elif WIDTH == 3:
-                    acc = bias + w0 * s0 + w1 * s1 + w2 * xt
-                    s0 = s1
-                    s1 = xt
-                else:
-                    acc = bias + w0 * s0 + w1 * s1 + w2 * s2 + w3 * xt
-                    s0 = s1
-                    s1 = s2
-                    s2 = xt
-                if SILU:
-                    acc = _silu(acc)
-                tl.store(
-                    out_ptr + b.to(tl.int64) * so_b + t * so_t + d * so_d,
-                    acc.to(out_ptr.dtype.element_ty),
-                    mask=d_ok,
-                )
-            dt = state_ptr.dtype.element_ty
-            tl.store(base, s0.to(dt), mask=d_ok)
-            if WIDTH >= 3:
-                tl.store(base + ss_k, s1.to(dt), mask=d_ok)
-            if WIDTH >= 4:
-                tl.store(base + 2 * ss_k, s2.to(dt), mask=d_ok)
+    group = tl.minimum(nprog, n_d)
+    for dt in range(pid % group, n_d, group):
+        d, d_ok, w0, w1, w2, w3, bias = _channel_tile(w_ptr, b_ptr, dt, dim, sw_d, sw_k,
+                                                      WIDTH, HAS_BIAS, BLOCK_D)  # fmt: skip
+        for b in range(pid // group, batch, nprog // group):
+            slot = tl.load(idx_ptr + b).to(tl.int64)
+            if slot >= 0:
+                base = state_ptr + slot * ss_n + d * ss_d
+                # The window's WIDTH-1 cached inputs, oldest first; unused ones stay zero.
+                s0 = tl.load(base, mask=d_ok, other=0.0).to(tl.float32)
+                s1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                s2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                if WIDTH >= 3:
+                    s1 = tl.load(base + ss_k, mask=d_ok, other=0.0).to(tl.float32)
+                if WIDTH >= 4:
+                    s2 = tl.load(base + 2 * ss_k, mask=d_ok, other=0.0).to(tl.float32)
+                for t in range(steps):
+                    x_at = x_ptr + tl.cast(b, tl.int64) * sx_b + t * sx_t
+                    xt = tl.load(x_at + d * sx_d, mask=d_ok, other=0.0).to(tl.float32)
+                    if WIDTH == 2:
+                        acc = bias + w0 * s0 + w1 * xt
+                        s0 = xt
+                    elif WIDTH == 3:
+                        acc = bias + w0 * s0 + w1 * s1 + w2 * xt
+                        s0 = s1
+                        s1 = xt
+                    else:
+                        acc = bias + w0 * s0 + w1 * s1 + w2 * s2 + w3 * xt
+                        s0 = s1
+                        s1 = s2
+                        s2 = xt
+                    if SILU:
+                        acc = _silu(acc)
+                    tl.store(
+                        out_ptr + tl.cast(b, tl.int64) * so_b + t * so_t + d * so_d,
+                        acc.to(out_ptr.dtype.element_ty),
+                        mask=d_ok,
+                    )
+                _store_window(base, s0, s1, s2, d_ok, ss_k, WIDTH)
 
 
 def causal_conv1d_update(
@@ -328,8 +444,10 @@ def causal_conv1d_update(
     out3 = torch.empty_like(x3) if out is None else (out.unsqueeze(1) if squeeze else out)
     if batch == 0 or steps == 0:
         return out3.squeeze(1) if squeeze else out3
-    block_d = min(channel_tile(dim, x.device), pow2_ceil(dim))
-    _conv_update_kernel[(grid_size(x.device, batch * triton.cdiv(dim, block_d)),)](
+    block_d = min(
+        UPDATE_TILE_CUDA if x.device.type == "cuda" else channel_tile(dim, x.device), pow2_ceil(dim)
+    )
+    _conv_update_kernel[(row_grid(x.device, triton.cdiv(dim, block_d), batch),)](
         x3, weight, bias if bias is not None else weight, out3, conv_states, cache_indices,
         batch, steps, dim, *x3.stride(), weight.stride(0), weight.stride(1), *out3.stride(),
         *conv_states.stride(),
@@ -351,6 +469,8 @@ def _conv_one(
 ) -> torch.Tensor:
     """(len, dim) after an initial (dim, width-1) history, computed with F.conv1d in fp32."""
     dim = weight.shape[0]
+    if xs.shape[0] == 0:
+        return xs.float()
     seq = torch.cat([initial.float(), xs.float().t()], dim=1)  # (dim, width-1+len)
     y = F.conv1d(
         seq.unsqueeze(0),

@@ -55,11 +55,18 @@ def _reshape_and_cache_kernel(
                     sv_t, sv_h, sv_d, vc_b, vc_o, vc_h, vc_d, BLOCK_EV)  # fmt: skip
 
 
-def _tiles(heads: int, k_size: int, v_size: int, budget_elems: int) -> tuple[int, int, int]:
+MAX_TILE_TOKENS = 16
+MAX_TILE_TOKENS_CUDA = 8
+LAUNCH_CUDA = {"num_warps": 4}
+
+
+def _tiles(
+    heads: int, k_size: int, v_size: int, budget_elems: int, max_tokens: int
+) -> tuple[int, int, int]:
     """(tokens, K elements, V elements) per tile: whole tokens where the budget allows."""
     block_ek = min(pow2_ceil(heads * k_size), budget_elems)
     block_ev = min(pow2_ceil(heads * v_size), budget_elems)
-    block_t = max(1, min(16, pow2_floor(budget_elems // max(block_ek, block_ev))))
+    block_t = max(1, min(max_tokens, pow2_floor(budget_elems // max(block_ek, block_ev))))
     return block_t, block_ek, block_ev
 
 
@@ -97,12 +104,16 @@ def reshape_and_cache(
         )
     if tokens == 0:
         return
-    block_t, block_ek, block_ev = _tiles(heads, k_size, v_size, tile_budget_bytes(key.device) // 4)
+    cuda = key.device.type == "cuda"
+    block_t, block_ek, block_ev = _tiles(
+        heads, k_size, v_size, tile_budget_bytes(key.device) // 4,
+        MAX_TILE_TOKENS_CUDA if cuda else MAX_TILE_TOKENS,
+    )  # fmt: skip
     _reshape_and_cache_kernel[(grid_size(key.device, triton.cdiv(tokens, block_t)),)](
         key, value, key_cache, value_cache, slot_mapping,
         tokens, heads, k_size, v_size, block_size,
         *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(),
-        BLOCK_T=block_t, BLOCK_EK=block_ek, BLOCK_EV=block_ev,
+        BLOCK_T=block_t, BLOCK_EK=block_ek, BLOCK_EV=block_ev, **(LAUNCH_CUDA if cuda else {}),
     )  # fmt: skip
 
 

@@ -70,6 +70,28 @@ def test_prefill_with_states_writes_final_states(device, width, transposed):
     assert torch.equal(mine[untouched], states[untouched])
 
 
+@pytest.mark.parametrize(
+    "lens",
+    [[0, 3, 0, 40, 0], [2] * 37 + [0, 65] + [1] * 30],
+    ids=["empty-sequences", "many-short-sequences"],
+)
+def test_prefill_many_and_empty_sequences(device, lens):
+    """Empty sequences still get their state written (kept, or zeroed without an initial
+    state), as in the reference; many sequences exercise the per-sequence chunk table."""
+    dim, width = 200, 4
+    x, cu = packed(lens, dim, device)
+    weight = torch.randn(dim, width, device=device)
+    states = states_like(len(lens), dim, width, device, transposed=True)
+    indices = torch.arange(len(lens), dtype=torch.int32, device=device).flip(0)
+    initial = torch.arange(len(lens), device=device) % 2 == 0
+    mine, ref = states.clone(), states.clone()
+    kw = {"cache_indices": indices, "has_initial_state": initial, "activation": "silu"}
+    got = causal_conv1d_prefill(x, weight, cu, conv_states=mine, **kw)
+    want = causal_conv1d_prefill_ref(x, weight, cu, conv_states=ref, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+
+
 def test_prefill_continues_where_a_split_sequence_left_off(device):
     """Running a sequence in two prefill calls through the state equals one call."""
     dim, width = 96, 4

@@ -1,0 +1,247 @@
+"""Tile and launch sweep for the memory-bound kernels on an NVIDIA GPU.
+
+Each configuration is checked against the kernel's torch reference before it is timed, so a
+fast but wrong tile never wins. Prints GB/s and the fraction of the 1 GiB device-to-device
+copy measured in the same run; writes every row to JSON. The winners become the modules'
+CUDA constants (PREFILL_*_CUDA, UPDATE_*_CUDA, MAX_TILE_TOKENS_CUDA, ...).
+
+    python bench/kernel_tiles.py [--output bench/results/kernel_tiles.json] [--only conv_prefill]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "kernels"), str(ROOT / "bench")]
+
+from _common import write_result  # noqa: E402
+
+from ascend_kernels import causal_conv1d, device, reshape_and_cache  # noqa: E402
+from kernels import BF16, CACHE_SHAPES, copy_bandwidth, ms  # noqa: E402
+
+
+@contextlib.contextmanager
+def patched(module: Any, **values: Any) -> Iterator[None]:
+    """Set module constants for the duration of one configuration."""
+    old = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return torch.allclose(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
+def measure(
+    name: str,
+    config: dict[str, Any],
+    case: tuple[Callable[[], Any], Callable[[], bool]],
+    nbytes: int,
+    copy_bw: float,
+) -> dict[str, Any]:
+    """Check one configuration against the reference, then time it."""
+    run, check = case
+    ok = check()
+    t = ms(run) if ok else float("nan")
+    gbps = nbytes / t / 1e6 if ok else 0.0
+    print(f"{name:34s} {config!s:70s} {t:8.4f} ms {gbps:7.0f} GB/s {gbps / copy_bw:6.1%}"
+          + ("" if ok else "  WRONG"), flush=True)  # fmt: skip
+    return {"kernel": name, "config": config, "ms": round(t, 4), "gb_per_s": round(gbps, 1),
+            "fraction_of_d2d_copy": round(gbps / copy_bw, 3), "correct": ok}  # fmt: skip
+
+
+def conv_prefill_inputs(lens: list[int]) -> dict[str, Any]:
+    dim, width = 8192, 4
+    tokens = sum(lens)
+    slots = len(lens)
+    return {
+        "x": torch.randn(tokens, dim, device="cuda", dtype=BF16),
+        "w": torch.randn(dim, width, device="cuda", dtype=BF16),
+        "b": torch.randn(dim, device="cuda", dtype=BF16),
+        "cu": torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda"),
+        "states": torch.randn(slots, width - 1, dim, device="cuda", dtype=BF16).transpose(1, 2),
+        "idx": torch.arange(slots, dtype=torch.int32, device="cuda"),
+        "init": torch.ones(slots, dtype=torch.bool, device="cuda"),
+    }
+
+
+def sweep_conv_prefill(copy_bw: float) -> list[dict[str, Any]]:
+    rows = []
+    configs = [
+        {"PREFILL_TILE_CUDA": tile, "warps": warps, "programs_per_sm": per_sm}
+        for tile, warps, per_sm in itertools.product(
+            ((16, 128), (32, 128), (64, 128), (16, 256), (32, 256), (8, 512), (16, 512)),
+            (4, 8),
+            (8, 16),
+        )
+    ]
+    for lens in ([2048] * 4, [512] * 16):
+        a = conv_prefill_inputs(lens)
+        ref_states = a["states"].clone()
+        want = causal_conv1d.causal_conv1d_prefill_ref(
+            a["x"], a["w"], a["cu"], bias=a["b"], conv_states=ref_states,
+            cache_indices=a["idx"], has_initial_state=a["init"], activation="silu",
+        )  # fmt: skip
+        out = torch.empty_like(a["x"])
+        nbytes = 2 * a["x"].numel() * 2 + 2 * a["states"].numel() * 2
+
+        def run(a=a, out=out, states=None) -> None:
+            states = a["states"] if states is None else states
+            causal_conv1d.causal_conv1d_prefill(
+                a["x"], a["w"], a["cu"], bias=a["b"], conv_states=states,
+                cache_indices=a["idx"], has_initial_state=a["init"], activation="silu",
+                out=out,
+            )  # fmt: skip
+
+        # Timed runs advance a["states"] in place: checks start from a pristine copy.
+        pristine = a["states"].clone()
+
+        def check(out=out, expected=(want, ref_states), pristine=pristine) -> bool:
+            states = pristine.clone()
+            run(states=states)
+            return close(out, expected[0]) and torch.equal(states, expected[1])
+
+        for cfg in configs:
+            with (
+                patched(
+                    causal_conv1d,
+                    PREFILL_TILE_CUDA=cfg["PREFILL_TILE_CUDA"],
+                    PREFILL_LAUNCH={"num_warps": cfg["warps"]},
+                ),
+                patched(device, GPU_PROGRAMS_PER_SM=cfg["programs_per_sm"]),
+            ):
+                r = measure(f"conv_prefill {len(lens)}x{lens[0]}", cfg, (run, check), nbytes,
+                            copy_bw)  # fmt: skip
+            rows.append(r)
+    return rows
+
+
+def sweep_conv_update(copy_bw: float) -> list[dict[str, Any]]:
+    rows = []
+    dim, width = 8192, 4
+    for batch, steps in ((256, 1), (1024, 1), (256, 4)):
+        x = torch.randn(batch, steps, dim, device="cuda", dtype=BF16)
+        w = torch.randn(dim, width, device="cuda", dtype=BF16)
+        states = torch.randn(batch, width - 1, dim, device="cuda", dtype=BF16).transpose(1, 2)
+        idx = torch.arange(batch, dtype=torch.int32, device="cuda")
+        ref_states = states.clone()
+        want = causal_conv1d.causal_conv1d_update_ref(x, ref_states, w, idx, activation="silu")
+        out = torch.empty_like(x)
+        nbytes = 2 * x.numel() * 2 + 2 * states.numel() * 2
+
+        def run(args=(x, w, idx, out), states=states) -> None:
+            x, w, idx, out = args
+            causal_conv1d.causal_conv1d_update(x, states, w, idx, activation="silu", out=out)
+
+        pristine = states.clone()
+
+        def check(out=out, expected=(want, ref_states), pristine=pristine) -> bool:
+            s = pristine.clone()
+            run(states=s)
+            return close(out, expected[0]) and torch.equal(s, expected[1])
+
+        for block_d, warps, per_sm in itertools.product((256, 512, 1024), (4, 8), (8, 16, 32)):
+            cfg = {"UPDATE_TILE_CUDA": block_d, "warps": warps, "programs_per_sm": per_sm}
+
+            with (
+                patched(
+                    causal_conv1d, UPDATE_TILE_CUDA=block_d, UPDATE_LAUNCH={"num_warps": warps}
+                ),  # fmt: skip
+                patched(device, GPU_PROGRAMS_PER_SM=per_sm),
+            ):
+                rows.append(measure(f"conv_update b{batch} t{steps}", cfg, (run, check), nbytes,
+                                    copy_bw))  # fmt: skip
+    return rows
+
+
+def sweep_reshape_and_cache(copy_bw: float) -> list[dict[str, Any]]:
+    rows = []
+    block = 128
+    for label, heads, ks, vs, layers, tokens in CACHE_SHAPES:
+        num_blocks = 2 * tokens // block
+        kbuf = torch.zeros(num_blocks, layers, block, heads, ks, device="cuda", dtype=BF16)
+        vbuf = torch.zeros(num_blocks, layers, block, heads, vs, device="cuda", dtype=BF16)
+        key = torch.randn(tokens, heads, ks, device="cuda", dtype=BF16)
+        value = torch.randn(tokens, heads, vs, device="cuda", dtype=BF16)
+        slots = torch.randperm(num_blocks * block, device="cuda")[:tokens]
+        kc, vc = kbuf[:, 3], vbuf[:, 3]
+        kw, vw = kc.clone(), vc.clone()
+        reshape_and_cache.reshape_and_cache_ref(key, value, kw, vw, slots)
+        nbytes = 2 * (key.numel() + value.numel()) * 2
+
+        def run(args=(key, value, kc, vc, slots)) -> None:
+            reshape_and_cache.reshape_and_cache(*args)
+
+        def check(caches=(kc, vc), expected=(kw, vw)) -> bool:
+            for c in caches:
+                c.zero_()
+            run()
+            return torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+        for block_t, warps, per_sm in itertools.product((1, 2, 4, 8, 16), (2, 4, 8),
+                                                        (8, 16, 32)):  # fmt: skip
+            cfg = {"MAX_TILE_TOKENS_CUDA": block_t, "warps": warps, "programs_per_sm": per_sm}
+
+            with (
+                patched(
+                    reshape_and_cache,
+                    MAX_TILE_TOKENS_CUDA=block_t,
+                    LAUNCH_CUDA={"num_warps": warps},
+                ),  # fmt: skip
+                patched(device, GPU_PROGRAMS_PER_SM=per_sm),
+            ):
+                rows.append(measure(f"reshape_and_cache {tokens} {label}", cfg, (run, check),
+                                    nbytes, copy_bw))  # fmt: skip
+        del kbuf, vbuf
+    return rows
+
+
+SWEEPS = {
+    "conv_prefill": sweep_conv_prefill,
+    "conv_update": sweep_conv_update,
+    "reshape_and_cache": sweep_reshape_and_cache,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "kernel_tiles.json"))
+    parser.add_argument("--only", choices=sorted(SWEEPS), action="append")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/kernel_tiles.py needs an NVIDIA GPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    copy_bw = copy_bandwidth("cuda")
+    print(f"{torch.cuda.get_device_name()}: d2d copy {copy_bw:.0f} GB/s", flush=True)
+    rows = []
+    for name in args.only or sorted(SWEEPS):
+        rows += SWEEPS[name](copy_bw)
+    props = torch.cuda.get_device_properties(0)
+    write_result(args.output, {
+        "benchmark": "kernel_tiles",
+        "device": f"{props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+                  f"triton {triton.__version__}",
+        "copy_gb_per_s": round(copy_bw, 1),
+        "results": rows,
+    })  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
