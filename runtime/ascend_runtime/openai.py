@@ -88,6 +88,18 @@ class ChatRequest(_Req):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings: one input or a batch (strings, or token ids)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    dimensions: int | None = Field(default=None, gt=0)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
 def validation_error(exc: ValidationError) -> OpenAIError:
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first["loc"])
