@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 SCHEMA_VERSION = 1
 
@@ -60,6 +60,9 @@ class LeaderDiscovery(_Config):
     """Retry budget for the leader's DNS name to resolve."""
 
 
+DEFAULT_EMBEDDING_DIM = 1024
+
+
 class SimSettings(_Config):
     """The sim engine's capacity and latency model (filled by the planner from the plan)."""
 
@@ -85,6 +88,22 @@ class SimSettings(_Config):
     """How long a prefill instance holds blocks for a decode instance to pull."""
     default_max_tokens: int = Field(default=16, ge=1)
     """Output length when a request names none (OpenAI's completions default)."""
+    embedding_dim: int | None = Field(default=None, ge=1)
+    """Length of the vectors /v1/embeddings returns (task: embed; None: 1024, bge-m3's).
+    Left out of the serialized config when unset, so generative deployments' configs (and
+    the pod template hashes derived from them) stay as they were."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_embedding_dim(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("embedding_dim") is None:
+            data.pop("embedding_dim", None)
+        return data
+
+    @property
+    def vector_dim(self) -> int:
+        """The embedding length in use."""
+        return self.embedding_dim or DEFAULT_EMBEDDING_DIM
 
 
 class RuntimeConfig(_Config):

@@ -6,9 +6,12 @@ import base64
 import math
 import struct
 
+import httpx
 import pytest
+import pytest_asyncio
 from pydantic import ValidationError
 
+from ascend_operator.planner import plan_manifest
 from ascend_runtime.openai import EmbeddingRequest, OpenAIError
 from ascend_runtime.sim.embeddings import (
     embed,
@@ -17,6 +20,8 @@ from ascend_runtime.sim.embeddings import (
     output_dimensions,
 )
 from ascend_runtime.sim.model import tokenize
+from ascend_runtime.sim.server import SimServer
+from helpers import load_example
 
 DIM = 1024
 
@@ -117,3 +122,86 @@ def test_invalid_inputs_are_openai_400s(fields, param, text):
 def test_wrong_types_fail_validation(fields):
     with pytest.raises(ValidationError):
         request(**fields)
+
+
+# --- served by the sim engine (in process) ------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def servers():
+    """An embedding instance and a generative one, from the tiny-sim example's config."""
+    config = plan_manifest(load_example("tiny-sim.yaml")).role("unified").runtime_config
+    embed_server = SimServer(config.model_copy(update={"task": "embed"}), 0, "127.0.0.1")
+    generate_server = SimServer(config, 1, "127.0.0.1")
+    clients = []
+    for server in (embed_server, generate_server):
+        await server.start()
+        clients.append(
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=server.api), base_url="http://s")
+        )
+    yield config.served_model_name, embed_server, clients[0], clients[1]
+    for c in clients:
+        await c.aclose()
+    for server in (embed_server, generate_server):
+        await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_embeddings_endpoint_batch_order_usage_and_metrics(servers):
+    name, server, embed_client, _ = servers
+    texts = ["one two three", "four", "one two three"]
+    r = await embed_client.post("/v1/embeddings", json={"model": name, "input": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    data = body["data"]
+    assert [d["index"] for d in data] == [0, 1, 2]
+    assert data[0]["embedding"] == data[2]["embedding"] != data[1]["embedding"]
+    assert len(data[0]["embedding"]) == server.settings.vector_dim
+    assert math.isclose(math.fsum(v * v for v in data[1]["embedding"]), 1.0, rel_tol=1e-9)
+    assert body["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+    single = await embed_client.post("/v1/embeddings", json={"model": name, "input": "four"})
+    assert single.json()["data"][0]["embedding"] == data[1]["embedding"]
+    metrics = (await embed_client.get("/metrics")).text
+    assert "vllm:prompt_tokens_total{" in metrics
+    prompt_total = next(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("vllm:prompt_tokens_total{")
+    )
+    assert prompt_total == 8  # 7 + 1: every input went through the scheduler
+
+
+@pytest.mark.asyncio
+async def test_embeddings_errors_are_openai_shaped(servers):
+    name, _, embed_client, generate_client = servers
+    cases = [
+        (embed_client, {"model": name, "input": []}, 400, "input"),
+        (embed_client, {"model": name, "input": [1, "a"]}, 400, None),
+        (embed_client, {"model": name, "input": "x " * 5000}, 400, "input"),
+        (embed_client, {"model": "other", "input": "x"}, 404, "model"),
+        (generate_client, {"model": name, "input": "x"}, 400, "model"),
+    ]
+    for client, body, status, param in cases:
+        r = await client.post("/v1/embeddings", json=body)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["message"]
+        if param is not None:
+            assert err["param"] == param
+    r = await embed_client.post(
+        "/v1/completions", json={"model": name, "prompt": "a", "max_tokens": 2}
+    )
+    assert r.status_code == 400
+    assert "task: embed" in r.json()["error"]["message"]
+
+
+def test_embedding_dim_is_serialized_only_when_set():
+    """Unset, the field stays out of the rendered config, so generative deployments' pod
+    template hashes do not change; set, it survives the round trip."""
+    from ascend_runtime.config import SimSettings
+
+    assert "embedding_dim" not in SimSettings().model_dump_json()
+    assert SimSettings().vector_dim == 1024
+    set_ = SimSettings(embedding_dim=384)
+    back = SimSettings.model_validate_json(set_.model_dump_json())
+    assert back.embedding_dim == 384 and back.vector_dim == 384

@@ -69,6 +69,8 @@ class Sequence:
     """PD producer: keep the blocks after finishing, for a decode instance to pull."""
     imported_states: list[int] | None = None
     """PD consumer: the prompt's KV pulled from a prefill instance (no prefill compute)."""
+    pooling: bool = False
+    """An embedding input: it finishes once its prompt is prefilled, sampling nothing."""
     output: list[int] = field(default_factory=list)
     states: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
@@ -282,7 +284,10 @@ class SimEngine:
             seq.states.append(state)
         seq.computed += chunk
         if seq.prefilled:
-            self._emit(seq)
+            if seq.pooling:
+                self._finish(seq, "stop")
+            else:
+                self._emit(seq)
 
     def _emit(self, seq: Sequence) -> None:
         """Sample the next token from the current state and hand it to the consumer."""

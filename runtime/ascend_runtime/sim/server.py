@@ -19,13 +19,14 @@ from ..openai import (
     SSE_DONE,
     ChatRequest,
     CompletionRequest,
+    EmbeddingRequest,
     OpenAIError,
     new_id,
     now,
     parse_body,
     sse,
 )
-from . import model, pd
+from . import embeddings, model, pd
 from .engine import Sequence, SimEngine
 from .metrics import EngineMetrics
 
@@ -88,7 +89,7 @@ class SimServer:
         ).digest()
         return int.from_bytes(digest, "little")
 
-    def _check_common(self, req: Any) -> None:
+    def _check_model(self, req: Any, task: str) -> None:
         if req.model != self.config.served_model_name:
             raise OpenAIError(
                 404,
@@ -97,6 +98,17 @@ class SimServer:
                 param="model",
                 code="model_not_found",
             )
+        if self.config.task != task:
+            api = "the embeddings API" if task == "embed" else "completions and chat"
+            raise OpenAIError(
+                400,
+                f"`{req.model}` is deployed with task: {self.config.task} and does not serve "
+                f"{api}; deploy it with task: {task} for that",
+                param="model",
+            )
+
+    def _check_common(self, req: Any) -> None:
+        self._check_model(req, "generate")
         if req.n != 1:
             raise OpenAIError(400, "n must be 1 (the sim engine returns one choice)", param="n")
 
@@ -181,6 +193,50 @@ class SimServer:
             return self.exporter.hold(seq)
         return None
 
+    async def embeddings(self, request: Request) -> Response:
+        """Each input is one prefill-only sequence through the same scheduler (batch, token
+        and KV limits, and the prefill latency model) as generation."""
+        req = await parse_body(request, EmbeddingRequest, MAX_BODY_BYTES)
+        self._check_model(req, "embed")
+        dims = embeddings.output_dimensions(req, self.settings.vector_dim)
+        inputs = embeddings.input_tokens(req, self.settings.max_model_len)
+        seqs = [
+            Sequence(
+                request_id=new_id("embd"),
+                prompt=tokens,
+                max_tokens=1,
+                temperature=0.0,
+                sample_seed=0,
+                seed=self.settings.seed,
+                pooling=True,
+            )
+            for tokens in inputs
+        ]
+
+        task = asyncio.gather(*(self._drain(seq) for seq in seqs))
+        await self._await_or_abort(request, task)
+        vectors = [
+            embeddings.embed(t, self.settings.seed, self.settings.vector_dim, dims) for t in inputs
+        ]
+        return JSONResponse(
+            embeddings.embeddings_response(req, vectors, sum(len(t) for t in inputs))
+        )
+
+    async def _drain(self, seq: Sequence) -> None:
+        async for _ in self._events(seq):
+            pass
+
+    async def _await_or_abort(self, request: Request, task: asyncio.Future[Any]) -> None:
+        """Wait for `task`, cancelling it (which aborts its sequences) if the client leaves."""
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise OpenAIError(499, "client disconnected")
+        task.result()
+
     async def _collect(self, request: Request, seq: Sequence) -> str:
         """Run a non-streaming request to the end, aborting it if the client disconnects."""
         text: list[str] = []
@@ -190,15 +246,7 @@ class SimServer:
                 if kind == "token":
                     text.append(" " + model.detokenize(value))
 
-        task = asyncio.create_task(run())
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if not done and await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                raise OpenAIError(499, "client disconnected")
-        task.result()
+        await self._await_or_abort(request, asyncio.create_task(run()))
         return "".join(text)
 
     def _respond(self, seq: Sequence, body: dict[str, Any]) -> JSONResponse:
@@ -341,6 +389,7 @@ class SimServer:
         app.add_exception_handler(OpenAIError, _error_handler)  # type: ignore[arg-type]
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
+        app.add_api_route("/v1/embeddings", self.embeddings, methods=["POST"])
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
