@@ -171,3 +171,38 @@ def test_bad_input_through_router(unified, body, status, fragment):
     assert fragment in r.json()["error"]["message"]
     assert r.headers["x-request-id"] == "req-123"
     assert complete(unified, "still serving")["choices"][0]["text"]
+
+
+def test_embeddings_through_the_router(tmp_path):
+    """task: embed served by `up` (two sim instances behind the router): identical inputs
+    give identical unit vectors whichever instance answers, batches keep their order, and
+    bad input gets OpenAI-style 4xx errors."""
+    import math
+
+    with up("tiny-sim-embed.yaml", tmp_path) as (url, _proc, _out):
+
+        def embed(body: dict) -> httpx.Response:
+            return httpx.post(f"{url}/v1/embeddings", json={"model": "tiny-embed", **body})
+
+        texts = ["the quick brown fox", "jumps over", "the lazy dog"]
+        batch = embed({"input": texts})
+        assert batch.status_code == 200, batch.text
+        vectors = [d["embedding"] for d in batch.json()["data"]]
+        assert [d["index"] for d in batch.json()["data"]] == [0, 1, 2]
+        for text, vector in zip(texts, vectors, strict=True):
+            for _ in range(3):  # round-robin over both instances
+                again = embed({"input": text}).json()["data"][0]["embedding"]
+                assert again == vector
+            assert math.isclose(math.fsum(v * v for v in vector), 1.0, rel_tol=1e-9)
+        assert batch.json()["usage"]["prompt_tokens"] == 9
+        for body, status in (
+            ({"input": []}, 400),
+            ({"input": [1.5]}, 400),
+            ({"input": "word " * 600}, 400),
+            ({"input": "x", "dimensions": 4096}, 400),
+        ):
+            r = embed(body)
+            assert r.status_code == status, (body, r.text)
+            assert r.json()["error"]["message"]
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-embed", "prompt": "a"})
+        assert r.status_code == 400 and "task: embed" in r.json()["error"]["message"]

@@ -242,3 +242,53 @@ def test_long_name():
     doc = manifest()
     doc["metadata"]["name"] = "x" * 40
     assert "at most 39" in only(doc, "metadata.name").fix
+
+
+def _embed(**spec_patch):
+    base = {
+        "model": {"task": "embed", "maxModelLen": 8192},
+        "runtime": {"cudagraphMode": "PIECEWISE", "maxNumBatchedTokens": 8192},
+    }
+    return manifest(**{**base, **spec_patch})
+
+
+def test_embed_rejects_prefill_decode_roles():
+    doc = _embed(roles=pd_roles())
+    for i, name in enumerate(("prefill", "decode")):
+        p = only(doc, f"spec.roles[{i}].name")
+        assert f"no {name} role" in p.message and "unified" in p.fix
+
+
+def test_embed_rejects_mtp_offload_and_decode_graphs_all_at_once():
+    doc = _embed(
+        runtime={
+            "cudagraphMode": "FULL_DECODE_ONLY",
+            "maxNumBatchedTokens": 4096,
+            "speculative": {"method": "mtp", "numSpeculativeTokens": 1},
+            "kvOffload": {"cpuBytes": "8Gi"},
+        }
+    )
+    paths = {p.path for p in problems(doc)}
+    assert {
+        "spec.runtime.speculative",
+        "spec.runtime.kvOffload",
+        "spec.runtime.cudagraphMode",
+        "spec.runtime.maxNumBatchedTokens",
+    } <= paths
+    assert "PIECEWISE" in only(doc, "spec.runtime.cudagraphMode").fix
+    assert "at least 8192" in only(doc, "spec.runtime.maxNumBatchedTokens").fix
+
+
+def test_embed_renders_the_pooling_runner_and_encoder_graphs():
+    one_npu = [{"name": "unified", "parallelism": {"tensor": 1}}]
+    plan = plan_manifest(_embed(roles=one_npu, hardware={"profile": "A2"}))
+    args = plan.role("unified").runtime_config.engine_args
+    i = args.index("--runner")
+    assert args[i : i + 4] == ["--runner", "pooling", "--convert", "embed"]
+    assert "--async-scheduling" not in args
+    compilation = args[args.index("--compilation-config") + 1]
+    assert '"cudagraph_mode":"PIECEWISE"' in compilation
+    assert '"cudagraph_capture_sizes":[1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192]' in (
+        compilation
+    )
+    assert plan.role("unified").runtime_config.task == "embed"

@@ -82,8 +82,11 @@ def vllm_args(
             args += ["--hf-overrides", _json({"rope_parameters": params})]
         else:
             args += ["--rope-scaling", _json(params)]
+    if model.task == "embed":
+        # Pooling runner with the embedding conversion (vLLM >= 0.10.2; `--task embed` before).
+        args += ["--runner", "pooling", "--convert", "embed"]
     args += graph_args(runtime.cudagraph_mode, settings)
-    if runtime.async_scheduling and settings.graph_mode != "eager":
+    if runtime.async_scheduling and settings.graph_mode != "eager" and model.task != "embed":
         args += ["--async-scheduling"]
     if settings.num_speculative_tokens:
         speculative: dict[str, object] = {

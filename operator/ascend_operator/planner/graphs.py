@@ -30,3 +30,17 @@ def consumer_request_slots(max_requests: int, tokens_per_request: int) -> int:
 def mtp_capture_sizes(max_requests: int, tokens_per_request: int) -> list[int]:
     """Capture sizes in tokens for uniform decode batches of N + 1 tokens per request."""
     return [s * tokens_per_request for s in default_capture_sizes(max_requests)]
+
+
+ENCODER_MAX_CAPTURE_TOKENS = 8192
+"""Largest encoder batch (in tokens) captured by default for task: embed: bge-m3's context."""
+
+
+def encoder_capture_sizes(max_tokens: int) -> list[int]:
+    """Token counts to capture encoder (embedding) graphs for: powers of two up to the batch
+    token budget, plus the budget itself. Embedding batches are whole prompts of any length,
+    so a few geometric buckets waste at most half a batch of padding and keep the number of
+    graphs small (ACLGraph's stream budget is shared across layers)."""
+    cap = min(max_tokens, ENCODER_MAX_CAPTURE_TOKENS)
+    sizes = [1 << i for i in range(cap.bit_length()) if 1 << i <= cap]
+    return sorted({*sizes, cap})

@@ -353,11 +353,75 @@ def _check_structure(spec: ModelDeploymentSpec, problems: list[Problem]) -> None
             )
         )
     if spec.model.task == "embed":
+        _check_embed(spec, problems)
+
+
+def _check_embed(spec: ModelDeploymentSpec, problems: list[Problem]) -> None:
+    """An embedding model only encodes: no prefill/decode split, no drafting, no decode
+    graphs, no KV reuse across requests."""
+    for i, role in enumerate(spec.roles):
+        if role.name != "unified":
+            problems.append(
+                Problem(
+                    f"spec.roles[{i}].name",
+                    f"task: embed has no {role.name} role: an embedding model only runs "
+                    "prefill-like encoder passes, so prefill/decode disaggregation does not apply",
+                    "use one role named unified",
+                )
+            )
+    runtime = spec.runtime
+    if runtime.speculative is not None:
         problems.append(
             Problem(
-                "spec.model.task",
-                "embedding deployments are not supported by this release yet",
-                "use task: generate (embedding support is planned)",
+                "spec.runtime.speculative",
+                "speculative decoding (MTP) drafts output tokens, and an embedding model "
+                "generates none",
+                "remove spec.runtime.speculative",
+            )
+        )
+    if runtime.kv_offload is not None:
+        problems.append(
+            Problem(
+                "spec.runtime.kvOffload",
+                "KV offload keeps KV blocks for later requests; an embedding pass keeps none",
+                "remove spec.runtime.kvOffload",
+            )
+        )
+    limit = spec.model.max_model_len
+    for i, role in enumerate(spec.roles):
+        budget = role.max_num_batched_tokens or runtime.max_num_batched_tokens
+        if limit and budget and budget < limit:
+            field_path = (
+                f"spec.roles[{i}].maxNumBatchedTokens"
+                if role.max_num_batched_tokens
+                else "spec.runtime.maxNumBatchedTokens"
+            )
+            problems.append(
+                Problem(
+                    field_path,
+                    f"{budget} tokens per batch is below maxModelLen {limit}: an embedding "
+                    "input is encoded in one pass (no chunked prefill), so a full-length input "
+                    "could never be scheduled",
+                    f"raise it to at least {limit}, or lower spec.model.maxModelLen",
+                )
+            )
+    modes = {role.graph_mode or runtime.graph_mode for role in spec.roles}
+    if "aclgraph" in modes and runtime.cudagraph_mode != "PIECEWISE":
+        problems.append(
+            Problem(
+                "spec.runtime.cudagraphMode",
+                f"{runtime.cudagraph_mode} captures decode batches, and an embedding model "
+                "never decodes",
+                "set spec.runtime.cudagraphMode: PIECEWISE (graphs over encoder batch token "
+                "counts), or graphMode: eager",
+            )
+        )
+    if "torchair" in modes:
+        problems.append(
+            Problem(
+                "spec.runtime.graphMode",
+                "TorchAir graph mode covers decoder models only",
+                "use graphMode aclgraph with cudagraphMode PIECEWISE, or eager",
             )
         )
 
@@ -528,6 +592,13 @@ def _graph_settings(
         return graph_mode, None, False, n
     if runtime.capture_sizes:
         return graph_mode, tuple(sorted(set(runtime.capture_sizes))), True, n
+    if spec.model.task == "embed":
+        tokens = (
+            role.max_num_batched_tokens
+            or runtime.max_num_batched_tokens
+            or graphs.ENCODER_MAX_CAPTURE_TOKENS
+        )
+        return graph_mode, tuple(graphs.encoder_capture_sizes(tokens)), True, None
     max_seqs = role.max_num_seqs or runtime.max_num_seqs or graphs.DEFAULT_MAX_NUM_SEQS
     full = graph_mode == "aclgraph" and runtime.cudagraph_mode != "PIECEWISE"
     if n and n + 1 > 2 and full:

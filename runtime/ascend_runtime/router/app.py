@@ -224,6 +224,15 @@ class Router:
     async def _route(
         self, route: str, body: dict[str, Any], raw: bytes, request_id: str
     ) -> Response:
+        if route == "/v1/embeddings":
+            if self.config.mode == "pd":
+                raise OpenAIError(
+                    400,
+                    "this deployment is disaggregated into prefill and decode and serves no "
+                    "embeddings; deploy the embedding model with task: embed and one "
+                    "unified role",
+                )
+            return await self._forward("unified", route, body, raw, request_id)
         if self.config.mode == "pd":
             decode_body = {
                 **body,
@@ -412,6 +421,11 @@ class Router:
         # Plain Starlette routes for the hot path: no FastAPI parameter machinery per request.
         app.add_route("/v1/completions", completions, methods=["POST"])
         app.add_route("/v1/chat/completions", chat, methods=["POST"])
+
+        async def embeddings(request: Request) -> Response:
+            return await self.handle(request, "/v1/embeddings")
+
+        app.add_route("/v1/embeddings", embeddings, methods=["POST"])
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
