@@ -7,6 +7,7 @@ once through the router. Prints the throughput ratio and the added p50/p99 laten
 writes JSON under bench/results/.
 
     python bench/router.py [--seconds 10] [--engines 2] [--concurrency 1 64 256]
+    python bench/router.py --task embed      # /v1/embeddings (bench/results/router_embed.json)
 """
 
 from __future__ import annotations
@@ -58,13 +59,22 @@ BODY = {
     "max_tokens": 8,
     "temperature": 0,
 }
+EMBED_BODY = {"model": "bench", "input": ["measure the router overhead please", "and again"]}
+TASKS = {
+    # task: (path, body, spec patch for the model and runtime)
+    "generate": ("/v1/completions", BODY, {}),
+    "embed": ("/v1/embeddings", EMBED_BODY, {"task": "embed"}),
+}
 
 
-async def load(urls: list[str], concurrency: int, seconds: float) -> dict[str, float]:
+async def load(
+    urls: list[str], concurrency: int, seconds: float, task: str = "generate"
+) -> dict[str, float]:
     """Closed loop: `concurrency` workers each send the next request when one returns."""
     latencies: list[float] = []
     errors = 0
     targets = itertools.cycle(urls)
+    path, body, _ = TASKS[task]
     deadline = time.perf_counter() + seconds
     # aiohttp as the load generator: httpx's pool cannot drive more than ~200 req/s at
     # 64 concurrent requests here, which would measure the client, not the router.
@@ -75,7 +85,7 @@ async def load(urls: list[str], concurrency: int, seconds: float) -> dict[str, f
             nonlocal errors
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
-                async with client.post(f"{next(targets)}/v1/completions", json=BODY) as r:
+                async with client.post(f"{next(targets)}{path}", json=body) as r:
                     await r.read()
                     ok = r.status == 200
                 if ok:
@@ -108,8 +118,16 @@ def main() -> int:
         "own cores, as it has its own pod in a cluster, and the client and engines keep the "
         "same cores in both runs)",
     )
-    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "router.json"))
+    parser.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="generate",
+        help="completions (generate) or embeddings (embed)",
+    )
+    parser.add_argument("--output", help="default: bench/results/router[_embed].json")
     args = parser.parse_args()
+    suffix = "" if args.task == "generate" else f"_{args.task}"
+    output = args.output or str(ROOT / "bench" / "results" / f"router{suffix}.json")
 
     cpus = sorted(os.sched_getaffinity(0))
     pin = not args.no_pin and len(cpus) >= 2
@@ -117,7 +135,12 @@ def main() -> int:
     other_cpus = set(cpus[: len(cpus) // 2]) if pin else set(cpus)
     if pin:
         os.sched_setaffinity(0, other_cpus)  # the load generator
-    plan = plan_manifest(SPEC)
+    spec = SPEC
+    if args.task == "embed":
+        spec = {**SPEC, "spec": {**SPEC["spec"]}}
+        spec["spec"]["model"] = {**SPEC["spec"]["model"], **TASKS["embed"][2]}
+        spec["spec"]["runtime"] = {**SPEC["spec"]["runtime"], "cudagraphMode": "PIECEWISE"}
+    plan = plan_manifest(spec)
     work = Path(tempfile.mkdtemp(prefix="bench-router-"))
     config = work / "unified.json"
     config.write_text(plan.role("unified").runtime_config.model_dump_json())
@@ -165,9 +188,9 @@ def main() -> int:
             wait_healthy(url)
         rows = []
         for concurrency in args.concurrency:
-            asyncio.run(load(engines, concurrency, 1.0))  # warm up connections
-            direct = asyncio.run(load(engines, concurrency, args.seconds))
-            routed = asyncio.run(load([router], concurrency, args.seconds))
+            asyncio.run(load(engines, concurrency, 1.0, args.task))  # warm up connections
+            direct = asyncio.run(load(engines, concurrency, args.seconds, args.task))
+            routed = asyncio.run(load([router], concurrency, args.seconds, args.task))
             row = {
                 "concurrency": concurrency,
                 "direct": direct,
@@ -199,11 +222,12 @@ def main() -> int:
         if pin
         else "none (all processes share CPUs)",
         "seconds_per_point": args.seconds,
-        "request": BODY,
+        "task": args.task,
+        "request": {"path": TASKS[args.task][0], "body": TASKS[args.task][1]},
         "goal": "router throughput >= 0.9 x direct; added p50 < 2 ms at concurrency 64",
         "results": rows,
     }
-    write_result(args.output, result)
+    write_result(output, result)
     return 0
 
 
