@@ -93,6 +93,18 @@ def _seq_chunk(chunk, lo, hi, n_chunks, chunk_end, SKIP_FIRST: tl.constexpr,
 
 
 @triton.jit
+def _row_lanes(dim, BLOCK_D: tl.constexpr):
+    # Programs form `lanes` rows of `group` channel tiles (row_grid sizes the launch): a program
+    # takes channel tiles pid % group, pid % group + group, ... and, in each, the work items
+    # lane, lane + lanes, ... with the tile's weights kept in registers.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    n_d = tl.cdiv(dim, BLOCK_D)
+    group = tl.minimum(nprog, n_d)
+    return pid % group, n_d, group, pid // group, nprog // group
+
+
+@triton.jit
 def _channel_tile(w_ptr, b_ptr, dt, dim, sw_d, sw_k,
                   WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     d = dt * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -185,19 +197,13 @@ def _conv_prefill_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
     WIDE: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
-    # Programs form `lanes` rows of `group` channel tiles: each keeps its channel tiles' weights
-    # in registers and walks its lane's token chunks. No cached state is read here: with
-    # states, sequences' first chunks are left to _conv_prefill_first_kernel (keeping that
+    # Each program walks its lane's token chunks (_row_lanes). No cached state is read here:
+    # with states, sequences' first chunks are left to _conv_prefill_first_kernel (keeping that
     # path out of this kernel keeps its register count, and so its occupancy, where it is).
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    n_d = tl.cdiv(dim, BLOCK_D)
-    group = tl.minimum(nprog, n_d)
-    lane = pid // group
-    lanes = nprog // group
+    first_dt, n_d, group, lane, lanes = _row_lanes(dim, BLOCK_D)
     lo, hi, n_chunks, chunk_end, total = _chunk_table(cu_ptr, batch, SKIP_FIRST, BLOCK_T,
                                                       BLOCK_B)  # fmt: skip
-    for dt in range(pid % group, n_d, group):
+    for dt in range(first_dt, n_d, group):
         d, d_ok, w0, w1, w2, w3, bias = _channel_tile(w_ptr, b_ptr, dt, dim, sw_d, sw_k,
                                                       WIDTH, HAS_BIAS, BLOCK_D)  # fmt: skip
         for chunk in range(lane, total, lanes):
@@ -219,14 +225,11 @@ def _conv_prefill_first_kernel(
     # Each sequence's first chunk, continuing from its cached state, and its final state. Only
     # this chunk reads the state (BLOCK_T >= WIDTH-1), so the same program writes the final
     # state after a barrier: no other program reads the slot.
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    n_d = tl.cdiv(dim, BLOCK_D)
-    group = tl.minimum(nprog, n_d)
-    for dt in range(pid % group, n_d, group):
+    first_dt, n_d, group, lane, lanes = _row_lanes(dim, BLOCK_D)
+    for dt in range(first_dt, n_d, group):
         d, d_ok, w0, w1, w2, w3, bias = _channel_tile(w_ptr, b_ptr, dt, dim, sw_d, sw_k,
                                                       WIDTH, HAS_BIAS, BLOCK_D)  # fmt: skip
-        for seq in range(pid // group, batch, nprog // group):
+        for seq in range(lane, batch, lanes):
             start = tl.load(cu_ptr + seq)
             end = tl.load(cu_ptr + seq + 1)
             acc, t, t_ok = _conv_tile(x_ptr, start, start, end, d, d_ok, w0, w1, w2, w3, bias,
@@ -365,16 +368,12 @@ def _conv_update_kernel(
     sx_b, sx_t, sx_d, sw_d, sw_k, so_b, so_t, so_d, ss_n, ss_d, ss_k,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # Programs form rows of `group` channel tiles (as in the prefill kernel): weights stay in
-    # registers while a program walks its lane's sequences.
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    n_d = tl.cdiv(dim, BLOCK_D)
-    group = tl.minimum(nprog, n_d)
-    for dt in range(pid % group, n_d, group):
+    # Each program walks its lane's sequences (_row_lanes).
+    first_dt, n_d, group, lane, lanes = _row_lanes(dim, BLOCK_D)
+    for dt in range(first_dt, n_d, group):
         d, d_ok, w0, w1, w2, w3, bias = _channel_tile(w_ptr, b_ptr, dt, dim, sw_d, sw_k,
                                                       WIDTH, HAS_BIAS, BLOCK_D)  # fmt: skip
-        for b in range(pid // group, batch, nprog // group):
+        for b in range(lane, batch, lanes):
             slot = tl.load(idx_ptr + b).to(tl.int64)
             if slot >= 0:
                 base = state_ptr + slot * ss_n + d * ss_d
