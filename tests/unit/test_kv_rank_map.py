@@ -147,5 +147,6 @@ def test_prefill_endpoint_uses_the_rank_host_and_handshake_port():
     params = {"remote_host": "10.0.0.1", "remote_port": 36000, "remote_hosts": {"5": "10.0.0.2"}}
     assert prefill_endpoint(params, p, 0) == ("10.0.0.1", 36000)
     assert prefill_endpoint(params, p, 5) == ("10.0.0.2", 36005)  # pcp 1, tp 1: 36000 + 4 + 1
+    assert prefill_endpoint(params | {"remote_ports": {"5": 9}}, p, 5) == ("10.0.0.2", 9)
     with pytest.raises(ValueError, match="no host for prefill rank 3"):
         prefill_endpoint({"remote_port": 1}, p, 3)

@@ -242,7 +242,8 @@ def sources(chunks: list[Chunk]) -> list[int]:
 def prefill_endpoint(params: Mapping[str, Any], prefill: KvPlacement, rank: int) -> tuple[str, int]:
     """(host, port) serving prefill `rank`'s blocks, from a request's kv_transfer_params.
 
-    Ports follow Mooncake's handshake rule (side-channel port + pcp_rank * TP + tp_rank); hosts
+    Ports follow Mooncake's handshake rule (side-channel port + pcp_rank * TP + tp_rank) unless
+    `remote_ports` (rank -> port) names them (the sim serves all ranks from one port); hosts
     come from `remote_hosts` (rank -> IP, for instances spanning nodes) or `remote_host`."""
     pcp_rank, tp_rank = prefill.split(rank)
     hosts = params.get("remote_hosts") or {}
@@ -254,5 +255,8 @@ def prefill_endpoint(params: Mapping[str, Any], prefill: KvPlacement, rank: int)
             f"kv_transfer_params name no host for prefill rank {rank}: pass the "
             "kv_transfer_params (remote_host / remote_hosts) the prefill instance returned"
         )
-    port = int(params["remote_port"]) + pcp_rank * prefill.tp + tp_rank
-    return str(host), port
+    ports = params.get("remote_ports") or {}
+    port = ports.get(str(rank), ports.get(rank)) if isinstance(ports, Mapping) else None
+    if port is None:
+        port = int(params["remote_port"]) + pcp_rank * prefill.tp + tp_rank
+    return str(host), int(port)
