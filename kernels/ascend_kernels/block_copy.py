@@ -8,11 +8,13 @@ and a per-layer view of a cross-layer buffer is one run per block as well.
 
 Device to device runs the Triton kernel. Host to device and device to host go through the
 same kernel on CUDA when the host side is pinned (the GPU reads or writes host memory directly
-over unified addressing); elsewhere (NPU, pageable memory) they fall back to one
-``copy_(non_blocking=True)`` per run of consecutive blocks.
+over unified addressing); elsewhere (NPU, pageable memory, host to host outside Triton's
+interpreter) they fall back to one ``copy_(non_blocking=True)`` per run of consecutive blocks.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -145,9 +147,10 @@ def copy_blocks_layers(
     if pairs == 0:
         return
     run_on = dst.device if dst.device.type != "cpu" else src.device
-    if not (_kernel_can_reach(src, run_on) and _kernel_can_reach(dst, run_on)):
+    host_only = run_on.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"
+    if host_only or not (_kernel_can_reach(src, run_on) and _kernel_can_reach(dst, run_on)):
         for s_cache, d_cache in zip(srcs, dsts, strict=True):
-            _copy_runs(s_cache, d_cache, src_ids, dst_ids)
+            copy_block_runs(s_cache, d_cache, src_ids, dst_ids)
         return
     segs, seg_len, src_seg_stride = block_segments(src)
     dst_segs, dst_len, dst_seg_stride = block_segments(dst)
@@ -192,9 +195,11 @@ def consecutive_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, 
     return runs
 
 
-def _copy_runs(
+def copy_block_runs(
     src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor
 ) -> None:
+    """dst[dst_ids] = src[src_ids] as one DMA copy per run of consecutive blocks (the path
+    without the kernel: NPU, pageable host memory)."""
     for s, d, n in consecutive_runs(src_ids.tolist(), dst_ids.tolist()):
         dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
 

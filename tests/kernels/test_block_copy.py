@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ascend_kernels.block_copy import (
-    _copy_runs,
+    copy_block_runs,
     block_segments,
     consecutive_runs,
     copy_blocks,
@@ -98,7 +98,7 @@ def test_runs_fallback(device):
     src = torch.randn(10, 3, 4)
     dst = torch.zeros(12, 3, 4)
     ref = dst.clone()
-    _copy_runs(src, dst, *ids("cpu"))
+    copy_block_runs(src, dst, *ids("cpu"))
     copy_blocks_ref(src, ref, *ids("cpu"))
     assert torch.equal(dst, ref)
 
