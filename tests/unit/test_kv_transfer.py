@@ -244,16 +244,16 @@ async def test_sender_killed_mid_transfer():
         conn, _ = await loop.sock_accept(sock)
         conn.setblocking(False)
         await loop.sock_recv(conn, 65536)
-        await _send_frame(loop, conn, {"ok": True, "bytes": 1 << 20}, 1 << 20)
+        await _send_frame(loop, conn, {"ok": True, "bytes": 8 << 20}, 8 << 20)
         await loop.sock_sendall(conn, b"x" * 1000)
         conn.close()
 
     task = asyncio.create_task(half_then_die())
     client = TcpKvClient(timeout=5)
-    local = {"k": region_of_bytes("k", bytearray(1 << 20))}
+    local = {"k": region_of_bytes("k", bytearray(8 << 20))}
     try:
         with pytest.raises(KvTransferError, match="closed the connection after 1000 of") as err:
-            await client.read(("127.0.0.1", port), _order(1 << 20), local)
+            await client.read(("127.0.0.1", port), _order(8 << 20), local)
         assert err.value.code == "connection_lost"
         with pytest.raises(KvTransferError, match=r"Connection refused|failed"):
             sock.close()
