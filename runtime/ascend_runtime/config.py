@@ -90,14 +90,20 @@ class SimSettings(_Config):
     """Output length when a request names none (OpenAI's completions default)."""
     embedding_dim: int | None = Field(default=None, ge=1)
     """Length of the vectors /v1/embeddings returns (task: embed; None: 1024, bge-m3's).
-    Left out of the serialized config when unset, so generative deployments' configs (and
-    the pod template hashes derived from them) stay as they were."""
+    Left out of the serialized config when unset (as are kv_heads and kv_mla), so other
+    deployments' configs (and the pod template hashes derived from them) stay as they were."""
+
+    kv_heads: int | None = Field(default=None, ge=1)
+    """The model's KV heads, for the rank map of PD transfers (None: one head on every rank)."""
+    kv_mla: bool | None = None
+    """MLA cache (one latent head on every TP rank, K and V of different sizes)."""
 
     @model_serializer(mode="wrap")
-    def _drop_unset_embedding_dim(self, handler: Any) -> dict[str, Any]:
+    def _drop_unset_optionals(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
-        if data.get("embedding_dim") is None:
-            data.pop("embedding_dim", None)
+        for key in ("embedding_dim", "kv_heads", "kv_mla"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
     @property

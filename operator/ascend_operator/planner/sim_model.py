@@ -75,4 +75,7 @@ def sim_settings(
         fixed_ttft_seconds=None if sim.fixed_ttft_ms is None else sim.fixed_ttft_ms / 1000,
         fixed_itl_seconds=None if sim.fixed_itl_ms is None else sim.fixed_itl_ms / 1000,
         kv_transfer_timeout_seconds=sim.kv_transfer_timeout_seconds,
+        # PD roles move real KV bytes between simulated ranks: the rank map needs the heads.
+        kv_heads=arch.num_kv_heads if role.name != "unified" else None,
+        kv_mla=arch.mla if role.name != "unified" and arch.num_kv_heads else None,
     )

@@ -8,6 +8,7 @@ message carries many blocks with no per-block round trip.
 from __future__ import annotations
 
 import ctypes
+import mmap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -40,8 +41,9 @@ class Region:
         return self.view.nbytes
 
 
-def region_of_bytes(name: str, buf: bytearray) -> Region:
-    view = memoryview(buf)
+def region_of_bytes(name: str, buf: bytearray | mmap.mmap) -> Region:
+    """A writable host buffer (bytearray, anonymous mmap) as a region."""
+    view = memoryview(buf).cast("B")
     address = ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0
     return Region(name, view, address)
 

@@ -1,26 +1,36 @@
-"""Prefill/decode KV hand-off of the sim engine, following Mooncake's protocol as the router
-sees it: the prefill engine keeps a finished request's blocks and answers with
-kv_transfer_params; the decode engine pulls the blocks from `remote_host:remote_port`, checks
-them, and tells the prefill engine to free them (which it also does on a timeout).
+"""Prefill/decode KV hand-off of the sim engine, through the same KV-transfer component as
+production (`ascend_runtime.kv`): real bytes, the real rank map, the TCP transport.
 
-The pull is a plain HTTP fetch of the block bytes for now; the KV-transfer component replaces
-the transport, not the protocol."""
+Each simulated rank owns a small KV cache (2 layers, 8-byte K and 4- or 8-byte V per head) in
+the instance's layout, in anonymous memory that the OS fills lazily. When a prefill finishes,
+every prefill rank writes its share of the prompt's KV (a token's K encodes its sim state, so
+the KV is self-checking), the blocks are held, and the answer carries kv_transfer_params.
+A decode instance allocates its blocks, pulls every decode rank's share from the prefill ranks
+with `kv.pull`, verifies and decodes the states from its own ranks' caches, and the prefill side
+frees its blocks when every rank pair reported done (or the hold times out).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import time
-from dataclasses import dataclass
+import mmap
+import struct
+from collections.abc import Iterator
 from typing import Any
 
-import httpx
-
+from ..config import RuntimeConfig
+from ..kv.holds import Holds, KvTransferError
+from ..kv.layout import KvLayout, KvSpec
+from ..kv.pull import placement_params, pull
+from ..kv.rank_map import KvPlacement
+from ..kv.tcp import TcpKvClient, TcpKvServer
+from ..kv.transfer import Region, region_of_bytes
 from ..openai import OpenAIError
-from . import model
 from .engine import Sequence, SimEngine
 
+LAYERS = 2
+K_BYTES = 8
 REQUIRED_PARAMS = (
     "remote_engine_id",
     "remote_host",
@@ -28,25 +38,143 @@ REQUIRED_PARAMS = (
     "remote_block_ids",
     "remote_request_id",
 )
+_U64 = struct.Struct("<Q")
+_MASK = (1 << 64) - 1
 
 
-@dataclass
-class Held:
-    seq: Sequence
-    expires_at: float
+def placement_of(config: RuntimeConfig) -> KvPlacement:
+    """This instance's placement: its TP/PCP/DCP and the model's KV heads (one replicated
+    latent-like head when the architecture is unknown)."""
+    topo, sim = config.topology, config.sim
+    slots = topo.prefill_context * topo.decode_context
+    return KvPlacement(
+        tp=topo.tensor,
+        kv_heads=sim.kv_heads or 1,
+        block_size=sim.block_size,
+        pcp=topo.prefill_context,
+        dcp=topo.decode_context,
+        interleave=sim.block_size if slots > 1 else 1,  # vllm-ascend's rule with PD
+        mla=bool(sim.kv_mla) or sim.kv_heads is None,
+        role=config.role,
+    )
+
+
+def layout_of(placement: KvPlacement, num_blocks: int) -> KvLayout:
+    v_bytes = 4 if placement.mla else 8  # MLA: K and V sizes differ
+    spec = KvSpec(LAYERS, num_blocks, placement.block_size, placement.heads_per_rank, K_BYTES,
+                  v_bytes, 1)  # fmt: skip
+    return KvLayout(spec, "cross_layer")
+
+
+def _mix(token: int, layer: int, head: int) -> int:
+    return (
+        token * 0x9E3779B97F4A7C15 + layer * 0xC2B2AE3D27D4EB4F + head * 0x165667B19E3779F9
+    ) & _MASK
+
+
+def k_bytes(state: int, token: int, layer: int, head: int) -> bytes:
+    return _U64.pack((state ^ _mix(token, layer, head)) & _MASK)
+
+
+def v_bytes(state: int, token: int, layer: int, head: int, size: int) -> bytes:
+    return _U64.pack((state * 0xFF51AFD7ED558CCD + _mix(token, head, layer)) & _MASK)[:size]
+
+
+class RankCaches:
+    """Every simulated rank's K and V buffers of one instance."""
+
+    def __init__(self, placement: KvPlacement, num_blocks: int):
+        self.placement = placement
+        self.layout = layout_of(placement, num_blocks)
+        self.buffers = {
+            r: {w: mmap.mmap(-1, max(1, self.layout.buffer_bytes(w))) for w in ("k", "v")}
+            for r in range(placement.ranks)
+        }
+        self.regions = {
+            r: {w: region_of_bytes(w, buf) for w, buf in bufs.items()}
+            for r, bufs in self.buffers.items()
+        }
+
+    def region(self, rank: int) -> dict[str, Region]:
+        return self.regions[rank]
+
+    def _slots(
+        self, rank: int, num_tokens: int, blocks: list[int]
+    ) -> Iterator[tuple[int, int, int, int, int]]:
+        """(token, global head, local head, block, offset) of every (token, head) rank holds."""
+        p = self.placement
+        first = p.first_head(p.split(rank)[1])
+        slot = p.slot_of_rank(rank)
+        for t in range(num_tokens):
+            if p.slot_of_token(t) != slot:
+                continue
+            pos = p.local_position(t)
+            for j in range(p.heads_per_rank):
+                yield t, first + j, j, blocks[pos // p.block_size], pos % p.block_size
+
+    def write(self, states: list[int], blocks: list[int]) -> None:
+        v_size = self.layout.spec.v_dim
+        for rank, bufs in self.buffers.items():
+            for t, head, j, block, off in self._slots(rank, len(states), blocks):
+                for layer in range(LAYERS):
+                    k = self.layout.offset("k", block, layer, off, j)
+                    bufs["k"][k : k + K_BYTES] = k_bytes(states[t], t, layer, head)
+                    v = self.layout.offset("v", block, layer, off, j)
+                    bufs["v"][v : v + v_size] = v_bytes(states[t], t, layer, head, v_size)
+
+    def read(self, num_tokens: int, blocks: list[int]) -> list[int]:
+        """The states every rank's copy of the KV encodes; raises if any copy disagrees."""
+        v_size = self.layout.spec.v_dim
+        states: list[int | None] = [None] * num_tokens
+        for rank, bufs in self.buffers.items():
+            for t, head, j, block, off in self._slots(rank, num_tokens, blocks):
+                for layer in range(LAYERS):
+                    k = self.layout.offset("k", block, layer, off, j)
+                    state = _U64.unpack(bufs["k"][k : k + K_BYTES])[0] ^ _mix(t, layer, head)
+                    v = self.layout.offset("v", block, layer, off, j)
+                    if bytes(bufs["v"][v : v + v_size]) != v_bytes(state, t, layer, head, v_size):
+                        raise ValueError(f"token {t} layer {layer} head {head}: K and V disagree")
+                    if states[t] is None:
+                        states[t] = state
+                    elif states[t] != state:
+                        raise ValueError(f"token {t}: ranks hold different KV")
+        missing = [t for t, s in enumerate(states) if s is None]
+        if missing:
+            raise ValueError(f"no rank received the KV of tokens {missing[:5]}")
+        return [s for s in states if s is not None]
 
 
 class KvExporter:
-    """Prefill side: blocks of finished requests, held until pulled+freed or expired."""
+    """Prefill side: writes finished prompts' KV into its ranks and serves it over TCP."""
 
-    def __init__(self, engine: SimEngine, engine_id: str, host: str, port: int, timeout: float):
-        self.engine, self.engine_id, self.host, self.port = engine, engine_id, host, port
-        self.timeout = timeout
-        self.held: dict[str, Held] = {}
-        self.expired = 0
+    def __init__(  # noqa: PLR0917
+        self,
+        engine: SimEngine,
+        config: RuntimeConfig,
+        engine_id: str,
+        host: str,
+        port: int,
+        bind_host: str = "0.0.0.0",
+    ):
+        self.engine, self.engine_id, self.host = engine, engine_id, host
+        self.placement = placement_of(config)
+        self.caches = RankCaches(self.placement, config.sim.num_blocks)
+        self.timeout = config.sim.kv_transfer_timeout_seconds
+        self.held: dict[str, Sequence] = {}
+        self.holds = Holds(self._release, self.timeout)
+        self.server = TcpKvServer(self.caches.region, self.holds, engine_id, bind_host, port)
         self._reaper: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def expired(self) -> int:
+        return self.holds.stats.expired
+
+    async def start(self) -> None:
+        await self.server.start()
         self._reaper = asyncio.create_task(self._reap(), name="kv-reaper")
 
     async def stop(self) -> None:
@@ -54,76 +182,118 @@ class KvExporter:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        await self.server.stop()
+        self.holds.release_all()
 
     def hold(self, seq: Sequence) -> dict[str, Any]:
-        """Keep `seq`'s blocks and return the kv_transfer_params for the decode side."""
-        self.held[seq.request_id] = Held(seq, time.monotonic() + self.timeout)
+        """Write `seq`'s prompt KV into every rank, keep its blocks, return kv_transfer_params."""
+        prompt = len(seq.prompt)
+        self.caches.write(seq.states[:prompt], seq.blocks)
+        self.held[seq.request_id] = seq
+        self.holds.hold(seq.request_id)
+        ports = {str(r): self.port for r in range(self.placement.ranks)}  # one port, all ranks
         return {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "remote_engine_id": self.engine_id,
             "remote_host": self.host,
             "remote_port": self.port,
+            "remote_ports": ports,
             "remote_request_id": seq.request_id,
             "remote_block_ids": list(seq.blocks),
-            "remote_num_tokens": len(seq.prompt),
-            "remote_pcp_size": 1,
-            "remote_dcp_size": 1,
-        }
+            "remote_num_tokens": prompt,
+        } | placement_params(self.placement, self.caches.layout)
 
-    def export(self, request_id: str, engine_id: str, block_ids: list[int]) -> bytes:
-        held = self._lookup(request_id, engine_id)
-        if block_ids != held.seq.blocks:
-            raise OpenAIError(
-                400, f"block ids {block_ids} do not match the blocks held for request {request_id}"
-            )
-        prompt_states = held.seq.states[: len(held.seq.prompt)]
-        return model.block_payload(prompt_states)
-
-    def free(self, request_id: str, engine_id: str) -> None:
-        held = self._lookup(request_id, engine_id)
-        del self.held[request_id]
-        self.engine.release_held(held.seq)
-
-    def _lookup(self, request_id: str, engine_id: str) -> Held:
-        if engine_id != self.engine_id:
-            raise OpenAIError(
-                404,
-                f"this is prefill engine {self.engine_id}, not {engine_id}",
-                code="kv_not_found",
-            )
-        held = self.held.get(request_id)
-        if held is None:
-            raise OpenAIError(
-                404,
-                f"prefill engine {self.engine_id} holds no KV blocks for "
-                f"request {request_id} (expired after {self.timeout:g} s, "
-                "already freed, or never produced)",
-                code="kv_not_found",
-            )
-        return held
+    def _release(self, request_id: str) -> None:
+        seq = self.held.pop(request_id, None)
+        if seq is not None:
+            self.engine.release_held(seq)
 
     def release_expired(self, now: float | None = None) -> int:
-        now = time.monotonic() if now is None else now
-        gone = [rid for rid, h in self.held.items() if h.expires_at <= now]
-        for rid in gone:
-            self.engine.release_held(self.held.pop(rid).seq)
-        self.expired += len(gone)
-        return len(gone)
-
-    def release_all(self) -> None:
-        for held in self.held.values():
-            self.engine.release_held(held.seq)
-        self.held.clear()
+        return len(self.holds.expire(now))
 
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.timeout / 4))
-            self.release_expired()
+            self.holds.expire()
 
 
-def checksum(payload: bytes) -> str:
-    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+class KvImporter:
+    """Decode side: allocates blocks, pulls every rank's share, decodes the states."""
+
+    def __init__(self, engine: SimEngine, config: RuntimeConfig):
+        self.engine = engine
+        self.placement = placement_of(config)
+        self.caches = RankCaches(self.placement, config.sim.num_blocks)
+        self.timeout = config.sim.kv_transfer_timeout_seconds
+        self.client = TcpKvClient(timeout=self.timeout, checksum=True)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def pull(self, params: dict[str, Any], prompt_len: int) -> tuple[list[int], list[int]]:
+        """(states, blocks) of the prompt; the caller owns the blocks (engine.pool) after."""
+        check_params(params)
+        num = params.get("remote_num_tokens")
+        if num is not None and num != prompt_len:
+            raise OpenAIError(
+                400,
+                f"kv_transfer_params cover {num} tokens but the prompt has {prompt_len}: "
+                "they belong to another request",
+                param="kv_transfer_params",
+            )
+        blocks = await self._allocate(self.engine.blocks_needed(prompt_len))
+        try:
+            await pull(
+                self.client, params, local=self.placement, local_layout=self.caches.layout,
+                dst_blocks=blocks, regions=self.caches.region, num_tokens=prompt_len,
+            )  # fmt: skip
+            states = self.caches.read(prompt_len, blocks)
+        except KvTransferError as exc:
+            self.engine.pool.release(blocks)
+            raise _as_openai(exc, params) from exc
+        except ValueError as exc:
+            self.engine.pool.release(blocks)
+            raise OpenAIError(
+                502,
+                f"KV pulled from the prefill engine is corrupt: {exc}",
+                type_="kv_transfer_error",
+            ) from exc
+        except BaseException:
+            self.engine.pool.release(blocks)
+            raise
+        return states, blocks
+
+    async def _allocate(self, n: int) -> list[int]:
+        """Wait (up to the transfer timeout) for free blocks, as vLLM's scheduler would."""
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        while True:
+            blocks = self.engine.pool.allocate(n)
+            if blocks is not None:
+                return blocks
+            if asyncio.get_running_loop().time() > deadline:
+                raise OpenAIError(
+                    503,
+                    f"no {n} free KV blocks on this decode instance within {self.timeout:g} s",
+                    type_="server_error",
+                )
+            await asyncio.sleep(0.01)
+
+
+def _as_openai(exc: KvTransferError, params: dict[str, Any]) -> OpenAIError:
+    if exc.code == "kv_not_found":
+        return OpenAIError(
+            400,
+            f"kv_transfer_params are expired or unknown: {exc}",
+            param="kv_transfer_params",
+            code="kv_expired",
+        )
+    if exc.code == "bad_params":
+        return OpenAIError(400, str(exc), param="kv_transfer_params")
+    where = f"prefill engine {params.get('remote_engine_id')}"
+    return OpenAIError(
+        502, f"could not pull KV blocks from {where}: {exc}", type_="kv_transfer_error"
+    )
 
 
 def check_params(params: dict[str, Any]) -> None:
@@ -147,62 +317,3 @@ def check_params(params: dict[str, Any]) -> None:
         raise OpenAIError(
             400, "kv_transfer_params.remote_port must be an integer", param="kv_transfer_params"
         )
-
-
-async def pull(
-    client: httpx.AsyncClient,
-    params: dict[str, Any],
-    prompt_len: int,
-) -> list[int]:
-    """Fetch and verify the prompt's KV from the prefill engine, then have it freed."""
-    check_params(params)
-    engine_id, host, port = params["remote_engine_id"], params["remote_host"], params["remote_port"]
-    request_id = params["remote_request_id"]
-    base = f"http://{host}:{port}/kv/{request_id}"
-    where = f"prefill engine {engine_id} at {host}:{port}"
-    query = {
-        "engine_id": engine_id,
-        "block_ids": ",".join(str(b) for b in params["remote_block_ids"]),
-    }
-    try:
-        response = await client.get(base, params=query)
-    except httpx.HTTPError as exc:
-        raise OpenAIError(
-            502, f"could not pull KV blocks from {where}: {exc!r}", type_="kv_transfer_error"
-        ) from exc
-    if response.status_code == 404:
-        raise OpenAIError(
-            400,
-            f"kv_transfer_params are expired or unknown: {_remote_message(response)}",
-            param="kv_transfer_params",
-            code="kv_expired",
-        )
-    if response.status_code != 200:
-        raise OpenAIError(
-            502,
-            f"{where} refused the KV pull ({response.status_code}): {_remote_message(response)}",
-            type_="kv_transfer_error",
-        )
-    payload = response.content
-    if response.headers.get("x-kv-checksum") != checksum(payload):
-        raise OpenAIError(
-            502, f"KV blocks from {where} failed their checksum", type_="kv_transfer_error"
-        )
-    states = model.payload_states(payload)
-    if len(states) != prompt_len:
-        raise OpenAIError(
-            400,
-            f"kv_transfer_params cover {len(states)} tokens but the prompt "
-            f"has {prompt_len}: they belong to another request",
-            param="kv_transfer_params",
-        )
-    with contextlib.suppress(httpx.HTTPError):
-        await client.post(f"{base}/free", params={"engine_id": engine_id})
-    return states
-
-
-def _remote_message(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text[:200]

@@ -35,10 +35,8 @@ async def _leader(
     config: RuntimeConfig, instance: int, host: str, port: int, kv_port: int | None
 ) -> None:
     host_ip = os.environ.get("VLLM_HOST_IP") or os.environ.get("POD_IP") or "127.0.0.1"
-    server = SimServer(config, instance, host_ip, kv_port)
+    server = SimServer(config, instance, host_ip, kv_port, bind_host=host)
     servers = [serving.make_server(server.api, host, port)]
-    if server.kv_app is not None and server.exporter is not None:
-        servers.append(serving.make_server(server.kv_app, host, server.exporter.port))
     log.info(
         "sim engine %s serving %s on %s:%d", server.engine_id, config.served_model_name, host, port
     )

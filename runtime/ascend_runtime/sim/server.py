@@ -1,5 +1,5 @@
-"""The sim engine's HTTP servers: the OpenAI API (plus /health, /metrics) and, on PD
-prefill instances, the KV side channel that decode instances pull blocks from."""
+"""The sim engine's HTTP server: the OpenAI API (plus /health, /metrics); PD instances also
+run the KV-transfer side (`pd`: a TCP KV server on prefill, a puller on decode)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import hashlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -38,7 +37,12 @@ class SimServer:
     """One sim engine instance: engine, metrics, PD exporter/puller, and its two apps."""
 
     def __init__(
-        self, config: RuntimeConfig, instance: int, host_ip: str, kv_port: int | None = None
+        self,
+        config: RuntimeConfig,
+        instance: int,
+        host_ip: str,
+        kv_port: int | None = None,
+        bind_host: str = "0.0.0.0",
     ):
         self.config = config
         self.settings = config.sim
@@ -50,34 +54,29 @@ class SimServer:
         self.metrics = EngineMetrics(config.served_model_name, self.engine_id)
         self.engine = SimEngine(self.settings, self.metrics)
         self.exporter: pd.KvExporter | None = None
+        self.importer: pd.KvImporter | None = None
         if config.role == "prefill":
             port = kv_port or (config.kv_transfer.kv_port if config.kv_transfer else 0)
             self.exporter = pd.KvExporter(
-                self.engine,
-                self.engine_id,
-                host_ip,
-                port,
-                self.settings.kv_transfer_timeout_seconds,
+                self.engine, config, self.engine_id, host_ip, port, bind_host
             )
-        self.client: httpx.AsyncClient | None = None
+        elif config.role == "decode":
+            self.importer = pd.KvImporter(self.engine, config)
         self.api = self._api_app()
-        self.kv_app = self._kv_app() if self.exporter else None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         self.engine.start()
         if self.exporter:
-            self.exporter.start()
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
+            await self.exporter.start()
 
     async def stop(self) -> None:
         await self.engine.stop()
         if self.exporter:
             await self.exporter.stop()
-            self.exporter.release_all()
-        if self.client:
-            await self.client.aclose()
+        if self.importer:
+            await self.importer.close()
 
     # ------------------------------------------------------------------ requests
 
@@ -152,9 +151,8 @@ class SimServer:
         if self.config.role == "prefill" and params.get("do_remote_decode"):
             seq.hold_blocks = True
             seq.max_tokens = 1
-        elif self.config.role == "decode" and params.get("do_remote_prefill"):
-            assert self.client is not None
-            seq.imported_states = await pd.pull(self.client, params, len(prompt))
+        elif self.importer is not None and params.get("do_remote_prefill"):
+            seq.imported_states, seq.blocks = await self.importer.pull(params, len(prompt))
         elif self.config.role == "decode" and params:
             raise OpenAIError(
                 400,
@@ -420,32 +418,6 @@ class SimServer:
                 len(self.engine.running), len(self.engine.waiting), self.engine.kv_usage
             )
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-        return app
-
-    def _kv_app(self) -> FastAPI:
-        app = FastAPI(title="ascend-serve sim KV side channel", docs_url=None, redoc_url=None)
-        app.add_exception_handler(OpenAIError, _error_handler)  # type: ignore[arg-type]
-        exporter = self.exporter
-        assert exporter is not None
-
-        @app.get("/kv/{request_id}")
-        async def export(request_id: str, engine_id: str, block_ids: str = "") -> Response:
-            try:
-                ids = [int(b) for b in block_ids.split(",") if b]
-            except ValueError as exc:
-                raise OpenAIError(400, "block_ids must be comma-separated integers") from exc
-            payload = exporter.export(request_id, engine_id, ids)
-            return Response(
-                payload,
-                media_type="application/octet-stream",
-                headers={"x-kv-checksum": pd.checksum(payload)},
-            )
-
-        @app.post("/kv/{request_id}/free")
-        async def free(request_id: str, engine_id: str) -> dict[str, str]:
-            exporter.free(request_id, engine_id)
-            return {"status": "freed"}
 
         return app
 
