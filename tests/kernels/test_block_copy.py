@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ascend_kernels.block_copy import (
-    copy_block_runs,
     block_segments,
     consecutive_runs,
+    copy_block_runs,
     copy_blocks,
     copy_blocks_layers,
     copy_blocks_ref,
