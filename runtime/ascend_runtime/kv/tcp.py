@@ -188,7 +188,9 @@ class TcpKvServer:
                 reply["checksum"] = digest.hexdigest()
             await _send_frame(loop, conn, reply, total)
             if total >= THREADED:
-                await asyncio.to_thread(_blocking(_send_views_blocking), conn, views, None)
+                # a reader that stops reading must not hold a worker thread forever
+                timeout = self.holds.timeout
+                await asyncio.to_thread(_blocking(_send_views_blocking), conn, views, timeout)
             else:
                 await _send_views(loop, conn, views)
             self.bytes_sent += total
@@ -311,7 +313,9 @@ class TcpKvClient:
         except (ConnectionError, OSError) as exc:
             raise KvTransferError("connection_lost", f"{what} from {where} failed: {exc}") from exc
         finally:
-            if sock is not None:  # broken mid-exchange: never reuse it
+            if sock is not None:  # broken mid-exchange: never reuse it; wake a blocked thread
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
 
     async def read(
@@ -339,7 +343,7 @@ class TcpKvClient:
                     "bad_reply", f"expected {order.nbytes} bytes of KV, the sender announced {plen}"
                 )
             if plen >= THREADED:
-                await asyncio.to_thread(_blocking(_recv_views_blocking), sock, views, self.timeout)
+                await asyncio.to_thread(_blocking(_recv_views_blocking), sock, views, None)
             else:
                 await _recv_views(loop, sock, views)
             if self.checksum:
@@ -385,11 +389,20 @@ async def _recv_views(
 
 
 def _blocking(fn: Callable[..., None]) -> Callable[..., None]:
-    """Run fn(sock, views) with the socket in blocking mode (timeout seconds, or none), then put
-    it back to non-blocking for the event loop."""
+    """Run fn(sock, views) with the socket in blocking mode, then put it back to non-blocking
+    for the event loop. No Python-level socket timeout: that polls before every call, which
+    cost a third of loopback throughput. A send gives up after `timeout` seconds without
+    progress through the kernel's SO_SNDTIMEO; a receive is bounded by the caller (asyncio),
+    which shuts the socket down to wake the blocked thread."""
 
     def run(sock: socket.socket, views: list[memoryview], timeout: float | None) -> None:
-        sock.settimeout(timeout)
+        sock.setblocking(True)
+        if timeout is not None:
+            seconds = int(timeout)
+            micros = int((timeout - seconds) * 1e6)
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros)
+            )
         try:
             fn(sock, views)
         finally:
