@@ -132,11 +132,3 @@ def test_latency_model_shapes():
     assert engine.step_seconds(0, [s]) == pytest.approx(0.01 + 0.001 * len(s.tokens))
     fixed = SimEngine(settings(fixed_ttft_seconds=0.2, fixed_itl_seconds=0.05))
     assert fixed.step_seconds(5, [s]) == pytest.approx(0.25)
-
-
-def test_kv_payload_round_trip_continues_identically():
-    prompt = model.tokenize("one two three four five")
-    states = model.states(3, prompt)
-    assert model.payload_states(model.block_payload(states)) == states
-    with pytest.raises(ValueError):
-        model.payload_states(b"123")

@@ -16,6 +16,7 @@ The pure part (offsets, spans) needs no torch; `allocate` does.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -108,7 +109,10 @@ class KvLayout:
     spec: KvSpec
     name: str = "cross_layer"
 
-    @property
+    def __post_init__(self) -> None:
+        self.order  # noqa: B018 (an unknown or unusable layout fails here, naming the fix)
+
+    @functools.cached_property
     def order(self) -> tuple[int, ...]:
         return physical_order(self.name)
 
@@ -122,9 +126,17 @@ class KvLayout:
 
     def strides(self, which: Which) -> tuple[int, ...]:
         """Element strides of the logical (blocks, layers, tokens, heads, dim) view."""
-        physical = contiguous_strides(self.physical_shape(which))
+        return self._strides[which]
+
+    @functools.cached_property
+    def _strides(self) -> dict[str, tuple[int, ...]]:
+        # offsets and spans are computed per token on hot paths: derive the strides once
         inv = inverse_permutation(self.order)
-        return tuple(physical[inv[d]] for d in range(len(DIMS)))
+        out = {}
+        for which in ("k", "v"):
+            physical = contiguous_strides(self.physical_shape(which))  # type: ignore[arg-type]
+            out[which] = tuple(physical[inv[d]] for d in range(len(DIMS)))
+        return out
 
     def buffer_bytes(self, which: Which) -> int:
         size = 1

@@ -78,7 +78,6 @@ def remote_side(
             ),
             str(params["remote_kv_layout"]),
         )
-        layout.order  # noqa: B018 (validates the layout name)
     except (TypeError, ValueError) as exc:
         raise KvTransferError("bad_params", f"kv_transfer_params do not fit: {exc}") from exc
     return placement, layout

@@ -125,9 +125,7 @@ class KvPlacement:
             r
             for r in range(self.ranks)
             if self.slot_of_rank(r) == slot
-            and self.first_head(self.split(r)[1])
-            <= head
-            < self.first_head(self.split(r)[1]) + self.heads_per_rank
+            and 0 <= head - self.first_head(self.split(r)[1]) < self.heads_per_rank
         ]
 
 

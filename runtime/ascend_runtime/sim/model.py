@@ -1,8 +1,8 @@
 """The sim engine's stand-in for a network: a tokenizer and a deterministic next-token rule.
 
 The "hidden state" after each token is a 64-bit rolling hash of every token so far; the next
-token is drawn from that state (greedy at temperature 0, seeded otherwise). The KV cache of a
-block is the states of its tokens, so a decode instance that pulls a prefill instance's
+token is drawn from that state (greedy at temperature 0, seeded otherwise). The KV a sim rank
+holds encodes these states (`sim.pd`), so a decode instance that pulls a prefill instance's
 blocks continues exactly where a unified instance would: outputs match across layouts.
 """
 
@@ -171,7 +171,6 @@ VOCAB = [
     "expert",
 ]
 
-STATE_BYTES = 8
 _WORD = re.compile(r"\S+")
 
 
@@ -217,14 +216,3 @@ def next_token(state: int, temperature: float, sample_seed: int, position: int) 
 
 def detokenize(token: int) -> str:
     return VOCAB[token % len(VOCAB)]
-
-
-def block_payload(block_states: list[int]) -> bytes:
-    """The KV bytes of one block: its tokens' states, little-endian."""
-    return b"".join(struct.pack("<Q", s) for s in block_states)
-
-
-def payload_states(payload: bytes) -> list[int]:
-    if len(payload) % STATE_BYTES:
-        raise ValueError(f"KV payload of {len(payload)} bytes is not a whole number of states")
-    return [v for (v,) in struct.iter_unpack("<Q", payload)]

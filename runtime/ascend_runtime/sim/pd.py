@@ -169,10 +169,6 @@ class KvExporter:
     def port(self) -> int:
         return self.server.port
 
-    @property
-    def expired(self) -> int:
-        return self.holds.stats.expired
-
     async def start(self) -> None:
         await self.server.start()
         self._reaper = asyncio.create_task(self._reap(), name="kv-reaper")
