@@ -42,6 +42,17 @@ class KvTransfer(_Config):
     """Mooncake KV transfer between prefill (producer) and decode (consumer) instances."""
 
     connector: str = "MooncakeConnectorV1"
+    module_path: str | None = None
+    """`kv_connector_module_path` of an out-of-tree connector (ascend-serve's own); left out of
+    the serialized config when unset, so pods of the default connector keep their hash."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_module(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("module_path") is None:
+            data.pop("module_path", None)
+        return data
+
     kv_role: Literal["kv_producer", "kv_consumer"]
     kv_port: int = Field(ge=1024, le=65535)
     engine_id_prefix: str

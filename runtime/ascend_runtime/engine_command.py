@@ -39,6 +39,7 @@ def kv_transfer_json(config: RuntimeConfig, instance: int) -> str:
     assert kv is not None
     payload = {
         "kv_connector": kv.connector,
+        **({"kv_connector_module_path": kv.module_path} if kv.module_path else {}),
         "kv_role": kv.kv_role,
         "kv_port": kv.kv_port,
         "engine_id": engine_id(config, instance),

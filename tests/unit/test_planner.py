@@ -238,3 +238,36 @@ def test_lws_fallback_is_reported():
     assert fallback.workload_kind == "StatefulSet" and fallback.workload_fallback
     leader = fallback.role("unified").runtime_config.leader
     assert leader.workload == "StatefulSet" and leader.headless_service == "m-unified"
+
+
+def test_pd_with_ascend_serve_connector_loads_it_out_of_tree():
+    doc = load_example("qwen3-235b-pd.yaml")
+    doc["spec"]["runtime"]["kvConnector"] = "ascend-serve"
+    plan, default = plan_manifest(doc), plan_manifest(load_example("qwen3-235b-pd.yaml"))
+    for role, kv_role in (("prefill", "kv_producer"), ("decode", "kv_consumer")):
+        kv = json.loads(flag(command(plan.role(role), 0).argv, "--kv-transfer-config"))
+        mooncake = json.loads(flag(command(default.role(role), 0).argv, "--kv-transfer-config"))
+        assert kv["kv_connector"] == "AscendKvConnector"
+        assert kv["kv_connector_module_path"] == "ascend_runtime.kv.vllm_connector"
+        assert kv["kv_role"] == kv_role and kv["kv_port"] == mooncake["kv_port"]
+        assert kv["engine_id"] == mooncake["engine_id"]
+        assert kv["kv_connector_extra_config"] == {
+            "transport": "mooncake",
+            "kv_layout": "cross_layer",
+        }
+
+
+@pytest.mark.parametrize("cross_layer", [True, False])
+def test_kv_offload_renders_ascend_serve_pool_or_vllm_spec(cross_layer):
+    doc = load_example("qwen3-235b-a3-single-node.yaml")
+    doc["spec"]["runtime"]["kvOffload"] = {"cpuBytes": "8Gi", "crossLayerLayout": cross_layer}
+    plan = plan_manifest(doc)
+    kv = json.loads(flag(command(plan.role("unified"), 0).argv, "--kv-transfer-config"))
+    assert kv["kv_connector"] == "OffloadingConnector" and kv["kv_role"] == "kv_both"
+    extra = kv["kv_connector_extra_config"]
+    if cross_layer:
+        assert extra["spec_module_path"] == "ascend_runtime.kv.vllm_offload"
+        assert extra["spec_name"] == "AscendOffloadingSpec"
+        assert extra["cpu_bytes_per_rank"] == 8 * 2**30 and extra["kv_layout"] == "cross_layer"
+    else:
+        assert extra == {"cpu_bytes_to_use": 8 * 2**30}

@@ -176,7 +176,9 @@ class KvOffload(ApiModel):
     """Host memory per engine rank for offloaded blocks, for example `64Gi`; 0 turns offload
     off."""
     cross_layer_layout: bool = True
-    """Store all layers of a block contiguously, so a block moves as one segment."""
+    """Keep offloaded blocks in ascend-serve's host pool with all layers of a block contiguous
+    (AscendOffloadingSpec), so a block moves as one segment; false uses vLLM's stock CPU
+    offloading spec."""
 
 
 class SimSpec(ApiModel):
@@ -219,6 +221,11 @@ class RuntimeSpec(ApiModel):
     """MTP speculative decoding."""
     kv_offload: KvOffload | None = None
     """KV-cache offload to host memory."""
+    kv_connector: Literal["mooncake", "ascend-serve"] = "mooncake"
+    """Prefill->decode KV connector of PD roles: `mooncake` (vllm-ascend's MooncakeConnectorV1,
+    the configuration vllm-ascend publishes) or `ascend-serve` (this project's AscendKvConnector:
+    PCP/DCP-aware rank map, host-staged cross-layer transfer over Mooncake's engine; not yet
+    measured on NPUs)."""
     fused_mc2: bool = False
     """Fused MoE dispatch/combine (`dispatch_ffn_combine`): W8A8 weights, expert parallel with
     at most 32 ranks, no MTP. Sizes HCCL_BUFFSIZE for it."""

@@ -97,17 +97,29 @@ def vllm_args(
             speculative["disable_padded_drafter_batch"] = True
         args += ["--speculative-config", _json(speculative)]
     if settings.offload_cpu_bytes and not pd:
-        args += ["--kv-transfer-config", _json(offload_connector(settings.offload_cpu_bytes))]
+        cross_layer = runtime.kv_offload is not None and runtime.kv_offload.cross_layer_layout
+        connector = offload_connector(settings.offload_cpu_bytes, cross_layer)
+        args += ["--kv-transfer-config", _json(connector)]
     args += list(runtime.extra_args) + list(role.extra_args)
     return args
 
 
-def offload_connector(cpu_bytes: int) -> dict[str, object]:
-    """vLLM's OffloadingConnector to host memory (`cpu_bytes_to_use`, vLLM 0.23)."""
+def offload_connector(cpu_bytes: int, cross_layer: bool = False) -> dict[str, object]:
+    """vLLM's OffloadingConnector to host memory: ascend-serve's cross-layer pool
+    (AscendOffloadingSpec, `cpu_bytes_per_rank`), or vLLM's own spec (`cpu_bytes_to_use`,
+    vLLM 0.23)."""
+    extra: dict[str, object] = {"cpu_bytes_to_use": cpu_bytes}
+    if cross_layer:
+        extra = {
+            "spec_name": "AscendOffloadingSpec",
+            "spec_module_path": "ascend_runtime.kv.vllm_offload",
+            "cpu_bytes_per_rank": cpu_bytes,
+            "kv_layout": "cross_layer",
+        }
     return {
         "kv_connector": "OffloadingConnector",
         "kv_role": "kv_both",
-        "kv_connector_extra_config": {"cpu_bytes_to_use": cpu_bytes},
+        "kv_connector_extra_config": extra,
     }
 
 

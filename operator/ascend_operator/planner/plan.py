@@ -699,6 +699,10 @@ def _model_path(spec: ModelDeploymentSpec) -> str:
     return MODEL_MOUNT  # hostPath (or no source, already reported as a problem)
 
 
+ASCEND_CONNECTOR = "AscendKvConnector"
+ASCEND_CONNECTOR_MODULE = "ascend_runtime.kv.vllm_connector"
+
+
 def _kv_transfer(ctx: _Context, idx: int, role: RoleSpec) -> KvTransfer | None:
     """Mooncake settings of a PD role: port (checked), engine id prefix, both sides' sizes."""
     md, hw, problems = ctx.md, ctx.hw, ctx.problems
@@ -729,16 +733,22 @@ def _kv_transfer(ctx: _Context, idx: int, role: RoleSpec) -> KvTransfer | None:
             )
         )
     roles = {r.name: r.parallelism for r in spec.roles}
+    kv_role = "kv_producer" if role.name == "prefill" else "kv_consumer"
+    prefix = f"{md.metadata.name}-{role.name}"
+    if spec.runtime.kv_connector == "ascend-serve":
+        return KvTransfer(
+            connector=ASCEND_CONNECTOR,
+            module_path=ASCEND_CONNECTOR_MODULE,
+            kv_role=kv_role,
+            kv_port=port,
+            engine_id_prefix=prefix,
+            extra_config={"transport": "mooncake", "kv_layout": "cross_layer"},
+        )
     extra: dict[str, Any] = {"use_ascend_direct": True}
     for name in ("prefill", "decode"):
         if name in roles:
             extra[name] = {"dp_size": roles[name].data, "tp_size": roles[name].tensor}
-    return KvTransfer(
-        kv_role="kv_producer" if role.name == "prefill" else "kv_consumer",
-        kv_port=port,
-        engine_id_prefix=f"{md.metadata.name}-{role.name}",
-        extra_config=extra,
-    )
+    return KvTransfer(kv_role=kv_role, kv_port=port, engine_id_prefix=prefix, extra_config=extra)
 
 
 def _pod_kv_ports(

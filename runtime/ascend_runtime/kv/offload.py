@@ -12,7 +12,6 @@ segment per block when cross-layer, one per layer when per-layer: the gap `bench
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -21,30 +20,11 @@ import torch
 
 from ascend_kernels.block_copy import copy_block_runs, copy_blocks_layers
 
+from .index import HostBlockIndex, OffloadStats
 from .layout import KvBuffers, KvLayout, allocate
 
 Method = Literal["auto", "kernel", "dma"]
-
-
-@dataclass
-class OffloadStats:
-    lookups: int = 0
-    hits: int = 0
-    misses: int = 0
-    stored_blocks: int = 0
-    loaded_blocks: int = 0
-    evicted_blocks: int = 0
-    rejected_blocks: int = 0
-    """Stores skipped because every host block was busy (being stored or loaded)."""
-    bytes_to_host: int = 0
-    bytes_to_device: int = 0
-
-
-@dataclass
-class _Entry:
-    block: int
-    ready: bool = False
-    readers: int = 0
+__all__ = ["HostKvPool", "OffloadStats", "Transfer", "copy_kv_blocks"]
 
 
 @dataclass
@@ -93,32 +73,21 @@ class HostKvPool:
         self.capacity_blocks = blocks
         self.block_bytes = per_block
         self.method = method
-        self._free = list(range(blocks - 1, -1, -1))
-        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self.index = HostBlockIndex(blocks)
+        self.stats: OffloadStats = self.index.stats
         self._pending: list[Transfer] = []
-        self.stats = OffloadStats()
-        self._stream = _side_stream(dev)
+        self.copier = BlockCopier(_groups(device), _groups(self.host), method)
 
     # ------------------------------------------------------------------ scheduler side
 
     def lookup(self, hashes: Sequence[Hashable]) -> int:
         """How many leading blocks of a prefix are on the host and ready to load."""
         self.poll()
-        self.stats.lookups += 1
-        hits = 0
-        for h in hashes:
-            entry = self._entries.get(h)
-            if entry is None or not entry.ready:
-                break
-            self._entries.move_to_end(h)
-            hits += 1
-        self.stats.hits += hits
-        self.stats.misses += len(hashes) - hits
-        return hits
+        return self.index.lookup(hashes)
 
     @property
     def used_blocks(self) -> int:
-        return self.capacity_blocks - len(self._free)
+        return self.index.used_blocks
 
     @property
     def used_bytes(self) -> int:
@@ -131,24 +100,14 @@ class HostKvPool:
         if len(hashes) != len(device_blocks):
             raise ValueError(f"{len(hashes)} hashes for {len(device_blocks)} device blocks")
         self.poll()
-        todo: list[tuple[Hashable, int, int]] = []
-        for h, d in zip(hashes, device_blocks, strict=True):
-            if h in self._entries:
-                self._entries.move_to_end(h)
-                continue
-            host = self._take_block()
-            if host is None:
-                self.stats.rejected_blocks += 1
-                continue
-            self._entries[h] = _Entry(host)
-            todo.append((h, d, host))
-        transfer = Transfer("store", [h for h, _, _ in todo], None)
-        if todo:
+        where = dict(zip(hashes, device_blocks, strict=True))
+        plan = self.index.prepare_store(list(hashes))
+        transfer = Transfer("store", plan.hashes, None)
+        if plan.hashes:
             transfer.event = self._copy(
-                self.device, self.host, [d for _, d, _ in todo], [h for _, _, h in todo]
+                self.device, self.host, [where[h] for h in plan.hashes], plan.host_blocks
             )
-            self.stats.stored_blocks += len(todo)
-            self.stats.bytes_to_host += len(todo) * self.block_bytes
+            self.stats.bytes_to_host += len(plan.hashes) * self.block_bytes
         self._track(transfer)
         return transfer
 
@@ -157,18 +116,10 @@ class HostKvPool:
         if len(hashes) != len(device_blocks):
             raise ValueError(f"{len(hashes)} hashes for {len(device_blocks)} device blocks")
         self.poll()
-        entries = []
-        for h in hashes:
-            entry = self._entries.get(h)
-            if entry is None or not entry.ready:
-                raise KeyError(f"block {h!r} is not on the host (evicted, or its store is running)")
-            entries.append(entry)
-        for entry in entries:
-            entry.readers += 1
-        event = self._copy(self.host, self.device, [e.block for e in entries], list(device_blocks))
+        host_blocks = self.index.prepare_load(list(hashes))
+        event = self._copy(self.host, self.device, host_blocks, list(device_blocks))
         transfer = Transfer("load", list(hashes), event)
-        self.stats.loaded_blocks += len(entries)
-        self.stats.bytes_to_device += len(entries) * self.block_bytes
+        self.stats.bytes_to_device += len(host_blocks) * self.block_bytes
         self._track(transfer)
         return transfer
 
@@ -200,51 +151,79 @@ class HostKvPool:
         if transfer.finished:
             return
         transfer.finished = True
-        for h in transfer.hashes:
-            entry = self._entries.get(h)
-            if entry is None:
-                continue
-            if transfer.kind == "store":
-                entry.ready = True
-            else:
-                entry.readers -= 1
-
-    def _take_block(self) -> int | None:
-        if self._free:
-            return self._free.pop()
-        for h, entry in self._entries.items():  # least recently used first
-            if entry.ready and entry.readers == 0:
-                del self._entries[h]
-                self.stats.evicted_blocks += 1
-                return entry.block
-        return None
+        if transfer.kind == "store":
+            self.index.complete_store(transfer.hashes)
+        else:
+            self.index.complete_load(transfer.hashes)
 
     def _copy(self, src: KvBuffers, dst: KvBuffers, src_ids: list[int], dst_ids: list[int]) -> Any:
-        s = torch.tensor(src_ids, dtype=torch.int64)
-        d = torch.tensor(dst_ids, dtype=torch.int64)
-        stream = self._stream
-        if stream is None:
-            _copy_all(src, dst, s, d, self.method)
+        to_host = src is self.device
+        return self.copier.copy(to_host, src_ids, dst_ids)
+
+
+class BlockCopier:
+    """Asynchronous block copies between a device side and a host side, each a list of cache
+    groups (K caches, V caches) that pair up tensor for tensor. Copies run on a side stream
+    after the compute stream's work so far; `copy` returns the event that marks their end
+    (None when everything is on the host and the copy already happened)."""
+
+    def __init__(
+        self,
+        device: list[list[torch.Tensor]],
+        host: list[list[torch.Tensor]],
+        method: Method = "auto",
+    ):
+        if len(device) != len(host) or any(
+            len(d) != len(h) for d, h in zip(device, host, strict=True)
+        ):
+            raise ValueError("device and host cache groups must pair up tensor for tensor")
+        self.device, self.host, self.method = device, host, method
+        first = next(t for group in device for t in group)
+        self._dev = first.device
+        self._stream = _side_stream(first.device)
+
+    def copy(self, to_host: bool, src_ids: Sequence[int], dst_ids: Sequence[int]) -> Any:
+        s = torch.tensor(list(src_ids), dtype=torch.int64)
+        d = torch.tensor(list(dst_ids), dtype=torch.int64)
+        src, dst = (self.device, self.host) if to_host else (self.host, self.device)
+        if self._stream is None:
+            _copy_groups(src, dst, s, d, self.method)
             return None
-        module = torch.get_device_module(self.device.k_raw.device)
-        stream.wait_stream(module.current_stream())  # the KV being stored was written first
-        with module.stream(stream):
-            _copy_all(src, dst, s, d, self.method)
+        module = torch.get_device_module(self._dev)
+        self._stream.wait_stream(module.current_stream())  # the KV being copied was written
+        with module.stream(self._stream):
+            _copy_groups(src, dst, s, d, self.method)
             event = module.Event()
-            event.record(stream)
+            event.record(self._stream)
         return event
 
 
-def _copy_all(
-    src: KvBuffers, dst: KvBuffers, s: torch.Tensor, d: torch.Tensor, method: Method
+def _copy_groups(
+    src: list[list[torch.Tensor]],
+    dst: list[list[torch.Tensor]],
+    s: torch.Tensor,
+    d: torch.Tensor,
+    method: Method,
 ) -> None:
-    for which in ("k", "v"):
-        srcs, dsts = src.block_tensors(which), dst.block_tensors(which)
+    for srcs, dsts in zip(src, dst, strict=True):
+        if not srcs:
+            continue
         if method == "dma":
             for a, b in zip(srcs, dsts, strict=True):
                 copy_block_runs(a, b, s, d)
         else:
             copy_blocks_layers(srcs, dsts, s, d)
+
+
+def copy_kv_blocks(
+    src: KvBuffers, dst: KvBuffers, s: torch.Tensor, d: torch.Tensor, method: Method = "auto"
+) -> None:
+    """Copy blocks `s` of `src` to blocks `d` of `dst` (K and V; same layout, any devices)."""
+    _copy_groups(_groups(src), _groups(dst), s, d, method)
+
+
+def _groups(buffers: KvBuffers) -> list[list[torch.Tensor]]:
+    return [buffers.block_tensors("k"), buffers.block_tensors("v")]
 
 
 def _side_stream(device: torch.device) -> Any | None:

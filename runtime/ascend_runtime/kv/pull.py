@@ -100,8 +100,10 @@ async def pull(
     regions: Callable[[int], dict[str, Region]],
     num_tokens: int,
     ranks: Iterable[int] | None = None,
+    skip_dst_blocks: int = 0,
 ) -> PullResult:
-    """Pull a request's KV into this instance's `ranks` (all of them by default)."""
+    """Pull a request's KV into this instance's `ranks` (all of them by default); blocks of
+    the block table before `skip_dst_blocks` are cached locally already and not read."""
     remote, remote_layout = remote_side(params, local, local_layout)
     request_id, engine_id = str(params["remote_request_id"]), str(params["remote_engine_id"])
     src_blocks = list(params["remote_block_ids"])
@@ -116,8 +118,9 @@ async def pull(
     mine = list(range(local.ranks)) if ranks is None else list(ranks)
     orders: list[PullOrder] = []
     for r in mine:
+        chunks = [c for c in plans[r] if c.dst_block >= skip_dst_blocks]
         for p, (reads, writes) in chunk_segments(
-            plans[r], remote_layout, src_blocks, local_layout, dst_blocks
+            chunks, remote_layout, src_blocks, local_layout, dst_blocks
         ).items():
             orders.append(PullOrder(request_id, engine_id, p, r, expected, reads, writes))
     try:

@@ -6,7 +6,8 @@ rank). Large segments go straight from the registered buffer to the socket and f
 into the destination buffer (no intermediate copy); small ones are batched.
 
 Frame: magic ``ASKV``, u32 header length, u64 payload length, JSON header, payload.
-Requests: ``read`` (segments, expected pairs), ``done`` (a pair finished), ``abort``.
+Requests: ``read`` (segments, expected pairs), ``done`` (a pair finished), ``abort``, and
+``describe`` (registered addresses, for the Mooncake transport that reads them itself).
 Answers: ``{"ok": true, ...}`` or ``{"ok": false, "code": ..., "message": ...}``.
 """
 
@@ -99,7 +100,9 @@ class TcpKvServer:
     """Prefill side: serves reads of held requests' blocks and collects completions.
 
     `regions(rank)` gives the registered regions of a prefill rank this server serves (one
-    server per rank in vLLM; the sim serves all of an instance's ranks from one port)."""
+    server per rank in vLLM; the sim serves all of an instance's ranks from one port). With
+    `ranks`, completion is tracked only for pairs of those prefill ranks (the others are
+    other processes' business)."""
 
     def __init__(
         self,
@@ -108,8 +111,14 @@ class TcpKvServer:
         engine_id: str,
         host: str = "0.0.0.0",
         port: int = 0,
+        *,
+        ranks: set[int] | None = None,
     ):
         self.regions, self.holds, self.engine_id = regions, holds, engine_id
+        self.ranks = ranks
+        self.remote_memory: Callable[[int], tuple[str, dict[str, int]]] | None = None
+        """Set when an RDMA-style engine (Mooncake) serves the bytes: rank -> (its session,
+        region name -> registered address); `describe` hands these to decode ranks."""
         self.host, self.port = host, port
         self.bytes_sent = 0
         self.failed_sends = 0
@@ -176,7 +185,7 @@ class TcpKvServer:
                 "kv_not_found", f"this is prefill engine {self.engine_id}, not {h.get('engine_id')}"
             )
         if op == "read":
-            self.holds.expect(request_id, [tuple(p) for p in h["expected"]])
+            self.holds.expect(request_id, self._expected(h["expected"]))
             segments = [Segment(*s) for s in h["segments"]]
             views = _views(self.regions(int(h["rank"])), segments, f"prefill rank {h['rank']}")
             total = sum(len(v) for v in views)
@@ -196,13 +205,26 @@ class TcpKvServer:
             self.bytes_sent += total
         elif op == "done":
             if h.get("expected") is not None:
-                self.holds.expect(request_id, [tuple(p) for p in h["expected"]])
+                self.holds.expect(request_id, self._expected(h["expected"]))
             released = self.holds.done(request_id, (int(h["rank"]), int(h["consumer"])))
             await _send_frame(loop, conn, {"ok": True, "released": released})
         elif op == "abort":
             await _send_frame(loop, conn, {"ok": True, "released": self.holds.abort(request_id)})
+        elif op == "describe":
+            if self.remote_memory is None:
+                raise KvTransferError(
+                    "unsupported", "this prefill engine serves KV over TCP only (transport tcp)"
+                )
+            self.holds.expect(request_id, self._expected(h["expected"]))
+            rank = int(h["rank"])
+            _views(self.regions(rank), [Segment(*s) for s in h["segments"]], f"prefill rank {rank}")
+            session, addresses = self.remote_memory(rank)
+            await _send_frame(loop, conn, {"ok": True, "session": session, "regions": addresses})
         else:
             raise KvTransferError("bad_request", f"unknown KV transfer op {op!r}")
+
+    def _expected(self, pairs: list[list[int]]) -> list[tuple[int, int]]:
+        return [(p, d) for p, d in pairs if self.ranks is None or p in self.ranks]
 
 
 def _outgoing(views: list[memoryview]) -> Iterator[memoryview | bytearray]:
@@ -324,16 +346,7 @@ class TcpKvClient:
         views = _views(local, order.writes, f"decode rank {order.consumer}")
         if [len(v) for v in views] != [s.length for s in order.reads]:
             raise ValueError("read and write segments of a pull must be index-aligned")
-        header = {
-            "op": "read",
-            "request_id": order.request_id,
-            "engine_id": order.engine_id,
-            "rank": order.rank,
-            "consumer": order.consumer,
-            "expected": sorted(order.expected),
-            "segments": [[s.region, s.offset, s.length] for s in order.reads],
-            "checksum": self.checksum,
-        }
+        header = _order_header("read", order, segments=True) | {"checksum": self.checksum}
 
         async def receive(
             loop: asyncio.AbstractEventLoop, sock: socket.socket, reply: dict[str, Any], plen: int
@@ -358,16 +371,15 @@ class TcpKvClient:
         return order.nbytes
 
     async def done(self, endpoint: tuple[str, int], order: PullOrder) -> bool:
-        header = {
-            "op": "done",
-            "request_id": order.request_id,
-            "engine_id": order.engine_id,
-            "rank": order.rank,
-            "consumer": order.consumer,
-            "expected": sorted(order.expected),
-        }
+        header = _order_header("done", order)
         reply = await self._exchange(endpoint, header, "KV completion")
         return bool(reply.get("released"))
+
+    async def describe(self, endpoint: tuple[str, int], order: PullOrder) -> dict[str, Any]:
+        """Where a prefill rank's regions live for a one-sided engine to read them: checks the
+        request is held and the segments are in bounds, like a read, but moves no bytes."""
+        header = _order_header("describe", order, segments=True)
+        return await self._exchange(endpoint, header, "KV address lookup")
 
     async def abort(self, endpoint: tuple[str, int], request_id: str, engine_id: str) -> None:
         header = {"op": "abort", "request_id": request_id, "engine_id": engine_id}
@@ -378,6 +390,20 @@ class TcpKvClient:
             for s in socks:
                 s.close()
         self._idle.clear()
+
+
+def _order_header(op: str, order: PullOrder, *, segments: bool = False) -> dict[str, Any]:
+    header: dict[str, Any] = {
+        "op": op,
+        "request_id": order.request_id,
+        "engine_id": order.engine_id,
+        "rank": order.rank,
+        "consumer": order.consumer,
+        "expected": sorted(order.expected),
+    }
+    if segments:
+        header["segments"] = [[s.region, s.offset, s.length] for s in order.reads]
+    return header
 
 
 async def _recv_views(
