@@ -14,7 +14,7 @@ help:
 	@echo "make test     install (venv, pinned deps, helm/kubectl) then lint + all tests"
 	@echo "make plan     show the plan of EXAMPLE (default $(EXAMPLE))"
 	@echo "make render   render EXAMPLE's Kubernetes objects"
-	@echo "make crd      regenerate crds/ and the chart's CRDs from the models"
+	@echo "make crd      regenerate crds/, the chart's CRDs and docs/reference/api.md from the models"
 	@echo "make golden   regenerate tests/golden/ from examples/"
 
 $(STAMP): pyproject.toml scripts/install-tools.sh
@@ -49,6 +49,7 @@ format: $(STAMP)
 crd: $(STAMP)
 	$(BIN)/ascend-serve crd > crds/modeldeployments.ascendserve.dev.yaml
 	cp crds/modeldeployments.ascendserve.dev.yaml charts/ascend-serve/crds/
+	$(BIN)/ascend-serve api-reference > docs/reference/api.md
 
 golden: $(STAMP)
 	UPDATE_GOLDEN=1 $(BIN)/python -m pytest -q tests/unit/test_golden.py

@@ -95,6 +95,13 @@ def cmd_crd(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def cmd_api_reference(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .api.reference import api_reference
+
+    out.write(api_reference())
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from dataclasses import asdict
 
@@ -234,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("crd", help="print the ModelDeployment CRD generated from the models")
     p.set_defaults(func=cmd_crd)
+    p = sub.add_parser("api-reference", help="print the API reference (Markdown) from the models")
+    p.set_defaults(func=cmd_api_reference)
     p = sub.add_parser("presets", help="list the known model architectures")
     p.set_defaults(func=cmd_presets)
 

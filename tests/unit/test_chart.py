@@ -45,6 +45,7 @@ def test_default_render_is_valid_kubernetes():
         "ClusterRole",
         "ClusterRoleBinding",
         "ClusterRoleBinding",
+        "ConfigMap",
         "Deployment",
         "Service",
         "ServiceAccount",
@@ -146,3 +147,32 @@ def test_rbac_covers_every_rendered_kind():
             assert (group, _PLURALS[kind], verb) in granted, (kind, verb)
     # the router Role grants endpointslices; RBAC requires the operator to hold them too
     assert ("discovery.k8s.io", "endpointslices", "watch") in granted
+
+
+def test_grafana_dashboard_ships_and_queries_metrics_we_export():
+    import json
+    import re
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from ascend_operator.controller import metrics as operator_metrics
+    from ascend_runtime.router.app import RouterMetrics
+
+    objs = template()
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["ascend-serve.json"])
+    assert dashboard["uid"] == "ascend-serve" and len(dashboard["panels"]) >= 8
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    queried = {
+        re.sub(r"_(total|bucket|sum|count)$", "", m) for m in re.findall(r"ascend_serve_\w+", exprs)
+    }
+    operator_families = [
+        fam
+        for obj in vars(operator_metrics).values()
+        if isinstance(obj, MetricWrapperBase)
+        for fam in obj.collect()
+    ]
+    exported = {fam.name for fam in [*RouterMetrics().registry.collect(), *operator_families]}
+    assert queried - exported == set(), "the dashboard queries metrics nobody exports"
+    assert not [o for o in template("grafana.dashboard.enabled=false") if o["kind"] == "ConfigMap"]

@@ -135,3 +135,14 @@ def test_long_name_rejected_by_cel(crd):
     doc = manifest()
     doc["metadata"]["name"] = "n" * 40
     assert any("metadata.name" in v for v in crd_violations(crd, doc))
+
+
+def test_committed_api_reference_matches_models():
+    from ascend_operator.api.reference import api_reference
+
+    committed = (ROOT / "docs/reference/api.md").read_text()
+    assert committed == api_reference(), (
+        "docs/reference/api.md drifted from the models: run `make crd`"
+    )
+    for field in ("kvConnector", "crossLayerLayout", "leaderWaitSeconds", "networkInterface"):
+        assert f"`{field}`" in committed
