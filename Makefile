@@ -6,7 +6,11 @@ STAMP  := $(VENV)/.installed-dev
 EXAMPLE ?= examples/qwen3-235b-pd.yaml
 PORT   ?= 8000
 
-.PHONY: help venv demo up test lint format crd golden plan render bench clean
+IMAGE_REGISTRY ?= docker.io/ascendserve
+VERSION     := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+VLLM_ASCEND ?= v0.23.0
+
+.PHONY: help venv demo up test lint format crd golden plan render bench clean images images-cpu e2e-kind
 
 help:
 	@echo "make demo     install, run examples/tiny-sim.yaml with ascend-serve up, answer a request"
@@ -16,6 +20,8 @@ help:
 	@echo "make render   render EXAMPLE's Kubernetes objects"
 	@echo "make crd      regenerate crds/, the chart's CRDs and docs/reference/api.md from the models"
 	@echo "make golden   regenerate tests/golden/ from examples/"
+	@echo "make images   build the operator, CPU runtime and NPU runtime images (needs Docker)"
+	@echo "make e2e-kind kind cluster with fake NPUs: install, apply tutorials (sim), requests, scale, delete"
 
 $(STAMP): pyproject.toml scripts/install-tools.sh
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +59,21 @@ crd: $(STAMP)
 
 golden: $(STAMP)
 	UPDATE_GOLDEN=1 $(BIN)/python -m pytest -q tests/unit/test_golden.py
+
+images-cpu:
+	docker build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(VERSION) .
+	docker build -f runtime/Dockerfile.cpu -t $(IMAGE_REGISTRY)/runtime-cpu:$(VERSION) .
+
+images: images-cpu
+	docker build -f runtime/Dockerfile.npu \
+	  --build-arg VLLM_ASCEND_IMAGE=quay.io/ascend/vllm-ascend:$(VLLM_ASCEND) \
+	  -t $(IMAGE_REGISTRY)/runtime-npu:$(VERSION)-vllm-ascend-$(VLLM_ASCEND) .
+	docker build -f runtime/Dockerfile.npu \
+	  --build-arg VLLM_ASCEND_IMAGE=quay.io/ascend/vllm-ascend:$(VLLM_ASCEND)-a3 \
+	  -t $(IMAGE_REGISTRY)/runtime-npu:$(VERSION)-vllm-ascend-$(VLLM_ASCEND)-a3 .
+
+e2e-kind: $(STAMP)
+	IMAGE_REGISTRY=$(IMAGE_REGISTRY) VERSION=$(VERSION) VENV=$(VENV) bash tests/e2e/kind/run.sh
 
 plan: $(STAMP)
 	$(BIN)/ascend-serve plan -f $(EXAMPLE)
