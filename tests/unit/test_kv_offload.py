@@ -78,7 +78,7 @@ def test_blocks_in_flight_are_neither_visible_nor_evictable(monkeypatch):
         events.append(FakeEvent())
         return events[-1]
 
-    monkeypatch.setattr(pool, "_copy", slow_copy)
+    monkeypatch.setattr(pool.copier, "copy", slow_copy)
     pool.store(["a", "b"], [0, 1])
     assert pool.lookup(["a"]) == 0  # store still running
     with pytest.raises(KeyError, match="its store is running"):

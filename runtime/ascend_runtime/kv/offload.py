@@ -104,8 +104,8 @@ class HostKvPool:
         plan = self.index.prepare_store(list(hashes))
         transfer = Transfer("store", plan.hashes, None)
         if plan.hashes:
-            transfer.event = self._copy(
-                self.device, self.host, [where[h] for h in plan.hashes], plan.host_blocks
+            transfer.event = self.copier.copy(
+                True, [where[h] for h in plan.hashes], plan.host_blocks
             )
             self.stats.bytes_to_host += len(plan.hashes) * self.block_bytes
         self._track(transfer)
@@ -117,7 +117,7 @@ class HostKvPool:
             raise ValueError(f"{len(hashes)} hashes for {len(device_blocks)} device blocks")
         self.poll()
         host_blocks = self.index.prepare_load(list(hashes))
-        event = self._copy(self.host, self.device, host_blocks, list(device_blocks))
+        event = self.copier.copy(False, host_blocks, list(device_blocks))
         transfer = Transfer("load", list(hashes), event)
         self.stats.bytes_to_device += len(host_blocks) * self.block_bytes
         self._track(transfer)
@@ -155,10 +155,6 @@ class HostKvPool:
             self.index.complete_store(transfer.hashes)
         else:
             self.index.complete_load(transfer.hashes)
-
-    def _copy(self, src: KvBuffers, dst: KvBuffers, src_ids: list[int], dst_ids: list[int]) -> Any:
-        to_host = src is self.device
-        return self.copier.copy(to_host, src_ids, dst_ids)
 
 
 class BlockCopier:

@@ -6,6 +6,8 @@ from vLLM's config. Every bad value raises `ValueError` naming the key and the f
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -164,8 +166,6 @@ def host_ip(env: Mapping[str, str]) -> str:
     ip = env.get("VLLM_HOST_IP") or env.get("POD_IP")
     if ip:
         return ip
-    import socket
-
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
@@ -176,8 +176,6 @@ def from_vllm_config(
     vllm_config: Any, num_blocks: int, env: Mapping[str, str] | None = None
 ) -> ConnectorSettings:
     """Settings from a vLLM `VllmConfig` (read by attribute; vLLM is not imported here)."""
-    import os
-
     env = os.environ if env is None else env
     ktc = vllm_config.kv_transfer_config
     par = vllm_config.parallel_config

@@ -100,6 +100,8 @@ class PdWorker:
         self.stage = HostStage(device, settings.layout)
         self.loop = LoopThread(f"kv-connector-{rank}")
         self._lock = threading.Lock()
+        self._saved: set[str] = set()
+        """Requests staged and held here, until reported sent (model-runner thread only)."""
         self._sent: set[str] = set()
         self._finished_seen: set[str] = set()
         self._loads: dict[str, _Load] = {}
@@ -119,7 +121,6 @@ class PdWorker:
                 settings.rank_port(rank),
                 ranks={rank},
             )
-        if self.server is not None:
             if engine is not None:
                 serve_registered(self.server, engine)
             self.loop.run(self.server.start())
@@ -146,6 +147,11 @@ class PdWorker:
         for request_id in meta.releases:
             if self.holds is not None:
                 self.loop.call(self.holds.abort, request_id)
+            # vLLM freed these blocks itself (no delayed free): never report them as sent
+            self._saved.discard(request_id)
+            self._finished_seen.discard(request_id)
+            with self._lock:
+                self._sent.discard(request_id)
         if self.rank == 0:  # one decode rank tells every prefill rank
             for params in meta.aborts:
                 self.loop.submit(self._abort_remote(params))
@@ -164,14 +170,18 @@ class PdWorker:
         blocks = list(req.block_ids[:needed])
         self.stage.to_host(blocks)
         self.loop.call(self.holds.hold, req.request_id)
+        self._saved.add(req.request_id)
 
     def finished(self, finished_ids: Iterable[str]) -> tuple[set[str], set[str]]:
         """(requests whose KV was sent and may be freed, requests whose KV arrived)."""
+        # Only requests held here can be reported; other ids (every request vLLM finishes)
+        # must not pile up.
+        self._finished_seen.update(i for i in finished_ids if i in self._saved)
         with self._lock:
-            self._finished_seen.update(finished_ids)
             sent = self._sent & self._finished_seen
             self._sent -= sent
-            self._finished_seen -= sent
+        self._finished_seen -= sent
+        self._saved -= sent
         received: set[str] = set()
         for request_id, load in list(self._loads.items()):
             if not load.future.done():
