@@ -18,7 +18,7 @@ help:
 	@echo "make test     install (venv, pinned deps, helm/kubectl) then lint + all tests"
 	@echo "make plan     show the plan of EXAMPLE (default $(EXAMPLE))"
 	@echo "make render   render EXAMPLE's Kubernetes objects"
-	@echo "make crd      regenerate crds/, the chart's CRDs and docs/reference/api.md from the models"
+	@echo "make crd      regenerate crds/, the chart's CRDs and RBAC rules, docs/reference/api.md"
 	@echo "make golden   regenerate tests/golden/ from examples/"
 	@echo "make images   build the operator, CPU runtime and NPU runtime images (needs Docker)"
 	@echo "make e2e-kind kind cluster with fake NPUs: install, apply tutorials (sim), requests, scale, delete"
@@ -56,6 +56,7 @@ crd: $(STAMP)
 	$(BIN)/ascend-serve crd > crds/modeldeployments.ascendserve.dev.yaml
 	cp crds/modeldeployments.ascendserve.dev.yaml charts/ascend-serve/crds/
 	$(BIN)/ascend-serve api-reference > docs/reference/api.md
+	$(BIN)/ascend-serve chart-rbac > charts/ascend-serve/templates/_rules.tpl
 
 golden: $(STAMP)
 	UPDATE_GOLDEN=1 $(BIN)/python -m pytest -q tests/unit/test_golden.py

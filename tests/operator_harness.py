@@ -133,8 +133,17 @@ def eventually(check: Callable[[], Any], timeout: float = 20.0, message: str = "
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: Path, log: Path, *extra: str):
-        self.kubeconfig, self.log, self.extra = kubeconfig, log, extra
+    """`ascend-serve operator` as a subprocess (standalone, DEBUG logs) with a kubeconfig;
+    `scope` are its namespace flags."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log: Path,
+        *extra: str,
+        scope: tuple[str, ...] = ("--all-namespaces",),
+    ):
+        self.kubeconfig, self.log, self.extra, self.scope = kubeconfig, log, extra, scope
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -146,7 +155,7 @@ class OperatorProcess:
                     "-m",
                     "ascend_operator.cli",
                     "operator",
-                    "--all-namespaces",
+                    *self.scope,
                     "--standalone",
                     "--log-level",
                     "DEBUG",
@@ -156,6 +165,9 @@ class OperatorProcess:
                 stdout=fh,
                 stderr=subprocess.STDOUT,
             )
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:

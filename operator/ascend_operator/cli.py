@@ -102,6 +102,13 @@ def cmd_api_reference(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
     return 0
 
 
+def cmd_chart_rbac(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .kinds import chart_rules_template
+
+    out.write(chart_rules_template())
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from dataclasses import asdict
 
@@ -189,13 +196,18 @@ def cmd_router(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_operator(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .controller.run import run_operator
+    import os
 
-    if not args.all_namespaces and not args.namespace:
-        raise UsageError("say which namespaces to watch: --all-namespaces or --namespace NS")
+    from .controller.run import default_scope, run_operator
+
+    namespaces, all_namespaces = args.namespace or [], args.all_namespaces
+    if not namespaces and not all_namespaces:
+        namespaces, why = default_scope(dict(os.environ))
+        all_namespaces = not namespaces
+        err.write(f"ascend-serve operator: no scope flag, watching {why}\n")
     return run_operator(
-        namespaces=args.namespace or [],
-        all_namespaces=args.all_namespaces,
+        namespaces=namespaces,
+        all_namespaces=all_namespaces,
         standalone=args.standalone,
         peering=args.peering,
         liveness=args.liveness,
@@ -243,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_crd)
     p = sub.add_parser("api-reference", help="print the API reference (Markdown) from the models")
     p.set_defaults(func=cmd_api_reference)
+    p = sub.add_parser("chart-rbac", help="print the Helm chart's RBAC rules (_rules.tpl)")
+    p.set_defaults(func=cmd_chart_rbac)
     p = sub.add_parser("presets", help="list the known model architectures")
     p.set_defaults(func=cmd_presets)
 
@@ -274,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="watch ModelDeployments in every namespace",
     )
     scope.add_argument(
-        "-n", "--namespace", action="append", help="watch this namespace (repeatable)"
+        "-n",
+        "--namespace",
+        action="append",
+        help="watch this namespace (repeatable). Without either flag: the pod's own namespace "
+        "in a pod, every namespace elsewhere",
     )
     peering = p.add_mutually_exclusive_group()
     peering.add_argument(

@@ -8,8 +8,9 @@ import yaml
 
 from ascend_operator.api.crd import crd_manifest
 from ascend_operator.planner import PlanError, plan_manifest
-from cel import crd_violations
-from helpers import ROOT, example_paths, manifest, pd_roles
+from cel import crd_violations, violations
+from cel_cases import CEL_CASES, RULE_OF
+from helpers import ROOT, example_paths
 
 CRD_FILE = ROOT / "crds" / "modeldeployments.ascendserve.dev.yaml"
 CHART_CRD = ROOT / "charts" / "ascend-serve" / "crds" / "modeldeployments.ascendserve.dev.yaml"
@@ -84,57 +85,52 @@ def test_examples_pass_cel(crd, path):
     assert crd_violations(crd, yaml.safe_load(path.read_text())) == []
 
 
-CEL_CASES = {
-    "no-source": manifest(model={"source": {"pvc": None}}),
-    "two-sources": manifest(model={"source": {"hostPath": {"path": "/m"}}}),
-    "prefill-only": manifest(roles=[pd_roles()[0]]),
-    "unified-plus-decode": manifest(roles=[{"name": "unified"}, pd_roles()[1]]),
-    "pd-tp": manifest(roles=pd_roles(prefill={"parallelism": {"tensor": 2}})),
-    "pcp-pp": manifest(
-        runtime={"version": "v0.13.0"},
-        roles=[
-            {"name": "unified", "parallelism": {"tensor": 2, "pipeline": 2, "prefillContext": 2}}
-        ],
-    ),
-    "dcp-not-dividing": manifest(
-        roles=[{"name": "unified", "parallelism": {"tensor": 4, "decodeContext": 3}}]
-    ),
-    "datalocal-not-dividing": manifest(
-        roles=[{"name": "unified", "parallelism": {"tensor": 2, "data": 3, "dataLocal": 2}}]
-    ),
-    "decode-replicas": manifest(roles=pd_roles(decode={"replicas": 3})),
-    "capture-multiples": manifest(
-        model={"architecture": {"preset": "deepseek-v3"}},
-        runtime={"speculative": {"numSpeculativeTokens": 3}, "captureSizes": [4, 6]},
-    ),
-    "mc2-mtp": manifest(
-        model={"architecture": {"preset": "deepseek-v3"}, "quantization": "w8a8"},
-        runtime={
-            "fusedMc2": True,
-            "maxNumBatchedTokens": 1024,
-            "speculative": {"numSpeculativeTokens": 1},
-        },
-    ),
-    "vllm-without-hardware": manifest(hardware=None),
-    "padded-drafter": manifest(
-        model={"architecture": {"preset": "deepseek-v3"}},
-        runtime={"speculative": {"numSpeculativeTokens": 1, "disablePaddedDrafterBatch": True}},
-    ),
-}
-
-
 @pytest.mark.parametrize("case", sorted(CEL_CASES))
 def test_cel_and_planner_agree(crd, case):
     doc = CEL_CASES[case]
-    assert crd_violations(crd, doc), f"CEL accepted {case}"
+    found = crd_violations(crd, doc)
+    assert len(found) == 1 and RULE_OF[case] in found[0], f"{case}: {found}"
     with pytest.raises(PlanError):
         plan_manifest(doc)
 
 
-def test_long_name_rejected_by_cel(crd):
-    doc = manifest()
-    doc["metadata"]["name"] = "n" * 40
-    assert any("metadata.name" in v for v in crd_violations(crd, doc))
+def _rules(node, path="self"):
+    if isinstance(node, dict):
+        for rule in node.get("x-kubernetes-validations", []):
+            yield path, rule
+        for key, sub in node.get("properties", {}).items():
+            yield from _rules(sub, f"{path}.{key}")
+        if "items" in node:
+            yield from _rules(node["items"], f"{path}[]")
+
+
+def test_every_cel_rule_has_a_case(crd):
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    messages = {rule["message"] for _, rule in _rules(schema)}
+    covered = {m for m in messages if any(frag in m for frag in RULE_OF.values())}
+    assert covered == messages, f"CEL rules without an invalid case: {messages - covered}"
+
+
+def _defaults(node, path="self"):
+    if isinstance(node, dict):
+        if "default" in node:
+            yield path, node
+        for key, sub in node.get("properties", {}).items():
+            yield from _defaults(sub, f"{path}.{key}")
+        if "items" in node:
+            yield from _defaults(node["items"], f"{path}[]")
+
+
+def test_every_default_satisfies_every_cel_rule(crd):
+    """The API server evaluates a node's rules (and those below it) against its default as
+    written, with no defaulting inside it: a rule reading a key the default lacks makes the
+    whole CRD invalid. cel-python raises on a missing key just as the server does."""
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    checked = 0
+    for path, node in _defaults(schema):
+        assert violations(node, node["default"], path) == [], path
+        checked += bool(list(_rules(node)))
+    assert checked >= 2  # runtime and parallelism carry rules and defaults
 
 
 def test_committed_api_reference_matches_models():

@@ -42,41 +42,4 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
-{{/* Exactly the calls the operator makes in a watched namespace (a test records them
-against KMock and compares): kopf lists and watches, the reconciler server-side-applies
-(patch, or create where the object is new), prunes (delete), reads the parent (get) and
-writes status and events. */}}
-{{- define "ascend-serve.namespacedRules" -}}
-- apiGroups: ["ascendserve.dev"]
-  resources: ["modeldeployments"]
-  verbs: ["get", "list", "watch", "patch"]
-- apiGroups: ["ascendserve.dev"]
-  resources: ["modeldeployments/status"]
-  verbs: ["patch"]
-- apiGroups: ["leaderworkerset.x-k8s.io"]
-  resources: ["leaderworkersets"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
-- apiGroups: ["apps"]
-  resources: ["statefulsets", "deployments"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["services", "configmaps", "serviceaccounts"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
-- apiGroups: ["policy"]
-  resources: ["poddisruptionbudgets"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
-- apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["roles", "rolebindings"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
-# The router's Role grants endpointslices get/list/watch; RBAC lets the operator grant only
-# what it holds itself (escalation check), so it holds them without calling them.
-- apiGroups: ["discovery.k8s.io"]
-  resources: ["endpointslices"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create"]
-- apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
-{{- end -}}
+{{/* RBAC rules: see _rules.tpl (generated from ascend_operator/kinds.py). */}}

@@ -68,10 +68,46 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
+def defaulted(schema: dict[str, Any], value: Any) -> Any:
+    """`value` with the schema's defaults filled in, recursively, as the API server does
+    for objects it stores."""
+    if isinstance(value, dict) and "properties" in schema:
+        value = dict(value)
+        for name, sub in schema["properties"].items():
+            if name not in value and "default" in sub:
+                value[name] = copy.deepcopy(sub["default"])
+            if name in value:
+                value[name] = defaulted(sub, value[name])
+    elif isinstance(value, list) and "items" in schema:
+        value = [defaulted(schema["items"], item) for item in value]
+    return value
+
+
+def _complete_defaults(node: Any) -> None:
+    """Expand every object default (`{}`) with its properties' own defaults.
+
+    The API server evaluates a node's CEL rules against its default value as written, without
+    defaulting inside it: `parallelism: {default: {}}` with a rule over `self.tensor` makes
+    the whole CRD invalid ("no such key"). Complete defaults give CEL what it reads."""
+    if isinstance(node, list):
+        for item in node:
+            _complete_defaults(item)
+        return
+    if not isinstance(node, dict):
+        return
+    for value in node.values():
+        if isinstance(value, dict | list):
+            _complete_defaults(value)
+    if isinstance(node.get("default"), dict) and "properties" in node:
+        node["default"] = defaulted(node, node["default"])
+
+
 def structural_schema(model: type) -> dict[str, Any]:
     """A pydantic model's validation schema as a Kubernetes structural schema."""
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    return _resolve(raw, raw.get("$defs", {}))
+    schema = _resolve(raw, raw.get("$defs", {}))
+    _complete_defaults(schema)
+    return schema
 
 
 def _printer_columns() -> list[dict[str, Any]]:
@@ -153,4 +189,4 @@ def crd_manifest() -> dict[str, Any]:
     }
 
 
-__all__ = ["API_VERSION", "MAX_NAME_LENGTH", "crd_manifest", "structural_schema"]
+__all__ = ["API_VERSION", "MAX_NAME_LENGTH", "crd_manifest", "defaulted", "structural_schema"]

@@ -444,8 +444,9 @@ class WorkloadSpec(ApiModel):
 
     kind: Literal["auto", "LeaderWorkerSet", "StatefulSet"] = "auto"
     """`LeaderWorkerSet` (one group per instance), `StatefulSet` (one per instance, ordinal 0 is
-    the leader, plus a headless Service), or `auto`: LeaderWorkerSet when its CRD is
-    installed."""
+    the leader, plus a headless Service), or `auto`: LeaderWorkerSet when its CRD is installed
+    at creation. The kind chosen is recorded in status.workloadKind and kept: instances move to
+    another kind only when this field names it."""
     scheduler_name: str | None = Field(default=None, max_length=253)
     """Scheduler of the engine pods (for example a gang scheduler such as Volcano)."""
     priority_class_name: str | None = Field(default=None, max_length=253)
@@ -454,6 +455,10 @@ class WorkloadSpec(ApiModel):
     """How long a worker pod waits for its leader's DNS name before failing."""
     termination_grace_period_seconds: int = Field(default=60, ge=0, le=3600)
     """Grace period for engine pods to drain."""
+    max_unavailable: int = Field(default=1, ge=1, le=1024)
+    """Instances of a role that may be down at once: during a rollout (one instance at a time
+    by default, each ready before the next moves) and for voluntary disruptions such as node
+    drains (the PodDisruptionBudget)."""
 
 
 # --------------------------------------------------------------------------- spec

@@ -9,15 +9,25 @@ from pydantic import Field
 from .base import ApiModel
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
-ConditionType = Literal["Validated", "Reconciled", "Ready", "Degraded", "WorkloadFallback"]
+ConditionType = Literal[
+    "Validated",
+    "Reconciled",
+    "Ready",
+    "Progressing",
+    "Degraded",
+    "WorkloadFallback",
+    "WorkloadAvailable",
+]
+WorkloadKind = Literal["LeaderWorkerSet", "StatefulSet"]
 
 
 class Condition(ApiModel):
     """One observation about the deployment, in the Kubernetes condition convention."""
 
     type: ConditionType
-    """Validated, Reconciled, Ready, Degraded, or WorkloadFallback (StatefulSets used because
-    the LeaderWorkerSet CRD is missing)."""
+    """Validated, Reconciled, Ready, Progressing (a rollout is under way), Degraded,
+    WorkloadFallback (`auto` runs StatefulSets) or WorkloadAvailable (False when the API server
+    no longer serves the deployment's workload kind)."""
     status: Literal["True", "False", "Unknown"]
     """Whether the condition holds."""
     reason: str = Field(max_length=1024)
@@ -41,9 +51,12 @@ class RoleStatus(ApiModel):
     """Instances the spec asks for."""
     ready_instances: int = 0
     """Instances whose every pod is ready."""
+    updated_instances: int = 0
+    """Instances running the desired pod template (a rollout is done when this equals
+    desiredInstances)."""
     pods_per_instance: int = 1
     """Pods in one instance."""
-    workload_kind: Literal["LeaderWorkerSet", "StatefulSet"] | None = None
+    workload_kind: WorkloadKind | None = None
     """Workload kind running this role."""
 
 
@@ -58,7 +71,8 @@ class ModelDeploymentStatus(ApiModel):
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Validated, Reconciled, Ready, Degraded, WorkloadFallback."""
+    """Validated, Reconciled, Ready, Progressing, Degraded, WorkloadFallback,
+    WorkloadAvailable."""
     roles: list[RoleStatus] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
@@ -74,3 +88,7 @@ class ModelDeploymentStatus(ApiModel):
     """Roles and their ready instances (printer column), e.g. `prefill 1/1, decode 2/2`."""
     router_endpoint: str | None = None
     """In-cluster URL of the router."""
+    workload_kind: WorkloadKind | None = None
+    """The workload kind the instances run as, recorded when the deployment is first created;
+    `spec.workload.kind: auto` keeps it (a change of what the cluster offers never migrates
+    running instances; an explicit spec.workload.kind does)."""

@@ -1,10 +1,15 @@
 """kopf handlers: each small and named for its event; the work is in reconcile.py.
 
 - create / update / resume of a ModelDeployment: reconcile now.
-- any event on a child carrying our labels (deleted, edited, status changed): reconcile the
-  parent after a short debounce, so a burst of pod-readiness changes is one pass, not many.
-- a background resync over every known ModelDeployment, so status converges even if an
+- any change to a child (found by its controller owner reference, so a child stripped of
+  our labels is still ours): reconcile the parent after a short debounce, so a burst of
+  pod-readiness changes is one pass, not many.
+- a slow background resync over every ModelDeployment, so status converges even if an
   event was missed.
+
+kopf keeps the bookkeeping: two indexes (`children`: every owned child by parent;
+`deployments`: every ModelDeployment's latest body) are what a pass reads instead of listing,
+the operator-wide state lives in kopf's memo, and Events go through kopf's poster.
 
 There is no delete handler (and so no finalizer): children carry owner references and the
 garbage collector removes them, even while the operator is down.
@@ -13,7 +18,6 @@ garbage collector removes them, even while the operator is down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,51 +27,73 @@ import kopf
 
 from ..api.resource import GROUP, PLURAL, VERSION
 from ..images import DEFAULT_REGISTRY
+from ..kinds import CHILDREN, Kind
+from ..planner import ClusterInfo
 from ..render import labels as lbl
 from . import metrics
 from .kube import KubeClient, KubeError
-from .reconcile import ChildCache, LwsDetector, event, reconcile
+from .reconcile import (
+    LWS_CRD,
+    controller_owner,
+    observed_children,
+    reconcile,
+    status_changed,
+)
 
 log = logging.getLogger("ascend_operator")
 
 DEBOUNCE_SECONDS = 1.0
 RESYNC_SECONDS = 60.0
+Key = tuple[str, str]
 
 
 @dataclass
 class OperatorState:
-    """Shared by all handlers (kopf's memo)."""
+    """Operator-wide state, carried in kopf's memo (each object's memo is a shallow copy of
+    the operator's, so they all share this one object)."""
 
     image_registry: str = DEFAULT_REGISTRY
     client: KubeClient | None = None
-    lws: LwsDetector = field(default_factory=LwsDetector)
-    cache: ChildCache = field(default_factory=ChildCache)
-    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
-    pending: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
-    last_invalid: dict[tuple[str, str], str] = field(default_factory=dict)
-    known: set[tuple[str, str]] = field(default_factory=set)
-    bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    """Latest ModelDeployment bodies from the watch (no GET before a debounced pass)."""
+    locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    pending: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    children: kopf.Index[Key, dict[str, Any]] | None = None
+    deployments: kopf.Index[Key, dict[str, Any]] | None = None
+    crds: kopf.Index[str, bool] | None = None
     resync: asyncio.Task[None] | None = None
 
-    def lock(self, key: tuple[str, str]) -> asyncio.Lock:
+    def lock(self, key: Key) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
 
+    def remember(self, indexes: dict[str, Any]) -> None:
+        """Keep kopf's index views (always the same objects) for passes run outside a
+        handler (debounced and resync passes)."""
+        self.children, self.deployments = indexes["children"], indexes["deployments"]
+        self.crds = indexes["crds"]
 
-STATE = OperatorState()
+    @property
+    def lws_available(self) -> bool:
+        """Whether the LeaderWorkerSet CRD is installed (kept current by a CRD watch)."""
+        return self.crds is not None and LWS_CRD in self.crds
+
+
+def _state(memo: Any) -> OperatorState:
+    """The shared state; `run_operator` puts it in the operator-wide memo before kopf starts."""
+    return memo.state  # type: ignore[no-any-return]
 
 
 async def run_pass(body: dict[str, Any], state: OperatorState, trigger: str) -> None:
     """Reconcile one ModelDeployment and write its status; raises on retriable API errors."""
     meta = body["metadata"]
     key = (meta.get("namespace", "default"), meta["name"])
-    assert state.client is not None
+    assert state.client is not None and state.children is not None
     async with state.lock(key):
         started = time.perf_counter()
         try:
-            outcome = await reconcile(
-                body, state.client, state.lws, state.image_registry, state.cache
+            cluster = ClusterInfo(
+                lws_available=state.lws_available, image_registry=state.image_registry
             )
+            observed = observed_children(state.children.get(key, []), meta.get("uid"))
+            outcome = await reconcile(body, state.client, cluster, observed)
         except KubeError as exc:
             metrics.RECONCILES.labels("error").inc()
             metrics.ERRORS.labels(str(exc.status)).inc()
@@ -76,17 +102,12 @@ async def run_pass(body: dict[str, Any], state: OperatorState, trigger: str) -> 
             metrics.DURATION.observe(time.perf_counter() - started)
         metrics.WRITES.labels("apply").inc(outcome.applied)
         metrics.WRITES.labels("delete").inc(outcome.deleted)
+        for notice in outcome.notices:
+            kopf.event(body, type=notice.type, reason=notice.reason, message=notice.message)
         if not outcome.valid:
-            if state.last_invalid.get(key) != outcome.problems:
-                state.last_invalid[key] = outcome.problems
-                with contextlib.suppress(KubeError):
-                    await state.client.create_event(
-                        key[0], event(body, "InvalidSpec", outcome.problems)
-                    )
             log.warning("%s/%s is invalid:\n%s", key[0], key[1], outcome.problems)
-        else:
-            state.last_invalid.pop(key, None)
-        await state.client.patch_status("ModelDeployment", key[0], key[1], outcome.status)
+        if status_changed(body.get("status") or {}, outcome.status):
+            await state.client.patch_status("ModelDeployment", key[0], key[1], outcome.status)
         result = "invalid" if not outcome.valid else ("error" if outcome.error else "ok")
         metrics.RECONCILES.labels(result).inc()
         log.info(
@@ -103,7 +124,7 @@ async def run_pass(body: dict[str, Any], state: OperatorState, trigger: str) -> 
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix="ascendserve.dev"
     )
@@ -111,59 +132,111 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix="ascendserve.dev", key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "ascend-serve-operator"
     settings.watching.server_timeout = 300
     settings.batching.error_delays = [1, 2, 5, 10, 30]
-    STATE.resync = asyncio.create_task(_resync_loop(STATE), name="resync")
+    state = _state(memo)
+    state.resync = asyncio.create_task(_resync_loop(state), name="resync")
 
 
 @kopf.on.login()
-async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     """In-cluster service account, else kubeconfig; our client shares the credentials."""
     info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
     if info is not None:
-        if STATE.client is not None:
-            await STATE.client.close()
-        STATE.client = KubeClient.from_connection(info)
+        state = _state(memo)
+        if state.client is not None:
+            await state.client.close()
+        state.client = KubeClient.from_connection(info)
     return info
 
 
 @kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    for task in [*STATE.pending.values(), *([STATE.resync] if STATE.resync else [])]:
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    for task in [*state.pending.values(), *([state.resync] if state.resync else [])]:
         task.cancel()
-    if STATE.client is not None:
-        await STATE.client.close()
-        STATE.client = None
+    if state.client is not None:
+        await state.client.close()
+        state.client = None
+
+
+@kopf.index(
+    "apiextensions.k8s.io",
+    "v1",
+    "customresourcedefinitions",
+    id="crds",
+    field="metadata.name",
+    value=LWS_CRD,
+)
+def index_crd(name: str, **_: Any) -> dict[str, bool]:
+    """Whether the LeaderWorkerSet CRD exists, from a watch (no lookup per pass)."""
+    return {name: True}
+
+
+@kopf.index(GROUP, VERSION, PLURAL, id="deployments")
+def index_deployment(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Key, Any]:
+    """Every ModelDeployment's latest body (debounced passes read it instead of a GET)."""
+    return {(namespace, name): dict(body)}
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-async def on_model_deployment(body: kopf.Body, reason: str, **_: Any) -> None:
-    await run_pass(dict(body), STATE, str(reason))
+async def on_model_deployment(body: kopf.Body, reason: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    state = _state(memo)
+    state.remember(kwargs)
+    await run_pass(dict(body), state, str(reason))
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
-async def track(event: kopf.RawEvent, **_: Any) -> None:
-    """Remember which ModelDeployments exist, for the periodic resync."""
-    meta = (event.get("object") or {}).get("metadata") or {}
-    key = (meta.get("namespace", "default"), meta.get("name"))
-    if event.get("type") == "DELETED":
-        STATE.known.discard(key)
-        STATE.bodies.pop(key, None)
-        STATE.cache.forget(*key)
-    elif key[1]:
-        STATE.known.add(key)
-        STATE.bodies[key] = dict(event.get("object") or {})
+def _owned(body: kopf.Body, **_: Any) -> bool:
+    return controller_owner(body) is not None
+
+
+def _watch_child(kind: Kind) -> None:
+    """Index one child kind by its controlling ModelDeployment, and reconcile on changes."""
+
+    def index_child(body: kopf.Body, namespace: str, **_: Any) -> dict[Key, Any]:
+        owner = controller_owner(body)
+        assert owner is not None  # the `when` filter admits owned objects only
+        return {(namespace, owner[0]): {**dict(body), "kind": kind.kind}}
+
+    async def on_child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+        state = _state(memo)
+        state.remember(kwargs)
+        deployments = kwargs["deployments"]
+        obj = event.get("object") or {}
+        meta = obj.get("metadata") or {}
+        owner = controller_owner(obj)
+        parent = owner[0] if owner else (meta.get("labels") or {}).get(lbl.DEPLOYMENT_LABEL)
+        if parent and (meta.get("namespace"), parent) in deployments:
+            poke(meta["namespace"], parent, state)
+
+    for fn, name in ((index_child, "index"), (on_child_event, "on_event")):
+        fn.__name__ = fn.__qualname__ = f"{name}_{kind.plural}"
+    kopf.index(kind.resource, id="children", when=_owned)(index_child)
+    # Owned children, and ones that still carry our label after their owner reference was
+    # taken off (the pass re-applies it).
+    kopf.on.event(kind.resource, id=f"on_{kind.plural}_owned", when=_owned)(on_child_event)
+    kopf.on.event(
+        kind.resource,
+        id=f"on_{kind.plural}_labelled",
+        labels={lbl.DEPLOYMENT_LABEL: kopf.PRESENT},
+        when=lambda body, **_: controller_owner(body) is None,
+    )(on_child_event)
+
+
+for _kind in CHILDREN:
+    _watch_child(_kind)
 
 
 async def _resync_loop(state: OperatorState) -> None:
-    """A slow full pass over every known ModelDeployment, so status converges even when an
-    event was missed. (Not a kopf timer: timers add a finalizer, and a finalizer would block
+    """A slow full pass over every ModelDeployment, so status converges even when an event
+    was missed. (Not a kopf timer: timers add a finalizer, and a finalizer would block
     deletion while the operator is down.)"""
     while True:
         await asyncio.sleep(RESYNC_SECONDS)
-        for namespace, name in sorted(state.known):
+        for namespace, name in sorted(state.deployments or ()):
             poke(namespace, name, state)
 
 
@@ -173,8 +246,9 @@ async def _debounced(namespace: str, name: str, state: OperatorState) -> None:
     assert state.client is not None
     for attempt in range(5):
         try:
-            body = state.bodies.get((namespace, name))
-            if attempt or body is None:  # after a failure, read the object afresh
+            bodies = list((state.deployments or {}).get((namespace, name), []))
+            body = bodies[0] if bodies and not attempt else None
+            if body is None:  # after a failure, read the object afresh
                 body = await state.client.get("ModelDeployment", namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
@@ -190,38 +264,8 @@ async def _debounced(namespace: str, name: str, state: OperatorState) -> None:
             await asyncio.sleep(min(2**attempt, 10))
 
 
-def poke(namespace: str, name: str, state: OperatorState = STATE) -> None:
+def poke(namespace: str, name: str, state: OperatorState) -> None:
     """Schedule a reconcile of a parent; events within the debounce window coalesce."""
     key = (namespace, name)
     if key not in state.pending:
         state.pending[key] = asyncio.create_task(_debounced(namespace, name, state))
-
-
-def _child_handler(group: str, version: str, plural: str, kind: str) -> None:
-    resource = f"{plural}.{version}.{group}" if group else f"{plural}.{version}"
-
-    @kopf.on.event(
-        resource,
-        labels={lbl.DEPLOYMENT_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": lbl.MANAGED_BY},
-    )
-    async def on_child_event(event: kopf.RawEvent, **_: Any) -> None:
-        key = STATE.cache.update(str(event.get("type")), dict(event.get("object") or {}), kind)
-        if key is not None and key in STATE.known:
-            poke(*key)
-
-    on_child_event.__name__ = f"on_{plural}_event"
-
-
-for _group_version, _plural, _kind in (
-    ("v1", "configmaps", "ConfigMap"),
-    ("v1", "services", "Service"),
-    ("v1", "serviceaccounts", "ServiceAccount"),
-    ("apps/v1", "deployments", "Deployment"),
-    ("apps/v1", "statefulsets", "StatefulSet"),
-    ("leaderworkerset.x-k8s.io/v1", "leaderworkersets", "LeaderWorkerSet"),
-    ("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget"),
-    ("rbac.authorization.k8s.io/v1", "roles", "Role"),
-    ("rbac.authorization.k8s.io/v1", "rolebindings", "RoleBinding"),
-):
-    _group, _, _version = _group_version.rpartition("/")
-    _child_handler(_group, _version, _plural, _kind)

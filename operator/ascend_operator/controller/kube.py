@@ -9,52 +9,13 @@ import base64
 import json
 import ssl
 import tempfile
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from ..kinds import BY_KIND as RESOURCES
+
 FIELD_MANAGER = "ascend-serve"
-
-
-@dataclass(frozen=True)
-class Resource:
-    """Where objects of one kind live in the API."""
-
-    api_version: str
-    kind: str
-    plural: str
-    namespaced: bool = True
-
-    def path(self, namespace: str | None = None, name: str | None = None) -> str:
-        base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        if self.namespaced and namespace:
-            base += f"/namespaces/{namespace}"
-        base += f"/{self.plural}"
-        return f"{base}/{name}" if name else base
-
-
-RESOURCES: dict[str, Resource] = {
-    r.kind: r
-    for r in (
-        Resource("v1", "ConfigMap", "configmaps"),
-        Resource("v1", "Service", "services"),
-        Resource("v1", "ServiceAccount", "serviceaccounts"),
-        Resource("apps/v1", "Deployment", "deployments"),
-        Resource("apps/v1", "StatefulSet", "statefulsets"),
-        Resource("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "leaderworkersets"),
-        Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
-        Resource("rbac.authorization.k8s.io/v1", "Role", "roles"),
-        Resource("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
-        Resource("ascendserve.dev/v1alpha1", "ModelDeployment", "modeldeployments"),
-        Resource(
-            "apiextensions.k8s.io/v1",
-            "CustomResourceDefinition",
-            "customresourcedefinitions",
-            namespaced=False,
-        ),
-    )
-}
 
 
 class KubeError(Exception):

@@ -1,28 +1,40 @@
-"""One reconcile pass of a ModelDeployment: plan, render, apply what differs, prune what the
-plan no longer has, and compute the status. An invalid spec touches no child."""
+"""One reconcile pass of a ModelDeployment: plan, render, apply what differs (a rollout a few
+instances at a time), prune what the plan no longer has, and compute the status. An invalid
+spec touches no child; a workload kind the API server stopped serving is reported, not
+migrated."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import hashlib
 import json
 import logging
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..api.resource import GROUP, KIND
+from ..kinds import WORKLOAD_KINDS
 from ..planner import ClusterInfo, PlanError, plan_manifest
-from ..render import labels as lbl
 from ..render import render
-from . import rollout
 from .kube import KubeClient, KubeError
-from .status import Observed, aggregate, invalid_status, now_iso
+from .progress import Observed
+from .rollout import plan_rollout
+from .status import aggregate, invalid_status
 
 log = logging.getLogger("ascend_operator.reconcile")
 
 DESIRED_HASH = "ascendserve.dev/desired-hash"
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A Kubernetes Event to post about the ModelDeployment."""
+
+    type: str
+    reason: str
+    message: str
 
 
 @dataclass
@@ -35,23 +47,7 @@ class Outcome:
     valid: bool = True
     error: KubeError | None = None
     problems: str = ""
-
-
-@dataclass
-class LwsDetector:
-    """Whether the LeaderWorkerSet CRD is installed, re-checked at most once a minute."""
-
-    ttl: float = 60.0
-    _value: bool | None = None
-    _checked: float = field(default=0.0)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    async def available(self, client: KubeClient) -> bool:
-        async with self._lock:  # one lookup for a burst of reconciles
-            if self._value is None or time.monotonic() - self._checked > self.ttl:
-                found = await client.get("CustomResourceDefinition", None, LWS_CRD)
-                self._value, self._checked = found is not None, time.monotonic()
-            return self._value
+    notices: list[Notice] = field(default_factory=list)
 
 
 def desired_hash(obj: dict[str, Any]) -> str:
@@ -93,6 +89,39 @@ def up_to_date(want: dict[str, Any], live: dict[str, Any] | None) -> bool:
     )
 
 
+def controller_owner(obj: dict[str, Any]) -> tuple[str, str] | None:
+    """(name, uid) of the ModelDeployment that controls `obj`, from its owner references:
+    how children are found, whatever happened to their labels."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if (
+            ref.get("controller")
+            and ref.get("kind") == KIND
+            and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/")
+        ):
+            return ref.get("name"), ref.get("uid")
+    return None
+
+
+def observed_children(children: Iterable[dict[str, Any]], uid: str | None) -> Observed:
+    """The children a ModelDeployment of this uid controls (an older namesake's are left to
+    the garbage collector)."""
+    observed = Observed()
+    for obj in children:
+        owner = controller_owner(obj)
+        if owner is not None and (not uid or owner[1] == uid):
+            observed.objects[(obj["kind"], obj["metadata"]["name"])] = obj
+    return observed
+
+
+def recorded_workload(body: dict[str, Any], observed: Observed) -> str | None:
+    """The workload kind the deployment runs as: its status, else its live workloads."""
+    kind = (body.get("status") or {}).get("workloadKind")
+    if kind in WORKLOAD_KINDS:
+        return str(kind)
+    live = {k for k, _ in observed.objects if k in WORKLOAD_KINDS}
+    return live.pop() if len(live) == 1 else None
+
+
 def _manifest(body: dict[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata", {})
     return {
@@ -107,89 +136,62 @@ def _manifest(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class ChildCache:
-    """Children as the watch streams last reported them, by (namespace, deployment), like
-    an informer's store: a reconcile reads it instead of listing every kind again."""
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), {})
 
-    def __init__(self) -> None:
-        self._store: dict[tuple[str, str], dict[tuple[str, str], dict[str, Any]]] = {}
-        self.applied: dict[tuple[str, str, str], str | None] = {}
 
-    def update(self, event_type: str, obj: dict[str, Any], kind: str) -> tuple[str, str] | None:
-        """Record an event; returns the parent's key when something changed (a re-listed,
-        identical object, as after a watch reconnects, changes nothing)."""
-        meta = obj.get("metadata") or {}
-        parent = (meta.get("labels") or {}).get(lbl.DEPLOYMENT_LABEL)
-        if not parent or not meta.get("name"):
-            return None
-        key = (meta.get("namespace", "default"), parent)
-        children = self._store.setdefault(key, {})
-        if event_type == "DELETED":
-            return key if children.pop((kind, meta["name"]), None) is not None else None
-        new = {**obj, "kind": kind}
-        old = children.get((kind, meta["name"]))
-        if old == new:
-            return None
-        applied = self.applied.get((key[0], kind, meta["name"]))
-        annotations = meta.get("annotations") or {}
-        echo = (
-            old is None
-            and applied is not None
-            and annotations.get(DESIRED_HASH) == applied
-            and not obj.get("status")
-        )
-        children[(kind, meta["name"])] = new
-        return None if echo else key  # our own create coming back needs no new pass
+def notices(previous: dict[str, Any], status: dict[str, Any]) -> list[Notice]:
+    """Events for what newly went wrong (each once, not on every pass)."""
+    out = []
+    validated, before = _condition(status, "Validated"), _condition(previous, "Validated")
+    if validated.get("status") == "False" and validated.get("message") != before.get("message"):
+        out.append(Notice("Warning", "InvalidSpec", validated["message"]))
+    workload = _condition(status, "WorkloadAvailable")
+    if (
+        workload.get("status") == "False"
+        and _condition(previous, "WorkloadAvailable").get("status") != "False"
+    ):
+        out.append(Notice("Warning", "WorkloadUnavailable", workload["message"]))
+    return out
 
-    def remember_applied(self, namespace: str, obj: dict[str, Any]) -> None:
-        """The desired-hash just applied, so the watch echo of that write is recognised."""
-        annotations = obj["metadata"].get("annotations") or {}
-        self.applied[(namespace, obj["kind"], obj["metadata"]["name"])] = annotations.get(
-            DESIRED_HASH
-        )
 
-    def observed(self, namespace: str, name: str, uid: str | None) -> Observed:
-        observed = Observed()
-        for key, obj in self._store.get((namespace, name), {}).items():
-            owners = obj.get("metadata", {}).get("ownerReferences") or []
-            if not uid or any(o.get("uid") == uid for o in owners):
-                observed.objects[key] = obj
-        return observed
-
-    def forget(self, namespace: str, name: str) -> None:
-        self._store.pop((namespace, name), None)
+def status_changed(previous: dict[str, Any], status: dict[str, Any]) -> bool:
+    """Whether writing `status` would change anything (merge patch: only its keys count)."""
+    return any(previous.get(k) != v for k, v in status.items())
 
 
 async def reconcile(
     body: dict[str, Any],
     client: KubeClient,
-    lws: LwsDetector,
-    image_registry: str,
-    cache: ChildCache,
+    cluster: ClusterInfo,
+    observed: Observed,
 ) -> Outcome:
-    """Bring the children of one ModelDeployment in line with its spec (children as the
-    watch cache has them)."""
+    """Bring the children of one ModelDeployment in line with its spec. `observed` holds its
+    children as the watches last reported them; `cluster` what the API server offers."""
     meta = body["metadata"]
-    name, namespace = meta["name"], meta.get("namespace", "default")
-    uid, generation = meta.get("uid"), meta.get("generation")
+    namespace, generation = meta.get("namespace", "default"), meta.get("generation")
     previous = body.get("status") or {}
-    cluster = ClusterInfo(lws_available=await lws.available(client), image_registry=image_registry)
+    cluster = ClusterInfo(
+        lws_available=cluster.lws_available,
+        image_registry=cluster.image_registry,
+        recorded_workload=recorded_workload(body, observed),
+    )
     try:
         plan = plan_manifest(_manifest(body), cluster)
     except PlanError as exc:
-        return Outcome(
-            invalid_status(exc.problems, generation, previous), valid=False, problems=str(exc)
-        )
+        status = invalid_status(exc.problems, generation, previous)
+        return Outcome(status, valid=False, problems=str(exc), notices=notices(previous, status))
     desired = [stamp(o) for o in render(plan)]
-    observed = cache.observed(namespace, name, uid)
-    held = rollout.held_roles(plan, desired, observed)
+    rollout = plan_rollout(plan, desired, observed)
+    unavailable = plan.workload_kind == "LeaderWorkerSet" and not cluster.lws_available
     outcome = Outcome(status={})
     try:
-        for obj in rollout.with_live_templates(desired, observed, held):
+        for obj in rollout.objects:
+            if unavailable and obj["kind"] == "LeaderWorkerSet":
+                continue  # not served: report it, keep the rest as it is
             live = observed.get(obj["kind"], obj["metadata"]["name"])
             if up_to_date(obj, live):
                 continue
-            cache.remember_applied(namespace, obj)
             result = await client.apply(obj, exists=live is not None)
             outcome.applied += 1
             if result:
@@ -199,7 +201,8 @@ async def reconcile(
                     "status": (live or {}).get("status", result.get("status")),
                 }
         wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
-        for key in [k for k in observed.objects if k not in wanted]:
+        stale = [] if unavailable else [k for k in observed.objects if k not in wanted]
+        for key in stale:
             if await client.delete(key[0], namespace, key[1]):
                 outcome.deleted += 1
             del observed.objects[key]
@@ -207,41 +210,12 @@ async def reconcile(
         outcome.error = exc
     outcome.status = aggregate(
         plan,
-        desired,
+        rollout,
         observed,
         generation,
         previous,
         apply_error=str(outcome.error) if outcome.error else None,
-        held=held,
+        lws_available=cluster.lws_available,
     )
+    outcome.notices = notices(previous, outcome.status)
     return outcome
-
-
-def event(
-    body: dict[str, Any],
-    reason: str,
-    message: str,
-    type_: str = "Warning",
-) -> dict[str, Any]:
-    """A core/v1 Event about the ModelDeployment."""
-    meta = body["metadata"]
-    stamp_ = now_iso()
-    return {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta.get("namespace")},
-        "involvedObject": {
-            "apiVersion": body.get("apiVersion"),
-            "kind": body.get("kind"),
-            "name": meta["name"],
-            "namespace": meta.get("namespace"),
-            "uid": meta.get("uid"),
-        },
-        "reason": reason,
-        "message": message[:1024],
-        "type": type_,
-        "source": {"component": "ascend-serve-operator"},
-        "firstTimestamp": stamp_,
-        "lastTimestamp": stamp_,
-        "count": 1,
-    }

@@ -54,7 +54,11 @@ def run_operator(
     from . import handlers
 
     configure_logging(log_level, log_format)
-    handlers.STATE.image_registry = image_registry
+    log = logging.getLogger("ascend_operator")
+    if all_namespaces:
+        log.info("watching ModelDeployments in every namespace")
+    else:
+        log.info("watching ModelDeployments in namespace(s): %s", ", ".join(namespaces))
     if metrics_port:
         start_http_server(metrics_port)
     kopf.run(
@@ -63,5 +67,26 @@ def run_operator(
         liveness_endpoint=liveness,
         clusterwide=all_namespaces,
         namespaces=namespaces,
+        memo=kopf.Memo(state=handlers.OperatorState(image_registry=image_registry)),
     )
     return 0
+
+
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def default_scope(
+    env: dict[str, str], sa_namespace_file: str = SERVICE_ACCOUNT_NAMESPACE
+) -> tuple[list[str], str]:
+    """Namespaces to watch when no scope flag is given, and why: in a pod, its own namespace
+    (POD_NAMESPACE, else the mounted ServiceAccount's); elsewhere, every namespace ([])."""
+    if env.get("POD_NAMESPACE"):
+        return [env["POD_NAMESPACE"]], "the pod's namespace (POD_NAMESPACE)"
+    try:
+        with open(sa_namespace_file, encoding="utf-8") as fh:
+            namespace = fh.read().strip()
+    except OSError:
+        namespace = ""
+    if namespace:
+        return [namespace], "the namespace of the pod's ServiceAccount"
+    return [], "not in a pod: every namespace"

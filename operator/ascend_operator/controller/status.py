@@ -1,74 +1,34 @@
 """Status of a ModelDeployment from what the cluster reports (pure: no I/O).
 
-Phase rules:
+Phase rules, first match wins:
 - Failed: the spec is invalid (Validated=False), or applying children failed.
-- Ready: every role has all desired instances ready, and the router too.
-- Degraded: it was Ready for this generation and is no longer.
-- Progressing: children are being created or rolled (or a PD rollout step waits).
-- Pending: valid and applied, nothing ready yet, first time for this generation.
+- Ready: every role's instances run the desired template and are ready, and the router too.
+- Progressing: a rollout is under way (instances move to a new template, or a PD role waits
+  for the one before it). A planned rollout is never Degraded.
+- Degraded: it was Ready for this generation and lost instances since, or its workload kind
+  is no longer served (the LeaderWorkerSet CRD was removed).
+- Pending: valid and applied, nothing ready yet, and nothing was for this generation.
+- Progressing otherwise (instances starting, scaling up).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..planner.plan import Plan, RolePlan
+from ..planner.plan import Plan
 from ..planner.problems import Problem, format_problems
 from ..render import labels as lbl
+from .progress import Observed, router_progress
+from .rollout import ROLL_ORDER, Rollout
+
+__all__ = ["Observed", "aggregate", "invalid_status", "now_iso"]
+
+KEPT_WHEN_INVALID = ("Ready", "Progressing", "Degraded", "WorkloadFallback", "WorkloadAvailable")
 
 
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-@dataclass
-class Observed:
-    """Children as the API server reports them, by (kind, name)."""
-
-    objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-
-    def get(self, kind: str, name: str) -> dict[str, Any] | None:
-        return self.objects.get((kind, name))
-
-
-def _template_hash(obj: dict[str, Any]) -> str | None:
-    spec = obj.get("spec", {})
-    template = (
-        spec.get("template") or spec.get("leaderWorkerTemplate", {}).get("workerTemplate") or {}
-    )
-    return (template.get("metadata", {}).get("annotations") or {}).get(lbl.TEMPLATE_HASH)
-
-
-def role_progress(
-    plan: Plan, role: RolePlan, desired: dict[tuple[str, str], dict[str, Any]], observed: Observed
-) -> tuple[int, bool]:
-    """(ready instances, whether the role's pods still roll to the desired template)."""
-    if plan.workload_kind == "LeaderWorkerSet":
-        live = observed.get("LeaderWorkerSet", role.workload_name)
-        want = desired.get(("LeaderWorkerSet", role.workload_name))
-        if live is None or want is None:
-            return 0, True
-        status = live.get("status") or {}
-        ready = int(status.get("readyReplicas") or 0)
-        updated = int(status.get("updatedReplicas", role.instances) or 0)
-        rolling = _template_hash(live) != _template_hash(want) or updated < role.instances
-        return min(ready, role.instances), rolling
-    ready, rolling = 0, False
-    for (kind, name), want in desired.items():
-        if kind != "StatefulSet" or want["metadata"]["labels"].get(lbl.ROLE_LABEL) != role.name:
-            continue
-        live = observed.get(kind, name)
-        if live is None:
-            rolling = True
-            continue
-        status = live.get("status") or {}
-        if _template_hash(live) != _template_hash(want):
-            rolling = True
-        if int(status.get("readyReplicas") or 0) >= role.pods_per_instance:
-            ready += 1
-    return ready, rolling
 
 
 def _condition(  # noqa: PLR0917 - a condition is exactly these six things
@@ -115,57 +75,124 @@ def invalid_status(
                 generation,
                 prev,
             ),
-            *[c for t, c in prev.items() if t in ("Ready", "Degraded", "WorkloadFallback")],
+            *[c for t, c in prev.items() if t in KEPT_WHEN_INVALID],
         ],
     }
 
 
+def _rollout_message(plan: Plan, rollout: Rollout, router_rolling: bool) -> str:
+    parts = []
+    for role in plan.roles:
+        progress = rollout.roles[role.name]
+        if role.name in rollout.held_roles:
+            before = ROLL_ORDER[ROLL_ORDER.index(role.name) - 1]
+            parts.append(f"{role.name} waits until every {before} instance is updated and ready")
+        elif progress.rolling:
+            text = f"{role.name} {progress.updated}/{progress.desired} instances updated"
+            if rollout.held_instances.get(role.name):
+                text += (
+                    f" ({rollout.held_instances[role.name]} waiting: at most "
+                    f"{plan.spec.workload.max_unavailable} down at once)"
+                )
+            parts.append(text)
+    if router_rolling:
+        parts.append("router rolling")
+    return "; ".join(parts)
+
+
+def _workload_conditions(
+    plan: Plan, lws_available: bool, generation: int | None, prev: dict[str, Any]
+) -> list[dict[str, Any]]:
+    auto_sts = plan.spec.workload.kind == "auto" and plan.workload_kind == "StatefulSet"
+    if not auto_sts:
+        fallback = ("AsRequested", f"instances run as {plan.workload_kind}s")
+    elif lws_available:
+        fallback = (
+            "KeptFromCreation",
+            "instances stay StatefulSets, the kind chosen when this deployment was created "
+            "(LeaderWorkerSet was not installed then); set spec.workload.kind: "
+            "LeaderWorkerSet to migrate",
+        )
+    else:
+        fallback = (
+            "LeaderWorkerSetMissing",
+            "the LeaderWorkerSet CRD is not installed: instances run as StatefulSets",
+        )
+    missing = plan.workload_kind == "LeaderWorkerSet" and not lws_available
+    available = (
+        (
+            "LeaderWorkerSetMissing",
+            "the LeaderWorkerSet CRD is not installed (any more): instances are not migrated "
+            "on their own; reinstall LeaderWorkerSet, or set spec.workload.kind: StatefulSet "
+            "to move them to StatefulSets",
+        )
+        if missing
+        else ("Served", f"{plan.workload_kind} is served by the API server")
+    )
+    return [
+        _condition("WorkloadFallback", auto_sts, *fallback, generation, prev),
+        _condition("WorkloadAvailable", not missing, *available, generation, prev),
+    ]
+
+
+def _progressing_reason(phase: str, rolling: bool) -> str:
+    if rolling:
+        return "RollingUpdate"
+    return "InstancesStarting" if phase == "Progressing" else "Stable"
+
+
 def aggregate(
     plan: Plan,
-    desired_objects: list[dict[str, Any]],
+    rollout: Rollout,
     observed: Observed,
     generation: int | None,
     previous: dict[str, Any] | None,
     *,
     apply_error: str | None = None,
-    held: tuple[str, ...] = (),
+    lws_available: bool = True,
 ) -> dict[str, Any]:
-    """Status from the plan, the desired children and the observed ones."""
+    """Status from the plan, this pass's rollout and the observed children."""
     prev_status = previous or {}
     prev = {c["type"]: c for c in prev_status.get("conditions", [])}
-    desired = {(o["kind"], o["metadata"]["name"]): o for o in desired_objects}
-    roles, summary, all_ready, any_rolling = [], [], True, bool(held)
+    roles, summary = [], []
+    all_ready, rolling = True, bool(rollout.held_roles)
     total_ready = total_desired = 0
     for role in plan.roles:
-        ready, rolling = role_progress(plan, role, desired, observed)
-        any_rolling |= rolling
-        all_ready &= ready >= role.instances
-        total_ready += ready
+        progress = rollout.roles[role.name]
+        rolling |= progress.rolling
+        all_ready &= progress.settled
+        total_ready += progress.ready
         total_desired += role.instances
         roles.append(
             {
                 "name": role.name,
                 "desiredInstances": role.instances,
-                "readyInstances": ready,
+                "readyInstances": progress.ready,
+                "updatedInstances": progress.updated,
                 "podsPerInstance": role.pods_per_instance,
                 "workloadKind": plan.workload_kind,
             }
         )
-        summary.append(f"{role.name} {ready}/{role.instances}")
-    router = observed.get("Deployment", plan.router.name)
-    router_ready = int(((router or {}).get("status") or {}).get("readyReplicas") or 0)
+        summary.append(f"{role.name} {progress.ready}/{role.instances}")
+    router_ready, router_rolling = router_progress(plan, observed)
+    rolling |= router_rolling
     all_ready &= router_ready >= plan.router.replicas
+    unavailable = plan.workload_kind == "LeaderWorkerSet" and not lws_available
     scaled = next(r for r in roles if r["name"] == plan.scaled_role)
 
     same_generation = prev_status.get("observedGeneration") == generation
     was_ready = same_generation and prev_status.get("phase") in ("Ready", "Degraded")
     if apply_error:
         phase = "Failed"
-    elif all_ready and not any_rolling:
-        phase = "Ready"
-    elif was_ready and not any_rolling:
+    elif unavailable:
         phase = "Degraded"
-    elif total_ready == 0 and not same_generation and not any_rolling:
+    elif all_ready and not rolling:
+        phase = "Ready"
+    elif rolling:
+        phase = "Progressing"
+    elif was_ready:
+        phase = "Degraded"
+    elif total_ready == 0 and (not same_generation or prev_status.get("phase") == "Pending"):
         phase = "Pending"
     else:
         phase = "Progressing"
@@ -175,15 +202,14 @@ def aggregate(
         if phase == "Ready"
         else f"ready: {', '.join(summary)}, router {router_ready}/{plan.router.replicas}"
     )
-    if held:
-        ready_message += f"; waiting to roll {', '.join(held)} until the previous role is ready"
+    rollout_message = _rollout_message(plan, rollout, router_rolling)
     conditions = [
         _condition("Validated", True, "Valid", "the spec is valid", generation, prev),
         _condition(
             "Reconciled",
             apply_error is None,
             "ApplyFailed" if apply_error else "Applied",
-            apply_error or f"{len(desired_objects)} objects applied",
+            apply_error or f"{len(rollout.objects)} objects applied",
             generation,
             prev,
         ),
@@ -196,26 +222,27 @@ def aggregate(
             prev,
         ),
         _condition(
+            "Progressing",
+            phase == "Progressing",
+            _progressing_reason(phase, rolling),
+            (rollout_message or ready_message)
+            if phase == "Progressing"
+            else "no rollout in progress",
+            generation,
+            prev,
+        ),
+        _condition(
             "Degraded",
             phase == "Degraded",
-            "InstancesLost" if phase == "Degraded" else "AsDesired",
+            ("WorkloadUnavailable" if unavailable else "InstancesLost")
+            if phase == "Degraded"
+            else "AsDesired",
             ready_message if phase == "Degraded" else "no instance lost",
             generation,
             prev,
         ),
+        *_workload_conditions(plan, lws_available, generation, prev),
     ]
-    conditions.append(
-        _condition(
-            "WorkloadFallback",
-            plan.workload_fallback,
-            "LeaderWorkerSetMissing" if plan.workload_fallback else "AsRequested",
-            "the LeaderWorkerSet CRD is not installed: instances run as StatefulSets"
-            if plan.workload_fallback
-            else f"instances run as {plan.workload_kind}s",
-            generation,
-            prev,
-        )
-    )
     selector = lbl.selector_string(lbl.selector(plan.name, plan.scaled_role))
     return {
         "observedGeneration": generation,
@@ -227,4 +254,5 @@ def aggregate(
         "ready": f"{total_ready}/{total_desired}",
         "roleSummary": ", ".join(summary),
         "routerEndpoint": plan.router.endpoint,
+        "workloadKind": plan.workload_kind,
     }

@@ -44,6 +44,9 @@ class ClusterInfo:
 
     lws_available: bool = True
     image_registry: str = images.DEFAULT_REGISTRY
+    recorded_workload: str | None = None
+    """The workload kind the deployment already runs as (its status, or its live children);
+    `spec.workload.kind: auto` keeps it."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ class Plan:
     architecture: Architecture
     workload_kind: str
     workload_fallback: bool
-    """True when `auto` fell back to StatefulSets because LeaderWorkerSet is missing."""
+    """True when `auto` runs StatefulSets (LeaderWorkerSet was missing when it was created)."""
     roles: tuple[RolePlan, ...]
     router: RouterPlan
     scaled_role: str
@@ -209,7 +212,9 @@ def plan(md: ModelDeployment, cluster: ClusterInfo | None = None) -> Plan:
     _check_quantities(spec, problems)
     warnings: list[str] = []
 
-    kind, fallback = _workload_kind(spec.workload.kind, cluster.lws_available)
+    kind, fallback = _workload_kind(
+        spec.workload.kind, cluster.lws_available, cluster.recorded_workload
+    )
     pd = any(r.name == "prefill" for r in spec.roles)
     ctx = _Context(md, hw, arch, caps, cluster, kind, pd, problems, warnings)
     role_plans = []
@@ -243,10 +248,14 @@ def plan(md: ModelDeployment, cluster: ClusterInfo | None = None) -> Plan:
 # --------------------------------------------------------------------------- checks
 
 
-def _workload_kind(requested: str, lws_available: bool) -> tuple[str, bool]:
-    if requested == "auto":
-        return ("LeaderWorkerSet", False) if lws_available else ("StatefulSet", True)
-    return requested, False
+def _workload_kind(requested: str, lws_available: bool, recorded: str | None) -> tuple[str, bool]:
+    """(kind, whether `auto` runs StatefulSets). `auto` keeps the kind a deployment already
+    runs as: a LeaderWorkerSet CRD installed or removed later never migrates instances."""
+    if requested != "auto":
+        return requested, False
+    if recorded in ("LeaderWorkerSet", "StatefulSet"):
+        return recorded, recorded == "StatefulSet"
+    return ("LeaderWorkerSet", False) if lws_available else ("StatefulSet", True)
 
 
 def _check_metadata(name: str, problems: list[Problem]) -> None:

@@ -303,7 +303,10 @@ def leaderworkerset(plan: Plan, role: RolePlan) -> dict[str, Any]:
             "startupPolicy": "LeaderCreated",
             "rolloutStrategy": {
                 "type": "RollingUpdate",
-                "rollingUpdateConfiguration": {"maxUnavailable": 1, "maxSurge": 0},
+                "rollingUpdateConfiguration": {
+                    "maxUnavailable": plan.spec.workload.max_unavailable,
+                    "maxSurge": 0,
+                },
             },
             "leaderWorkerTemplate": group,
         },
@@ -372,9 +375,12 @@ def role_service(plan: Plan, role: RolePlan) -> dict[str, Any]:
     }
 
 
-def pod_disruption_budget(plan: Plan, component: str, instances: int) -> dict[str, Any] | None:
-    """At most one pod (so one instance) disrupted at a time; none when a single instance
-    would make node drains block forever."""
+def pod_disruption_budget(
+    plan: Plan, component: str, instances: int, max_unavailable: int = 1
+) -> dict[str, Any] | None:
+    """At most `max_unavailable` pods (so at most that many instances) disrupted at once (for
+    engine roles, the bound the rollout keeps); none when a single instance would make node
+    drains block forever."""
     if instances < 2:
         return None
     return {
@@ -382,7 +388,7 @@ def pod_disruption_budget(plan: Plan, component: str, instances: int) -> dict[st
         "kind": "PodDisruptionBudget",
         "metadata": meta(plan, names.pdb(plan.name, component), component),
         "spec": {
-            "maxUnavailable": 1,
+            "maxUnavailable": max_unavailable,
             "selector": {"matchLabels": lbl.selector(plan.name, component)},
         },
     }
@@ -396,7 +402,7 @@ def role_objects(plan: Plan, role: RolePlan) -> list[dict[str, Any]]:
         objs.append(headless_service(plan, role))
         objs += statefulsets(plan, role)
     objs.append(role_service(plan, role))
-    pdb = pod_disruption_budget(plan, role.name, role.instances)
+    pdb = pod_disruption_budget(plan, role.name, role.instances, plan.spec.workload.max_unavailable)
     if pdb:
         objs.append(pdb)
     return objs
