@@ -287,8 +287,8 @@ class ControlPlane:
         return self.audit_log.stat().st_size if self.audit_log.exists() else 0
 
     def audit(self, user: str | None = None, since: int = 0) -> list[dict[str, Any]]:
-        """Requests after `since`, of one user or all, one audit event each (the latest stage:
-        a watch still open has only ResponseStarted)."""
+        """Requests logged after the mark `since`, of one user or all, one audit event each
+        (the latest stage: a watch still open has only ResponseStarted)."""
         events: dict[str, dict[str, Any]] = {}
         if not self.audit_log.exists():
             return events

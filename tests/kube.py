@@ -129,9 +129,10 @@ class Kube:
         self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 
     def install_crds(self, folder: Path = ROOT / "crds") -> list[str]:
-        """Server-side apply every CRD in `folder`; wait until each is Established."""
+        """Server-side apply every CRD in `folder` (or one file); wait until each is
+        Established."""
         names = []
-        for path in sorted(folder.glob("*.yaml")):
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else [folder]:
             for doc in yaml.safe_load_all(path.read_text()):
                 if doc:
                     self.apply(doc, force=True)

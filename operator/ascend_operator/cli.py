@@ -33,12 +33,32 @@ def _load_documents(path: str) -> list[dict[str, Any]]:
     return found
 
 
+def _set_namespace(doc: dict[str, Any], flag: str | None, path: str) -> None:
+    """The namespace as kubectl would pick it: the manifest's, else --namespace, else the
+    kubeconfig's current namespace, else `default`; a manifest and a flag that disagree are
+    an error (as with kubectl)."""
+    from .kubeconfig import current_namespace
+
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict):
+        return  # the planner reports the missing metadata
+    own = meta.get("namespace")
+    if own and flag and own != flag:
+        raise UsageError(
+            f"{path}: ModelDeployment {meta.get('name')} names namespace {own!r} but "
+            f"--namespace is {flag!r}; drop one of them"
+        )
+    if not own:
+        meta["namespace"] = flag or current_namespace() or "default"
+
+
 def _plans(args: argparse.Namespace, out: TextIO, err: TextIO) -> list[Any] | None:
     from .planner import ClusterInfo, PlanError, plan_manifest
 
     cluster = ClusterInfo(lws_available=args.lws, image_registry=args.image_registry)
     plans, failed = [], False
     for doc in _load_documents(args.file):
+        _set_namespace(doc, args.namespace, args.file)
         name = (doc.get("metadata") or {}).get("name", "<unnamed>")
         try:
             plans.append(plan_manifest(doc, cluster))
@@ -230,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         from .images import DEFAULT_REGISTRY
 
         p.add_argument("-f", "--file", required=True, help="ModelDeployment YAML (- for stdin)")
+        p.add_argument(
+            "-n",
+            "--namespace",
+            help="namespace of ModelDeployments that name none (default: the kubeconfig's "
+            "current namespace, as kubectl picks it, else `default`)",
+        )
         p.add_argument(
             "--lws",
             action=argparse.BooleanOptionalAction,

@@ -9,13 +9,13 @@ import itertools
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from envtest import SKIP_MESSAGE, ControlPlane, assets_dir
+from envtest import SKIP_MESSAGE, ControlPlane, assets_dir, eventually
 from helpers import ROOT
 from kube import Kube
 from operator_harness import OperatorProcess
@@ -42,7 +42,7 @@ def kube(plane: ControlPlane) -> Iterator[Kube]:
         yield client
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def gc(plane: ControlPlane) -> ControlPlane:
     """The control plane, for tests that need kube-controller-manager's controllers."""
     if not plane.with_kcm:
@@ -147,14 +147,56 @@ def helm_uninstall(plane: ControlPlane, release: str, namespace: str) -> None:
     run_tool(plane, "helm", "uninstall", release, "-n", namespace, "--wait", check=False)
 
 
-def forbidden(plane: ControlPlane, user: str, since: int = 0) -> list[str]:
+def forbidden(
+    plane: ControlPlane, user: str, since: int = 0, outage: tuple[str, str] | None = None
+) -> list[str]:
     """Requests of `user` the API server refused with 403 for lack of permission, as
-    `verb path: message` lines (a write into a namespace being deleted is refused with 403
-    too; that is the namespace lifecycle, not RBAC)."""
+    `verb path: message` lines. Not counted: writes into a namespace being deleted (403 too:
+    the namespace lifecycle, not RBAC), and requests received during `outage` (UTC times:
+    a restarted API server refuses everything until its RBAC caches fill)."""
     refused = []
     for event in plane.audit(user, since):
         status = event.get("responseStatus") or {}
         if status.get("code") != 403 or "being terminated" in str(status.get("message")):
             continue
+        if outage and outage[0] <= event.get("requestReceivedTimestamp", "") <= outage[1]:
+            continue
         refused.append(f"{event['verb']} {event['requestURI']}: {status.get('message')}")
     return refused
+
+
+LWS_CRD_NAME = "leaderworkersets.leaderworkerset.x-k8s.io"
+
+
+def lws_crd_file() -> Path:
+    """The LeaderWorkerSet CRD as kubernetes-sigs/lws publishes it: ASCEND_LWS_CRD, else the
+    copy in the workspace's ../shared/k8s/crds (no LWS controller runs here)."""
+    name = "leaderworkerset.x-k8s.io_leaderworkersets.yaml"
+    default = ROOT.parent / "shared" / "k8s" / "crds" / name
+    return Path(os.environ.get("ASCEND_LWS_CRD") or default)
+
+
+@pytest.fixture(scope="module")
+def lws_crd(kube: Kube) -> Iterator[Callable[[], None]]:
+    """Installs the real LeaderWorkerSet CRD (call the fixture's value to remove it early);
+    removed again when the module ends."""
+    path = lws_crd_file()
+    if not path.is_file():
+        pytest.skip(
+            f"needs the LeaderWorkerSet CRD file {path} (kubernetes-sigs/lws config/crd/bases); "
+            "set ASCEND_LWS_CRD to it"
+        )
+    kube.install_crds(path)
+
+    def remove() -> None:
+        kube.delete("CustomResourceDefinition", None, LWS_CRD_NAME)
+        eventually(
+            lambda: kube.get("CustomResourceDefinition", None, LWS_CRD_NAME) is None,
+            60,
+            "the LeaderWorkerSet CRD is gone",
+        )
+
+    try:
+        yield remove
+    finally:
+        remove()

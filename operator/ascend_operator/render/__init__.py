@@ -21,7 +21,8 @@ def render(plan: Plan) -> list[dict[str, Any]]:
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    def ignore_aliases(self, data: object) -> bool:
+        return True  # write shared values (a probe's httpGet) out in full, no &anchors
 
 
 def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.Node:

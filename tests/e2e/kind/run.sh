@@ -57,7 +57,7 @@ PY
 # A completion through the deployment's router Service; prints the answer.
 complete() {
   local name="$1" port=18000
-  kubectl -n llm port-forward "svc/$name-router" "$port:8000" >"$work/forward.log" 2>&1 &
+  kubectl -n llm port-forward "svc/$name" "$port:8000" >"$work/forward.log" 2>&1 &
   forward_pid=$!
   for _ in $(seq 1 50); do
     if curl -sf "localhost:$port/v1/models" >/dev/null 2>&1; then break; fi
@@ -107,7 +107,7 @@ kubectl create namespace llm
 
 step "one node (tutorial: qwen3-235b-single-node), sim engine"
 sim_copy examples/qwen3-235b-a3-single-node.yaml "$work/single.yaml"
-kubectl apply -f "$work/single.yaml"
+kubectl apply -n llm -f "$work/single.yaml"
 ready qwen3-235b
 complete qwen3-235b
 
@@ -121,7 +121,7 @@ kubectl -n llm delete md qwen3-235b --wait
 
 step "PD on three nodes (tutorial: qwen3-235b-multi-node, part 2), sim engine"
 sim_copy examples/qwen3-235b-pd.yaml "$work/pd.yaml"
-kubectl apply -f "$work/pd.yaml"
+kubectl apply -n llm -f "$work/pd.yaml"
 ready qwen3-235b-pd
 complete qwen3-235b-pd
 kubectl -n llm delete md qwen3-235b-pd --wait
