@@ -1,17 +1,21 @@
-"""Operator at scale: N ModelDeployments created at once against KMock's API server.
+"""Operator at scale: N ModelDeployments created at once, on a real kube-apiserver (etcd,
+RBAC, server-side apply; from KUBEBUILDER_ASSETS) and on KMock's in-memory emulator.
 
 Measures, in one run and against the same API server process:
-- time until every child of every ModelDeployment exists and every status says
-  Reconciled=True;
-- the operator's object writes per second vs a plain async client writing the same objects
-  (the ratio is the operator's efficiency against the API server's own limit here);
-- the operator's peak RSS.
+- time until every ModelDeployment's status says Reconciled=True (set only once every child
+  was applied), and that every child exists;
+- the operator's object writes per second vs a plain async client creating the same objects
+  on the same server (the ratio is the operator's efficiency against the API server's own
+  limit here);
+- the operator's CPU time and peak RSS.
 
-    python bench/operator_scale.py [--counts 50 200]
+    python bench/operator_scale.py [--counts 1 50 200] [--api-server real kmock]
 
-KMock is an in-memory emulator, far slower than a real API server per request; the ratio
-compares like with like, the absolute times do not transfer to a cluster. Its request log is
-bounded here (tests keep it whole): unbounded, KMock scans every past request on each new one.
+Each point gets a fresh API server, so neither run pays for the other's objects. On the real
+server no controller manager runs: the numbers are the operator's and the API server's alone.
+KMock is far slower than a real API server per request and bounded here to its 64 latest
+requests (unbounded, it scans every past request on each new one); its absolute times do not
+transfer to a cluster.
 """
 
 from __future__ import annotations
@@ -20,31 +24,39 @@ import argparse
 import asyncio
 import copy
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "runtime"), str(ROOT / "tests")]
 
 from _common import cpu_device, write_result  # noqa: E402
 
+from ascend_operator.kinds import BY_KIND, CHILDREN, MODEL_DEPLOYMENT  # noqa: E402
 from ascend_operator.planner import ClusterInfo, plan_manifest  # noqa: E402
 from ascend_operator.render import render  # noqa: E402
+from envtest import ControlPlane, assets_dir  # noqa: E402
 from helpers import load_example  # noqa: E402
 from kmock_server import write_kubeconfig  # noqa: E402
-from operator_harness import MD_PATH, PATHS  # noqa: E402
 from procs import free_port  # noqa: E402
 
-SERVER = """
-import asyncio, sys
+LOG_LEVEL = os.environ.get("BENCH_OPERATOR_LOG_LEVEL", "WARNING")
+KMOCK_SERVER = """
+import sys, time
 sys.path[:0] = [{tests!r}]
 from kmock_server import kmock_api
-import time
 with kmock_api(history=64) as (url, _):
     print(url, flush=True)
     while True:
@@ -52,34 +64,100 @@ with kmock_api(history=64) as (url, _):
 """
 
 
-def deployment(index: int, namespace: str) -> dict:
-    doc = copy.deepcopy(load_example("tiny-sim.yaml"))
-    doc["metadata"].update(
-        name=f"m{index:03d}",
-        namespace=namespace,
-        generation=1,
-        resourceVersion="1",
-        uid=f"uid-{namespace}-{index}",
+@dataclass
+class Server:
+    """One API server for one point: where it is, how to call it, how the operator logs in."""
+
+    name: str
+    url: str
+    kubeconfig: Path
+    client_options: dict[str, Any]
+    fake_metadata: bool
+    """KMock assigns no uid, generation or resourceVersion: the bench sets them."""
+
+
+@contextmanager
+def kmock(workdir: Path) -> Iterator[Server]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KMOCK_SERVER.format(tests=str(ROOT / "tests"))],
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    try:
+        yield Server("kmock", url, write_kubeconfig(workdir / "kc", url), {}, True)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def real(workdir: Path) -> Iterator[Server]:
+    assets = assets_dir()
+    if assets is None:
+        raise SystemExit("--api-server real needs KUBEBUILDER_ASSETS (see tests/envtest.py)")
+    plane = ControlPlane(assets, workdir / "envtest", controller_manager=False)
+    plane.start()
+    try:
+        assert plane.pki is not None
+        context = ssl.create_default_context(cafile=plane.pki.path("ca.crt"))
+        context.load_cert_chain(plane.pki.path("admin.crt"), plane.pki.path("admin.key"))
+        with plane.http() as client:
+            crd = yaml.safe_load(
+                (ROOT / "crds" / "modeldeployments.ascendserve.dev.yaml").read_text()
+            )
+            client.patch(
+                f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}",
+                params={"fieldManager": "bench", "force": "true"},
+                content=yaml.safe_dump(crd),
+                headers={"Content-Type": "application/apply-patch+yaml"},
+            ).raise_for_status()
+            for ns in ("baseline", "bench"):
+                client.post(
+                    "/api/v1/namespaces",
+                    json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+                ).raise_for_status()
+            time.sleep(2.0)  # the CRD becomes Established
+        yield Server("real", plane.url, plane.dir / "kubeconfig", {"verify": context}, False)
+    finally:
+        plane.stop()
+
+
+SERVERS = {"real": real, "kmock": kmock}
+
+
+def deployment(index: int, namespace: str, fake_metadata: bool) -> dict:
+    doc = copy.deepcopy(load_example("tiny-sim.yaml"))
+    doc["metadata"].update(name=f"m{index:03d}", namespace=namespace)
+    if fake_metadata:
+        doc["metadata"].update(generation=1, resourceVersion="1", uid=f"uid-{namespace}-{index}")
     return doc
 
 
-async def plain_writes(url: str, docs: list[dict], concurrency: int = 16) -> tuple[int, float]:
-    """Write every rendered child with a plain client; (objects, seconds)."""
+async def plain_writes(
+    server: Server, docs: list[dict], concurrency: int = 16
+) -> tuple[int, float]:
+    """Create every rendered child with a plain aiohttp client, `concurrency` requests at a
+    time (the operator's own connection limit); (objects, seconds)."""
     objects = []
     for doc in docs:
-        plan = plan_manifest(doc, ClusterInfo(lws_available=False))
-        objects += render(plan)
+        objects += render(plan_manifest(doc, ClusterInfo(lws_available=False)))
     queue: asyncio.Queue[dict] = asyncio.Queue()
     for obj in objects:
         queue.put_nowait(obj)
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    ssl_context = server.client_options.get("verify", False)
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=ssl_context)
+    async with aiohttp.ClientSession(base_url=server.url, connector=connector) as session:
 
         async def worker() -> None:
             while not queue.empty():
                 obj = queue.get_nowait()
-                path = PATHS[obj["kind"]].format(ns=obj["metadata"]["namespace"])
-                (await client.post(path, json=obj)).raise_for_status()
+                path = BY_KIND[obj["kind"]].path(obj["metadata"]["namespace"])
+                async with session.post(path, json=obj) as response:
+                    response.raise_for_status()
+                    await response.read()
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -91,10 +169,9 @@ def metric(text: str, name: str) -> float:
 
 
 def all_reconciled(client: httpx.Client, namespace: str, count: int) -> bool:
-    """Every status says Reconciled=True (set only once every child was applied). Polls the
-    ModelDeployments alone: listing every child kind would load the emulator more than the
-    operator does."""
-    mds = client.get(MD_PATH.format(ns=namespace)).json().get("items", [])
+    """Every status says Reconciled=True. Polls the ModelDeployments alone: listing every
+    child kind would load the server more than the operator does."""
+    mds = client.get(MODEL_DEPLOYMENT.path(namespace)).json().get("items", [])
     if len(mds) < count:
         return False
     for md in mds:
@@ -105,141 +182,136 @@ def all_reconciled(client: httpx.Client, namespace: str, count: int) -> bool:
 
 
 def children(client: httpx.Client, namespace: str) -> int:
-    kinds = (
-        "ConfigMap",
-        "Service",
-        "ServiceAccount",
-        "Deployment",
-        "StatefulSet",
-        "PodDisruptionBudget",
-        "Role",
-        "RoleBinding",
-    )
-    return sum(
-        len(client.get(PATHS[k].format(ns=namespace)).json().get("items", [])) for k in kinds
-    )
+    kinds = [k for k in CHILDREN if k.kind != "LeaderWorkerSet"]
+    return sum(len(client.get(k.path(namespace)).json().get("items", [])) for k in kinds)
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen(
-        [sys.executable, "-c", SERVER.format(tests=str(ROOT / "tests"))],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stdout is not None
-    return server, server.stdout.readline().strip()
-
-
-def peak_rss(pid: int) -> int:
+def process_usage(pid: int) -> tuple[int, float]:
+    """(peak RSS in bytes, CPU seconds user + system) of a live process."""
+    rss = 0
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+                rss = int(line.split()[1]) * 1024
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss, (int(fields[11]) + int(fields[12])) / ticks
 
 
-def run_point(count: int, workdir: Path) -> dict:
-    # The plain client gets a fresh server of its own, so neither run pays for the other's
-    # objects (KMock slows down as its store grows).
-    server, url = start_server()
-    try:
-        docs = [deployment(i, "baseline") for i in range(count)]
-        plain_objects, plain_seconds = asyncio.run(plain_writes(url, docs))
-    finally:
-        server.terminate()
-        server.wait(10)
+def run_point(kind: str, count: int, workdir: Path) -> dict:
+    with SERVERS[kind](workdir / f"{kind}-{count}-plain") as server:
+        docs = [deployment(i, "baseline", server.fake_metadata) for i in range(count)]
+        plain_objects, plain_seconds = asyncio.run(plain_writes(server, docs))
     per_md = plain_objects // count
-    server, url = start_server()
-    client = httpx.Client(base_url=url, timeout=120)
-    metrics_port = free_port()
-    operator: subprocess.Popen | None = None
-    try:
-        with (workdir / f"operator-{count}.log").open("wb") as log:
-            operator = subprocess.Popen(
-                # KMock cannot serve /api/v1/namespaces, which kopf lists in namespaced mode.
-                [
-                    sys.executable,
-                    "-m",
-                    "ascend_operator.cli",
-                    "operator",
-                    "--all-namespaces",
-                    "--standalone",
-                    "--metrics-port",
-                    str(metrics_port),
-                    "--log-level",
-                    "WARNING",
-                ],
-                env={**os.environ, "KUBECONFIG": str(write_kubeconfig(workdir / "kc", url))},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        time.sleep(3.0)  # let it list and open its watches
-        start = time.perf_counter()
-        for i in range(count):
-            client.post(MD_PATH.format(ns="bench"), json=deployment(i, "bench"))
-        rss = 0
-        while not all_reconciled(client, "bench", count):
-            if operator.poll() is not None:
-                raise RuntimeError(f"the operator exited; see {workdir}/operator-{count}.log")
-            rss = max(rss, peak_rss(operator.pid))
-            if time.perf_counter() - start > 1800:
-                raise TimeoutError(f"{count} deployments did not converge in 1800 s")
-            time.sleep(1.0)
-        elapsed = time.perf_counter() - start
-        rss = max(rss, peak_rss(operator.pid))
-        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-        applies = metric(text, 'ascend_serve_operator_writes_total{verb="apply"}')
-        present = children(client, "bench")
-        if present < count * per_md:
-            raise AssertionError(
-                f"Reconciled everywhere but only {present} of {count * per_md} children exist"
-            )
-        operator.terminate()
-        operator.wait(30)
-    finally:
-        if operator is not None and operator.poll() is None:
-            operator.kill()
-        server.terminate()
-        server.wait(10)
+    with SERVERS[kind](workdir / f"{kind}-{count}") as server:
+        client = httpx.Client(base_url=server.url, timeout=120, **server.client_options)
+        metrics_port = free_port()
+        operator: subprocess.Popen | None = None
+        try:
+            with (workdir / f"operator-{kind}-{count}.log").open("wb") as log:
+                operator = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "ascend_operator.cli",
+                        "operator",
+                        "--all-namespaces",
+                        "--standalone",
+                        "--metrics-port",
+                        str(metrics_port),
+                        "--log-level",
+                        LOG_LEVEL,
+                    ],
+                    env={**os.environ, "KUBECONFIG": str(server.kubeconfig)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            time.sleep(3.0)  # let it list and open its watches
+            _, idle_cpu = process_usage(operator.pid)
+            start = time.perf_counter()
+            for i in range(count):
+                client.post(
+                    MODEL_DEPLOYMENT.path("bench"),
+                    json=deployment(i, "bench", server.fake_metadata),
+                ).raise_for_status()
+            rss = 0
+            while not all_reconciled(client, "bench", count):
+                if operator.poll() is not None:
+                    raise RuntimeError(f"the operator exited; see {workdir}")
+                rss = max(rss, process_usage(operator.pid)[0])
+                if time.perf_counter() - start > 1800:
+                    raise TimeoutError(f"{count} deployments did not converge in 1800 s")
+                time.sleep(0.25 if count < 10 else 1.0)
+            elapsed = time.perf_counter() - start
+            peak, cpu = process_usage(operator.pid)
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            applies = metric(text, 'ascend_serve_operator_writes_total{verb="apply"}')
+            passes = metric(text, "ascend_serve_operator_reconciles_total{")
+            present = children(client, "bench")
+            if present < count * per_md:
+                raise AssertionError(
+                    f"Reconciled everywhere but only {present} of {count * per_md} children exist"
+                )
+        finally:
+            if operator is not None and operator.poll() is None:
+                operator.terminate()
+                try:
+                    operator.wait(30)
+                except subprocess.TimeoutExpired:
+                    operator.kill()
+            client.close()
     plain_rate = plain_objects / plain_seconds
     operator_rate = applies / elapsed
     return {
+        "api_server": kind,
         "deployments": count,
         "objects_per_deployment": per_md,
         "seconds_to_converge": elapsed,
         "operator_object_writes": applies,
+        "reconcile_passes": passes,
         "operator_writes_per_second": operator_rate,
         "plain_client_writes_per_second": plain_rate,
         "ratio": operator_rate / plain_rate,
-        "operator_peak_rss_mb": rss / 2**20,
+        "operator_cpu_seconds": cpu - idle_cpu,
+        "operator_peak_rss_mb": max(rss, peak) / 2**20,
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 50, 200])
+    parser.add_argument(
+        "--api-server",
+        nargs="+",
+        choices=sorted(SERVERS),
+        default=["real", "kmock"] if assets_dir() else ["kmock"],
+        help="real needs KUBEBUILDER_ASSETS (default: both where it is set)",
+    )
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "operator_scale.json"))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-operator-"))
     rows = []
-    for count in args.counts:
-        row = run_point(count, workdir)
-        rows.append(row)
-        print(
-            f"{count:4d} deployments: converged in {row['seconds_to_converge']:6.1f} s, "
-            f"operator {row['operator_writes_per_second']:7.1f} writes/s vs plain "
-            f"{row['plain_client_writes_per_second']:7.1f} (ratio {row['ratio']:.2f}), "
-            f"peak RSS {row['operator_peak_rss_mb']:.0f} MB",
-            flush=True,
-        )
+    for kind in args.api_server:
+        for count in args.counts:
+            row = run_point(kind, count, workdir)
+            rows.append(row)
+            print(
+                f"{kind:5s} {count:4d} deployments: Reconciled in "
+                f"{row['seconds_to_converge']:6.1f} s, operator "
+                f"{row['operator_writes_per_second']:7.1f} writes/s vs plain "
+                f"{row['plain_client_writes_per_second']:7.1f} (ratio {row['ratio']:.2f}), "
+                f"{row['reconcile_passes']:.0f} passes, CPU {row['operator_cpu_seconds']:.1f} s, "
+                f"peak RSS {row['operator_peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     result = {
         "benchmark": "operator_scale",
-        "device": cpu_device("API server: KMock 0.8 (in-memory emulator)"),
-        "goal": "ratio >= 0.5; peak RSS < 200 MB at 200 deployments",
-        "api_server": (
-            "KMock with its request log bounded to the 64 latest requests plus those in flight "
-            "(unbounded, its per-request cost grows with every request ever served)"
+        "device": cpu_device(
+            "API servers: kube-apiserver v1.36 + etcd 3.4 on loopback (no controller manager), "
+            "and KMock 0.8 (in-memory emulator, request log bounded to 64)"
         ),
+        "goal": "ratio >= 0.5; peak RSS < 200 MB at 200 deployments",
         "results": rows,
     }
     write_result(args.output, result)

@@ -57,6 +57,10 @@ CHILDREN: tuple[Kind, ...] = (
 
 WORKLOAD_KINDS = ("LeaderWorkerSet", "StatefulSet")
 
+REFERENCED_KINDS = ("ConfigMap", "ServiceAccount", "Role", "Service", "PodDisruptionBudget")
+"""Applied in a first wave, before what refers to them (pods mount the ConfigMaps and run as
+the ServiceAccount, a RoleBinding names its Role); each wave's objects go out concurrently."""
+
 MODEL_DEPLOYMENT = Kind(f"{GROUP}/{VERSION}", KIND, PLURAL, verbs=("get", "list", "watch", "patch"))
 MODEL_DEPLOYMENT_STATUS = Kind(f"{GROUP}/{VERSION}", KIND, f"{PLURAL}/status", verbs=("patch",))
 EVENT = Kind("v1", "Event", "events", verbs=("create",))

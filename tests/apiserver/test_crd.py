@@ -68,3 +68,12 @@ def test_scale_subresource_and_printer_columns(plane, kube: Kube, crd, namespace
     assert kube.get("ModelDeployment", namespace, name)["spec"]["replicas"] == 3
     out = run_tool(plane, "kubectl", "get", "md", "-n", namespace).stdout
     assert out.split()[:5] == ["NAME", "PHASE", "READY", "ROLES", "AGE"]
+
+
+def test_one_message_per_problem(kube: Kube, crd, namespace):
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-sim.yaml").read_text())
+    doc["spec"]["replicas"] = -1
+    with pytest.raises(ApiError) as info:
+        _dry_run_create(kube, doc, namespace)
+    causes = info.value.body["details"]["causes"]
+    assert len(causes) == 1 and "replicas" in causes[0]["field"], causes

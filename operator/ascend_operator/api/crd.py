@@ -121,6 +121,17 @@ def _printer_columns() -> list[dict[str, Any]]:
     ]
 
 
+SCALE_REPLICAS_PATH = ".spec.replicas"
+
+
+def _spec_schema() -> dict[str, Any]:
+    spec = structural_schema(ModelDeploymentSpec)
+    # The API server itself checks the scale subresource's replicas field ("should be a
+    # non-negative integer"); a schema minimum would report the same problem twice.
+    spec["properties"]["replicas"].pop("minimum", None)
+    return spec
+
+
 def crd_manifest() -> dict[str, Any]:
     """The complete CustomResourceDefinition of ModelDeployment."""
     schema = {
@@ -134,7 +145,7 @@ def crd_manifest() -> dict[str, Any]:
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
-            "spec": structural_schema(ModelDeploymentSpec),
+            "spec": _spec_schema(),
             "status": structural_schema(ModelDeploymentStatus),
         },
         "x-kubernetes-validations": [
@@ -176,7 +187,7 @@ def crd_manifest() -> dict[str, Any]:
                     "subresources": {
                         "status": {},
                         "scale": {
-                            "specReplicasPath": ".spec.replicas",
+                            "specReplicasPath": SCALE_REPLICAS_PATH,
                             "statusReplicasPath": ".status.replicas",
                             "labelSelectorPath": ".status.selector",
                         },

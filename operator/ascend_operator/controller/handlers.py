@@ -34,6 +34,7 @@ from . import metrics
 from .kube import KubeClient, KubeError
 from .reconcile import (
     LWS_CRD,
+    DesiredCache,
     controller_owner,
     observed_children,
     reconcile,
@@ -56,9 +57,16 @@ class OperatorState:
     client: KubeClient | None = None
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     pending: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    """Debounced passes not started yet, by parent (events in the window coalesce)."""
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    """Every debounced pass still running or waiting (cancelled at shutdown)."""
+    written: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    """resourceVersion of the operator's own last write of each child, by (namespace, kind,
+    name): the watch event of that write is its echo and needs no pass."""
     children: kopf.Index[Key, dict[str, Any]] | None = None
     deployments: kopf.Index[Key, dict[str, Any]] | None = None
     crds: kopf.Index[str, bool] | None = None
+    desired: DesiredCache = field(default_factory=DesiredCache)
     resync: asyncio.Task[None] | None = None
 
     def lock(self, key: Key) -> asyncio.Lock:
@@ -84,43 +92,50 @@ def _state(memo: Any) -> OperatorState:
 async def run_pass(body: dict[str, Any], state: OperatorState, trigger: str) -> None:
     """Reconcile one ModelDeployment and write its status; raises on retriable API errors."""
     meta = body["metadata"]
+    async with state.lock((meta.get("namespace", "default"), meta["name"])):
+        await _pass(body, state, trigger)
+
+
+async def _pass(body: dict[str, Any], state: OperatorState, trigger: str) -> None:
+    """One pass, with the ModelDeployment's lock held."""
+    meta = body["metadata"]
     key = (meta.get("namespace", "default"), meta["name"])
     assert state.client is not None and state.children is not None
-    async with state.lock(key):
-        started = time.perf_counter()
-        try:
-            cluster = ClusterInfo(
-                lws_available=state.lws_available, image_registry=state.image_registry
-            )
-            observed = observed_children(state.children.get(key, []), meta.get("uid"))
-            outcome = await reconcile(body, state.client, cluster, observed)
-        except KubeError as exc:
-            metrics.RECONCILES.labels("error").inc()
-            metrics.ERRORS.labels(str(exc.status)).inc()
-            raise kopf.TemporaryError(f"API error during reconcile: {exc}", delay=2) from exc
-        finally:
-            metrics.DURATION.observe(time.perf_counter() - started)
-        metrics.WRITES.labels("apply").inc(outcome.applied)
-        metrics.WRITES.labels("delete").inc(outcome.deleted)
-        for notice in outcome.notices:
-            kopf.event(body, type=notice.type, reason=notice.reason, message=notice.message)
-        if not outcome.valid:
-            log.warning("%s/%s is invalid:\n%s", key[0], key[1], outcome.problems)
-        if status_changed(body.get("status") or {}, outcome.status):
-            await state.client.patch_status("ModelDeployment", key[0], key[1], outcome.status)
-        result = "invalid" if not outcome.valid else ("error" if outcome.error else "ok")
-        metrics.RECONCILES.labels(result).inc()
-        log.info(
-            "reconciled %s/%s (%s): phase %s, %d applied, %d deleted",
-            key[0],
-            key[1],
-            trigger,
-            outcome.status.get("phase"),
-            outcome.applied,
-            outcome.deleted,
+    started = time.perf_counter()
+    try:
+        cluster = ClusterInfo(
+            lws_available=state.lws_available, image_registry=state.image_registry
         )
-        if outcome.error is not None:
-            raise kopf.TemporaryError(f"applying children failed: {outcome.error}", delay=2)
+        observed = observed_children(state.children.get(key, []), meta.get("uid"))
+        outcome = await reconcile(body, state.client, cluster, observed, state.desired)
+    except KubeError as exc:
+        metrics.RECONCILES.labels("error").inc()
+        metrics.ERRORS.labels(str(exc.status)).inc()
+        raise kopf.TemporaryError(f"API error during reconcile: {exc}", delay=2) from exc
+    finally:
+        metrics.DURATION.observe(time.perf_counter() - started)
+    state.written.update({(key[0], *k): v for k, v in outcome.written.items()})
+    metrics.WRITES.labels("apply").inc(outcome.applied)
+    metrics.WRITES.labels("delete").inc(outcome.deleted)
+    for notice in outcome.notices:
+        kopf.event(body, type=notice.type, reason=notice.reason, message=notice.message)
+    if not outcome.valid:
+        log.warning("%s/%s is invalid:\n%s", key[0], key[1], outcome.problems)
+    if status_changed(body.get("status") or {}, outcome.status):
+        await state.client.patch_status("ModelDeployment", key[0], key[1], outcome.status)
+    result = "invalid" if not outcome.valid else ("error" if outcome.error else "ok")
+    metrics.RECONCILES.labels(result).inc()
+    log.info(
+        "reconciled %s/%s (%s): phase %s, %d applied, %d deleted",
+        key[0],
+        key[1],
+        trigger,
+        outcome.status.get("phase"),
+        outcome.applied,
+        outcome.deleted,
+    )
+    if outcome.error is not None:
+        raise kopf.TemporaryError(f"applying children failed: {outcome.error}", delay=2)
 
 
 @kopf.on.startup()
@@ -154,8 +169,10 @@ async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = _state(memo)
-    for task in [*state.pending.values(), *([state.resync] if state.resync else [])]:
+    tasks = [*state.tasks, *([state.resync] if state.resync else [])]
+    for task in tasks:
         task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     if state.client is not None:
         await state.client.close()
         state.client = None
@@ -169,13 +186,13 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     field="metadata.name",
     value=LWS_CRD,
 )
-def index_crd(name: str, **_: Any) -> dict[str, bool]:
+async def index_crd(name: str, **_: Any) -> dict[str, bool]:
     """Whether the LeaderWorkerSet CRD exists, from a watch (no lookup per pass)."""
     return {name: True}
 
 
 @kopf.index(GROUP, VERSION, PLURAL, id="deployments")
-def index_deployment(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Key, Any]:
+async def index_deployment(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Key, Any]:
     """Every ModelDeployment's latest body (debounced passes read it instead of a GET)."""
     return {(namespace, name): dict(body)}
 
@@ -196,7 +213,8 @@ def _owned(body: kopf.Body, **_: Any) -> bool:
 def _watch_child(kind: Kind) -> None:
     """Index one child kind by its controlling ModelDeployment, and reconcile on changes."""
 
-    def index_child(body: kopf.Body, namespace: str, **_: Any) -> dict[Key, Any]:
+    # async: kopf runs a plain function in a thread pool, a hand-off per watch event
+    async def index_child(body: kopf.Body, namespace: str, **_: Any) -> dict[Key, Any]:
         owner = controller_owner(body)
         assert owner is not None  # the `when` filter admits owned objects only
         return {(namespace, owner[0]): {**dict(body), "kind": kind.kind}}
@@ -207,6 +225,11 @@ def _watch_child(kind: Kind) -> None:
         deployments = kwargs["deployments"]
         obj = event.get("object") or {}
         meta = obj.get("metadata") or {}
+        written = (meta.get("namespace"), kind.kind, meta.get("name"))
+        if event.get("type") == "DELETED":
+            state.written.pop(written, None)
+        elif state.written.get(written) == meta.get("resourceVersion"):
+            return  # our own write coming back
         owner = controller_owner(obj)
         parent = owner[0] if owner else (meta.get("labels") or {}).get(lbl.DEPLOYMENT_LABEL)
         if parent and (meta.get("namespace"), parent) in deployments:
@@ -241,18 +264,24 @@ async def _resync_loop(state: OperatorState) -> None:
 
 
 async def _debounced(namespace: str, name: str, state: OperatorState) -> None:
+    """A pass after the debounce window. It stays the parent's pending pass until it holds the
+    lock, so events while another pass runs join it instead of queueing passes of their own;
+    events after it took the lock schedule the next one."""
+    key = (namespace, name)
     await asyncio.sleep(DEBOUNCE_SECONDS)
-    state.pending.pop((namespace, name), None)
     assert state.client is not None
     for attempt in range(5):
         try:
-            bodies = list((state.deployments or {}).get((namespace, name), []))
-            body = bodies[0] if bodies and not attempt else None
-            if body is None:  # after a failure, read the object afresh
-                body = await state.client.get("ModelDeployment", namespace, name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                return
-            await run_pass(body, state, "child changed")
+            async with state.lock(key):
+                if state.pending.get(key) is asyncio.current_task():
+                    del state.pending[key]
+                bodies = list((state.deployments or {}).get(key, []))
+                body = bodies[0] if bodies and not attempt else None
+                if body is None:  # after a failure, read the object afresh
+                    body = await state.client.get("ModelDeployment", namespace, name)
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    return
+                await _pass(body, state, "child changed")
             return
         except (kopf.TemporaryError, KubeError) as exc:
             log.warning(
@@ -268,4 +297,7 @@ def poke(namespace: str, name: str, state: OperatorState) -> None:
     """Schedule a reconcile of a parent; events within the debounce window coalesce."""
     key = (namespace, name)
     if key not in state.pending:
-        state.pending[key] = asyncio.create_task(_debounced(namespace, name, state))
+        task = asyncio.create_task(_debounced(namespace, name, state))
+        state.pending[key] = task
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)

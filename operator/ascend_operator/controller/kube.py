@@ -11,11 +11,16 @@ import ssl
 import tempfile
 from typing import Any
 
-import httpx
+import aiohttp
 
 from ..kinds import BY_KIND as RESOURCES
 
 FIELD_MANAGER = "ascend-serve"
+MAX_CONNECTIONS = 16
+"""Concurrent requests to the API server (more wait for a free connection). aiohttp, as kopf
+itself uses: httpx's pool spent more CPU managing a burst of queued requests than the
+operator spent on everything else (measured with 120 deployments created at once)."""
+RETRIED = (429, 500, 502, 503, 504)
 
 
 class KubeError(Exception):
@@ -38,18 +43,25 @@ class KubeClient:
         base_url: str,
         *,
         headers: dict[str, str] | None = None,
-        verify: ssl.SSLContext | bool = True,
-        cert: tuple[str, str] | None = None,
+        ssl_context: ssl.SSLContext | bool = True,
     ):
         from .. import __version__
 
-        self.http = httpx.AsyncClient(
-            base_url=base_url,
-            headers={"User-Agent": f"ascend-serve-operator/{__version__}", **(headers or {})},
-            verify=verify,
-            cert=cert,
-            timeout=httpx.Timeout(30.0),
-        )
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"User-Agent": f"ascend-serve-operator/{__version__}", **(headers or {})}
+        self.ssl_context = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Created on first use, inside the operator's event loop."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers=self.headers,
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ssl=self.ssl_context),
+                timeout=aiohttp.ClientTimeout(total=60, sock_read=30),
+            )
+        return self._session
 
     @classmethod
     def from_connection(cls, info: Any) -> KubeClient:
@@ -60,36 +72,49 @@ class KubeClient:
         elif info.username and info.password:
             raw = f"{info.username}:{info.password}".encode()
             headers["Authorization"] = f"Basic {base64.b64encode(raw).decode()}"
-        verify: ssl.SSLContext | bool = True
         if info.insecure:
-            verify = False
-        elif info.ca_path or info.ca_data:
-            verify = ssl.create_default_context(
-                cafile=info.ca_path,
-                cadata=info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data,
-            )
-        cert = None
+            return cls(info.server, headers=headers, ssl_context=False)
+        context = ssl.create_default_context(
+            cafile=info.ca_path,
+            cadata=info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data,
+        )
         if info.certificate_path and info.private_key_path:
-            cert = (info.certificate_path, info.private_key_path)
+            context.load_cert_chain(info.certificate_path, info.private_key_path)
         elif info.certificate_data and info.private_key_data:
-            cert = (_temp_file(info.certificate_data), _temp_file(info.private_key_data))
-        return cls(info.server, headers=headers, verify=verify, cert=cert)
+            context.load_cert_chain(
+                _temp_file(info.certificate_data), _temp_file(info.private_key_data)
+            )
+        return cls(info.server, headers=headers, ssl_context=context)
 
     async def close(self) -> None:
-        await self.http.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
-    async def _call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        content_type: str = "application/json",
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": content_type} if data is not None else None
         for attempt in range(4):
             try:
-                response = await self.http.request(method, path, **kw)
-            except httpx.HTTPError as exc:
+                async with self.session.request(
+                    method, self.base_url + path, data=data, params=params, headers=headers
+                ) as response:
+                    text = await response.text()
+                    if response.status < 300:
+                        return json.loads(text) if text else {}
+                    error = KubeError(response.status, _message(text))
+                    if response.status not in RETRIED:
+                        raise error
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 error = KubeError(0, repr(exc))
-            else:
-                if response.status_code < 300:
-                    return response.json() if response.content else {}
-                error = KubeError(response.status_code, _message(response))
-                if response.status_code not in (429, 500, 502, 503, 504):
-                    raise error
             if attempt == 3:
                 raise error
             await asyncio.sleep(0.2 * 2**attempt)  # 429/5xx/transport: back off and retry
@@ -109,22 +134,21 @@ class KubeClient:
         or a server does not create on apply, the other call follows."""
         meta = obj["metadata"]
         resource = RESOURCES[obj["kind"]]
-        path = resource.path(meta.get("namespace"), meta["name"])
 
         async def ssa() -> dict[str, Any]:
             return await self._call(
                 "PATCH",
-                path,
+                resource.path(meta.get("namespace"), meta["name"]),
+                body=obj,
+                content_type="application/apply-patch+yaml",
                 params={"fieldManager": FIELD_MANAGER, "force": "true"},
-                content=json.dumps(obj),
-                headers={"Content-Type": "application/apply-patch+yaml"},
             )
 
         async def create() -> dict[str, Any]:
             return await self._call(
                 "POST",
                 resource.path(meta.get("namespace")),
-                json=obj,
+                body=obj,
                 params={"fieldManager": FIELD_MANAGER},
             )
 
@@ -142,7 +166,7 @@ class KubeClient:
             await self._call(
                 "DELETE",
                 RESOURCES[kind].path(namespace, name),
-                json={"propagationPolicy": "Background"},
+                body={"propagationPolicy": "Background"},
             )
             return True
         except KubeError as exc:
@@ -156,19 +180,16 @@ class KubeClient:
         return await self._call(
             "PATCH",
             RESOURCES[kind].path(namespace, name) + "/status",
-            content=json.dumps({"status": status}),
-            headers={"Content-Type": "application/merge-patch+json"},
+            body={"status": status},
+            content_type="application/merge-patch+json",
         )
 
-    async def create_event(self, namespace: str, event: dict[str, Any]) -> None:
-        await self._call("POST", f"/api/v1/namespaces/{namespace}/events", json=event)
 
-
-def _message(response: httpx.Response) -> str:
+def _message(text: str) -> str:
     try:
-        return str(response.json().get("message") or response.text[:300])
-    except ValueError:
-        return response.text[:300]
+        return str(json.loads(text).get("message") or text[:300])
+    except (ValueError, AttributeError):
+        return text[:300]
 
 
 def _temp_file(data: bytes | str) -> str:

@@ -5,17 +5,18 @@ migrated."""
 
 from __future__ import annotations
 
-import copy
+import asyncio
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 from ..api.resource import GROUP, KIND
-from ..kinds import WORKLOAD_KINDS
-from ..planner import ClusterInfo, PlanError, plan_manifest
+from ..kinds import REFERENCED_KINDS, WORKLOAD_KINDS
+from ..planner import ClusterInfo, Plan, PlanError, plan_manifest
 from ..render import render
 from .kube import KubeClient, KubeError
 from .progress import Observed
@@ -48,6 +49,8 @@ class Outcome:
     error: KubeError | None = None
     problems: str = ""
     notices: list[Notice] = field(default_factory=list)
+    written: dict[tuple[str, str], str] = field(default_factory=dict)
+    """resourceVersion of each child this pass wrote, by (kind, name)."""
 
 
 def desired_hash(obj: dict[str, Any]) -> str:
@@ -56,10 +59,44 @@ def desired_hash(obj: dict[str, Any]) -> str:
 
 
 def stamp(obj: dict[str, Any]) -> dict[str, Any]:
-    """The object with the hash of its desired form in an annotation (drift detection)."""
-    out = copy.deepcopy(obj)
-    out["metadata"].setdefault("annotations", {})[DESIRED_HASH] = desired_hash(obj)
-    return out
+    """The object with the hash of its desired form in an annotation (drift detection).
+    Shares everything but its metadata with `obj`."""
+    meta = obj["metadata"]
+    annotations = {**(meta.get("annotations") or {}), DESIRED_HASH: desired_hash(obj)}
+    return {**obj, "metadata": {**meta, "annotations": annotations}}
+
+
+@dataclass
+class DesiredCache:
+    """Plans and stamped children by what they depend on (the spec, the object's identity and
+    what the cluster offers), so the many passes a burst of child events causes re-plan and
+    re-render only when something they depend on changed. Least recently used go first."""
+
+    size: int = 4096
+    _entries: OrderedDict[str, tuple[Plan, list[dict[str, Any]]]] = field(
+        default_factory=OrderedDict
+    )
+
+    def get(
+        self, manifest: dict[str, Any], cluster: ClusterInfo
+    ) -> tuple[Plan, list[dict[str, Any]]]:
+        """(plan, stamped desired children); raises PlanError for an invalid spec."""
+        meta = manifest["metadata"]
+        key = json.dumps(
+            [meta.get("uid"), meta.get("name"), meta.get("namespace"), manifest["spec"],
+             astuple(cluster)],
+            sort_keys=True,
+            default=str,
+        )  # fmt: skip
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        plan = plan_manifest(manifest, cluster)
+        entry = (plan, [stamp(o) for o in render(plan)])
+        self._entries[key] = entry
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return entry
 
 
 def contains(want: Any, live: Any) -> bool:
@@ -165,6 +202,7 @@ async def reconcile(
     client: KubeClient,
     cluster: ClusterInfo,
     observed: Observed,
+    cache: DesiredCache | None = None,
 ) -> Outcome:
     """Bring the children of one ModelDeployment in line with its spec. `observed` holds its
     children as the watches last reported them; `cluster` what the API server offers."""
@@ -177,29 +215,44 @@ async def reconcile(
         recorded_workload=recorded_workload(body, observed),
     )
     try:
-        plan = plan_manifest(_manifest(body), cluster)
+        plan, desired = (cache or DesiredCache(size=1)).get(_manifest(body), cluster)
     except PlanError as exc:
         status = invalid_status(exc.problems, generation, previous)
         return Outcome(status, valid=False, problems=str(exc), notices=notices(previous, status))
-    desired = [stamp(o) for o in render(plan)]
     rollout = plan_rollout(plan, desired, observed)
     unavailable = plan.workload_kind == "LeaderWorkerSet" and not cluster.lws_available
     outcome = Outcome(status={})
+
+    async def apply(obj: dict[str, Any]) -> None:
+        key = (obj["kind"], obj["metadata"]["name"])
+        live = observed.get(*key)
+        result = await client.apply(obj, exists=live is not None)
+        outcome.applied += 1
+        if result:
+            result.setdefault("kind", obj["kind"])
+            version = result.get("metadata", {}).get("resourceVersion")
+            if version:
+                outcome.written[key] = version
+            observed.objects[key] = {
+                **result,
+                "status": (live or {}).get("status", result.get("status")),
+            }
+
+    changed = [
+        o
+        for o in rollout.objects
+        if not (unavailable and o["kind"] == "LeaderWorkerSet")  # not served: report it
+        and not up_to_date(o, observed.get(o["kind"], o["metadata"]["name"]))
+    ]
     try:
-        for obj in rollout.objects:
-            if unavailable and obj["kind"] == "LeaderWorkerSet":
-                continue  # not served: report it, keep the rest as it is
-            live = observed.get(obj["kind"], obj["metadata"]["name"])
-            if up_to_date(obj, live):
-                continue
-            result = await client.apply(obj, exists=live is not None)
-            outcome.applied += 1
-            if result:
-                result.setdefault("kind", obj["kind"])
-                observed.objects[(obj["kind"], obj["metadata"]["name"])] = {
-                    **result,
-                    "status": (live or {}).get("status", result.get("status")),
-                }
+        for wave in (
+            [o for o in changed if o["kind"] in REFERENCED_KINDS],
+            [o for o in changed if o["kind"] not in REFERENCED_KINDS],
+        ):
+            results = await asyncio.gather(*map(apply, wave), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
         wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
         stale = [] if unavailable else [k for k in observed.objects if k not in wanted]
         for key in stale:
