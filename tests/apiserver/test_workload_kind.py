@@ -6,24 +6,39 @@ does not run here, so LeaderWorkerSets get no pods)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 
 from apiserver.conftest import helm_install, helm_uninstall
 from envtest import ControlPlane, eventually
 from helpers import load_example
 from kube import Kube
-from operator_harness import OperatorProcess
+from procs import free_port
 
 
 @pytest.fixture(scope="module")
-def operator(plane: ControlPlane, kube: Kube, crd, tmp_path_factory) -> Iterator[OperatorProcess]:
+def operator(plane: ControlPlane, kube: Kube, crd, tmp_path_factory) -> Iterator[Callable]:
+    """The operator; its value waits until the operator sees the LWS CRD as installed or not
+    (its metric), so a test's next step does not race the operator's CRD watch."""
     installation = helm_install(plane, kube, "wk", "wk-ops")
-    process = installation.operator(tmp_path_factory.mktemp("wk") / "operator.log")
+    port = free_port()
+    process = installation.operator(
+        tmp_path_factory.mktemp("wk") / "operator.log", "--metrics-port", str(port)
+    )
     process.start()
+
+    def sees_lws(installed: bool) -> None:
+        line = f"ascend_serve_operator_leaderworkerset_available {float(installed)}"
+        eventually(
+            lambda: line in httpx.get(f"http://127.0.0.1:{port}/metrics").text,
+            30,
+            f"the operator sees the LWS CRD {'installed' if installed else 'removed'}",
+        )
+
     try:
-        yield process
+        yield sees_lws
     finally:
         process.stop()
         helm_uninstall(plane, "wk", "wk-ops")
@@ -55,14 +70,16 @@ def _kinds(kube: Kube, namespace: str, name: str) -> set[str]:
 
 
 def test_kind_is_kept_when_the_lws_crd_comes_and_goes(
-    operator: OperatorProcess, kube: Kube, namespace: str, lws_crd
+    operator: Callable, kube: Kube, namespace: str, lws_crd
 ):
     lws_crd()  # start without LeaderWorkerSet
+    operator(False)
     _deploy(kube, namespace, "early")
     eventually(lambda: _status(kube, namespace, "early").get("workloadKind") == "StatefulSet", 30)
     assert _kinds(kube, namespace, "early") == {"StatefulSet"}
 
     kube.install_crds(lws_crd_path())
+    operator(True)
     kube.merge("ModelDeployment", namespace, "early", {"spec": {"replicas": 3}})
     eventually(
         lambda: kube.get("StatefulSet", namespace, "early-unified-2") is not None,
@@ -91,6 +108,7 @@ def test_kind_is_kept_when_the_lws_crd_comes_and_goes(
     )
 
     lws_crd()  # LeaderWorkerSet removed: its objects go with it
+    operator(False)
     status = eventually(
         lambda: (
             (s := _status(kube, namespace, "late"))

@@ -6,6 +6,7 @@ import io
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from ascend_operator.cli import main
@@ -97,3 +98,56 @@ def test_crd_command_and_entry_point():
 def test_presets():
     code, out, _ = run("presets")
     assert code == 0 and "qwen3-235b-a22b: hidden_size=4096" in out
+
+
+@pytest.fixture(autouse=True)
+def no_kubeconfig(monkeypatch, tmp_path):
+    """The CLI reads the kubeconfig's namespace: keep the tests off the user's."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+
+
+def _namespaces(text: str) -> set[str]:
+    return {d["metadata"]["namespace"] for d in yaml.safe_load_all(text) if d}
+
+
+def test_render_namespace_follows_kubectl(tmp_path, monkeypatch):
+    example = str(EXAMPLES / "tiny-sim.yaml")  # names no namespace
+    assert _namespaces(run("render", "-f", example)[1]) == {"default"}
+    assert _namespaces(run("render", "-f", example, "-n", "team-b")[1]) == {"team-b"}
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_text("current-context: c\ncontexts: [{name: c, context: {namespace: team-a}}]\n")
+    second.write_text("contexts: [{name: c, context: {namespace: ignored}}]\n")
+    monkeypatch.setenv("KUBECONFIG", f"{first}:{second}")
+    assert _namespaces(run("render", "-f", example)[1]) == {"team-a"}
+    assert _namespaces(run("render", "-f", example, "-n", "x")[1]) == {"x"}
+
+
+def test_render_refuses_a_namespace_that_contradicts_the_manifest(tmp_path):
+    doc = manifest()  # metadata.namespace: ns
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    code, out, err = run("render", "-f", str(path), "-n", "other")
+    assert code == 2 and out == ""
+    assert "'ns'" in err and "'other'" in err
+    assert _namespaces(run("render", "-f", str(path), "-n", "ns")[1]) == {"ns"}
+
+
+def test_current_namespace_tolerates_broken_kubeconfigs(tmp_path):
+    from ascend_operator.kubeconfig import current_namespace
+
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\xff\xfe: [")
+    assert current_namespace({"KUBECONFIG": str(bad)}) is None
+    assert current_namespace({"KUBECONFIG": str(tmp_path / "missing")}) is None
+    assert current_namespace({"HOME": str(tmp_path)}) is None
+
+
+def test_operator_default_scope(tmp_path):
+    from ascend_operator.controller.run import default_scope
+
+    assert default_scope({"POD_NAMESPACE": "ops"})[0] == ["ops"]
+    sa = tmp_path / "namespace"
+    sa.write_text("serving\n")
+    assert default_scope({}, str(sa))[0] == ["serving"]
+    namespaces, why = default_scope({}, str(tmp_path / "absent"))
+    assert namespaces == [] and "every namespace" in why

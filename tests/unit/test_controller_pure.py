@@ -331,3 +331,11 @@ def test_up_to_date_detects_value_drift_label_loss_and_spec_changes():
     assert not up_to_date(cm, None)
     assert contains({"a": [1, {"b": 2}]}, {"a": [1, {"b": 2, "c": 3}], "d": 4})
     assert not contains({"a": [1]}, {"a": [1, 2]})
+
+
+def test_workload_kind_recorded_only_once_a_workload_exists():
+    p, desired = planned("tiny-sim.yaml")
+    nothing_yet = status_of(p, desired, Observed(), apply_error="404: page not found")
+    assert "workloadKind" not in nothing_yet
+    created = status_of(p, desired, observed_from(desired), 1, nothing_yet)
+    assert created["workloadKind"] == "LeaderWorkerSet"

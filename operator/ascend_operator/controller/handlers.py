@@ -121,7 +121,8 @@ async def _pass(body: dict[str, Any], state: OperatorState, trigger: str) -> Non
         kopf.event(body, type=notice.type, reason=notice.reason, message=notice.message)
     if not outcome.valid:
         log.warning("%s/%s is invalid:\n%s", key[0], key[1], outcome.problems)
-    if status_changed(body.get("status") or {}, outcome.status):
+    terminating = outcome.error is not None and outcome.error.namespace_terminating
+    if status_changed(body.get("status") or {}, outcome.status) and not terminating:
         await state.client.patch_status("ModelDeployment", key[0], key[1], outcome.status)
     result = "invalid" if not outcome.valid else ("error" if outcome.error else "ok")
     metrics.RECONCILES.labels(result).inc()
@@ -135,6 +136,9 @@ async def _pass(body: dict[str, Any], state: OperatorState, trigger: str) -> Non
         outcome.deleted,
     )
     if outcome.error is not None:
+        if outcome.error.namespace_terminating:
+            log.info("%s/%s: its namespace is being deleted; leaving it", key[0], key[1])
+            return
         raise kopf.TemporaryError(f"applying children failed: {outcome.error}", delay=2)
 
 
@@ -151,6 +155,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     settings.batching.error_delays = [1, 2, 5, 10, 30]
     state = _state(memo)
+    metrics.LWS_AVAILABLE.set_function(lambda: float(state.lws_available))
     state.resync = asyncio.create_task(_resync_loop(state), name="resync")
 
 

@@ -34,6 +34,11 @@ class KubeError(Exception):
     def retriable(self) -> bool:
         return self.status in (0, 409, 429) or self.status >= 500
 
+    @property
+    def namespace_terminating(self) -> bool:
+        """A write refused because its namespace is being deleted (no point retrying)."""
+        return self.status == 403 and "because it is being terminated" in self.message
+
 
 class KubeClient:
     """Async calls against one API server."""

@@ -254,5 +254,13 @@ def aggregate(
         "ready": f"{total_ready}/{total_desired}",
         "roleSummary": ", ".join(summary),
         "routerEndpoint": plan.router.endpoint,
-        "workloadKind": plan.workload_kind,
+        **_recorded_kind(plan, observed, prev_status),
     }
+
+
+def _recorded_kind(plan: Plan, observed: Observed, previous: dict[str, Any]) -> dict[str, str]:
+    """status.workloadKind: recorded once a workload of the planned kind exists (a first
+    pass that failed to create one, say because the CRD just went away, decides nothing)."""
+    if any(kind == plan.workload_kind for kind, _ in observed.objects):
+        return {"workloadKind": plan.workload_kind}
+    return {"workloadKind": previous["workloadKind"]} if previous.get("workloadKind") else {}
