@@ -34,6 +34,10 @@ def configure_logging(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if logging.getLevelName(level) > logging.DEBUG:
+        # kopf reports every indexer and event handler that succeeded, one line per watch
+        # event of every child: keep that for DEBUG.
+        logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, root.level))
 
 
 def run_operator(
