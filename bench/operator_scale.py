@@ -74,6 +74,11 @@ class Server:
     client_options: dict[str, Any]
     fake_metadata: bool
     """KMock assigns no uid, generation or resourceVersion: the bench sets them."""
+    pids: tuple[int, ...] = ()
+    """The server's processes (their CPU time is reported)."""
+
+    def cpu_seconds(self) -> float:
+        return sum(process_usage(pid)[1] for pid in self.pids)
 
 
 @contextmanager
@@ -87,7 +92,7 @@ def kmock(workdir: Path) -> Iterator[Server]:
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
     try:
-        yield Server("kmock", url, write_kubeconfig(workdir / "kc", url), {}, True)
+        yield Server("kmock", url, write_kubeconfig(workdir / "kc", url), {}, True, (proc.pid,))
     finally:
         proc.terminate()
         proc.wait(10)
@@ -120,7 +125,8 @@ def real(workdir: Path) -> Iterator[Server]:
                     json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
                 ).raise_for_status()
             time.sleep(2.0)  # the CRD becomes Established
-        yield Server("real", plane.url, plane.dir / "kubeconfig", {"verify": context}, False)
+        pids = tuple(p.pid for p in plane.procs.values())
+        yield Server("real", plane.url, plane.dir / "kubeconfig", {"verify": context}, False, pids)
     finally:
         plane.stop()
 
@@ -202,7 +208,9 @@ def process_usage(pid: int) -> tuple[int, float]:
 def run_point(kind: str, count: int, workdir: Path) -> dict:
     with SERVERS[kind](workdir / f"{kind}-{count}-plain") as server:
         docs = [deployment(i, "baseline", server.fake_metadata) for i in range(count)]
+        before = server.cpu_seconds()
         plain_objects, plain_seconds = asyncio.run(plain_writes(server, docs))
+        plain_server_cpu = server.cpu_seconds() - before
     per_md = plain_objects // count
     with SERVERS[kind](workdir / f"{kind}-{count}") as server:
         client = httpx.Client(base_url=server.url, timeout=120, **server.client_options)
@@ -229,6 +237,7 @@ def run_point(kind: str, count: int, workdir: Path) -> dict:
                 )
             time.sleep(3.0)  # let it list and open its watches
             _, idle_cpu = process_usage(operator.pid)
+            server_before = server.cpu_seconds()
             start = time.perf_counter()
             for i in range(count):
                 client.post(
@@ -244,6 +253,7 @@ def run_point(kind: str, count: int, workdir: Path) -> dict:
                     raise TimeoutError(f"{count} deployments did not converge in 1800 s")
                 time.sleep(0.25 if count < 10 else 1.0)
             elapsed = time.perf_counter() - start
+            server_cpu = server.cpu_seconds() - server_before
             peak, cpu = process_usage(operator.pid)
             text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
             applies = metric(text, 'ascend_serve_operator_writes_total{verb="apply"}')
@@ -274,6 +284,8 @@ def run_point(kind: str, count: int, workdir: Path) -> dict:
         "plain_client_writes_per_second": plain_rate,
         "ratio": operator_rate / plain_rate,
         "operator_cpu_seconds": cpu - idle_cpu,
+        "api_server_cpu_seconds": server_cpu,
+        "api_server_cpu_seconds_plain_client": plain_server_cpu,
         "operator_peak_rss_mb": max(rss, peak) / 2**20,
     }
 
@@ -301,7 +313,9 @@ def main() -> int:
                 f"{row['seconds_to_converge']:6.1f} s, operator "
                 f"{row['operator_writes_per_second']:7.1f} writes/s vs plain "
                 f"{row['plain_client_writes_per_second']:7.1f} (ratio {row['ratio']:.2f}), "
-                f"{row['reconcile_passes']:.0f} passes, CPU {row['operator_cpu_seconds']:.1f} s, "
+                f"{row['reconcile_passes']:.0f} passes, CPU {row['operator_cpu_seconds']:.1f} s "
+                f"(API server {row['api_server_cpu_seconds']:.1f} s vs "
+                f"{row['api_server_cpu_seconds_plain_client']:.1f} s for the plain client), "
                 f"peak RSS {row['operator_peak_rss_mb']:.0f} MB",
                 flush=True,
             )
