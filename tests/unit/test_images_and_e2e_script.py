@@ -35,7 +35,7 @@ def _tutorial_commands() -> set[str]:
         for raw in block.replace("\\\n", " ").splitlines():
             line = " ".join(raw.split())
             if re.match(r"(helm install|kubectl create namespace|kubectl -n ascend-serve rollout"
-                        r"|kubectl get crd|kubectl apply -f examples/)", line):  # fmt: skip
+                        r"|kubectl get crd|kubectl apply -n llm -f examples/)", line):  # fmt: skip
                 lines.add(line)
     return lines
 
@@ -45,7 +45,7 @@ def test_kind_script_follows_the_tutorial():
     commands = _tutorial_commands()
     assert len(commands) >= 5
     for command in commands:
-        if command.startswith("kubectl apply -f examples/"):
+        if command.startswith("kubectl apply -n llm -f examples/"):
             example = command.split("examples/")[1].split()[0]
             if "multi-node" in example:
                 continue  # needs LeaderWorkerSet spread over nodes; covered by PD's 3 nodes
