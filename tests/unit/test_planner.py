@@ -124,7 +124,8 @@ def test_single_node_128k_yarn():
             "rope_theta": 1000000,
             "factor": 4,
             "original_max_position_embeddings": 32768,
-        }
+        },
+        "max_position_embeddings": 131072,  # vLLM 0.32 no longer derives it from the factor
     }
     assert "--async-scheduling" in argv
     assert "--data-parallel-address" not in argv  # all four DP ranks on one pod

@@ -79,7 +79,13 @@ def vllm_args(
         params["factor"] = int(rope.factor) if float(rope.factor).is_integer() else rope.factor
         params["original_max_position_embeddings"] = rope.original_max_position_embeddings
         if caps.rope_flag == "hf-overrides":
-            args += ["--hf-overrides", _json({"rope_parameters": params})]
+            # vLLM 0.32 stopped raising the derived context limit by the YaRN factor
+            # (`--max-model-len 131072` then fails "greater than the derived max_model_len");
+            # the extended length as max_position_embeddings works on both behaviours and
+            # does not change YaRN's numbers (they use original_max_position_embeddings).
+            extended = int(rope.factor * rope.original_max_position_embeddings)
+            overrides = {"rope_parameters": params, "max_position_embeddings": extended}
+            args += ["--hf-overrides", _json(overrides)]
         else:
             args += ["--rope-scaling", _json(params)]
     if model.task == "embed":
