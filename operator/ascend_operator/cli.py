@@ -143,7 +143,7 @@ def cmd_presets(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_up(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import shutil
 
-    from .local_run import run_up
+    from .local_run import UpError, run_up, vllm_executable
 
     plans = _plans(args, out, err)
     if plans is None:
@@ -160,20 +160,20 @@ def cmd_up(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 "ascend-serve up: no NPU or vLLM here; running the sim engine "
                 "(--engine vllm to insist)\n"
             )
-    elif engine == "vllm" and shutil.which("vllm") is None:
-        raise UsageError(
-            "--engine vllm needs the `vllm` command (pip install "
-            "'ascend-serve[npu]' on an Ascend host)"
+    try:
+        if engine == "vllm":
+            vllm_executable()
+        return run_up(
+            plan,
+            engine=engine,
+            router_port=args.port,
+            run_dir=args.run_dir,
+            dry_run=args.dry_run,
+            out=out,
+            ready_timeout=args.ready_timeout,
         )
-    return run_up(
-        plan,
-        engine=engine,
-        router_port=args.port,
-        run_dir=args.run_dir,
-        dry_run=args.dry_run,
-        out=out,
-        ready_timeout=args.ready_timeout,
-    )
+    except UpError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def cmd_launch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

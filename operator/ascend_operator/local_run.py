@@ -4,6 +4,11 @@ The plan is the one the operator would apply; each engine pod becomes a process 
 engine unless `--engine vllm`), the leaders listen on free loopback ports, and the router on
 localhost serves the OpenAI API with static membership. Ctrl-C or SIGTERM stops everything;
 a process that dies is reported with its log.
+
+With real vLLM, what a pod gets from Kubernetes comes from this machine instead: the model
+directory of a hostPath source (not the in-pod mount), loopback instead of the pod IP, a free
+block of KV ports per instance (pods each have their own network namespace; processes here
+share one), and the KV transport the engine's environment has installed.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import TextIO
 
-from ascend_runtime.config import PodIdentity, RouterBackends
+from ascend_runtime.config import PodIdentity, RouterBackends, RuntimeConfig
 from ascend_runtime.engine_command import engine_command
 
 from .planner.plan import Plan
@@ -34,6 +39,87 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_block(count: int, taken: set[int]) -> int:
+    """First port of `count` consecutive free ports, none of them in `taken` (which grows)."""
+    for _ in range(200):
+        base = free_port()
+        ports = range(base, base + count)
+        if base + count <= 65536 and not taken.intersection(ports) and all(map(_port_free, ports)):
+            taken.update(ports)
+            return base
+    raise RuntimeError(f"found no {count} consecutive free ports on {LOOPBACK}")
+
+
+class UpError(ValueError):
+    """The spec cannot run on this machine as asked; the message says what to change."""
+
+
+def local_model_path(plan: Plan) -> str:
+    """Where the engine finds the weights on this machine."""
+    source = plan.spec.model.source
+    if source.host_path is not None:
+        path = Path(source.host_path.path)
+        if not path.is_dir():
+            raise UpError(
+                f"spec.model.source.hostPath.path {path} is not a directory on this machine: "
+                "point it at the local model directory"
+            )
+        return str(path)
+    if source.hugging_face is not None:
+        return source.hugging_face.id  # vLLM resolves it from the local Hugging Face cache
+    raise UpError(
+        "spec.model.source.pvc has no path on this machine: for `up --engine vllm` use "
+        "spec.model.source.hostPath with the local model directory"
+    )
+
+
+def vllm_executable() -> str:
+    """The `vllm` command on PATH, or an error saying how to get one."""
+    exe = shutil.which("vllm")
+    if exe is None:
+        raise UpError(
+            "--engine vllm needs the `vllm` command on PATH: on an Ascend host install "
+            "vllm-ascend; elsewhere `make vllm-venv` builds vLLM's CPU build in .venv-vllm "
+            "(then PATH=$PWD/.venv/bin:$PWD/.venv-vllm/bin:$PATH)"
+        )
+    return exe
+
+
+def engine_has_mooncake(vllm: str) -> bool:
+    """Whether the Python that runs `vllm` can import Mooncake's transfer engine."""
+    with open(vllm, "rb") as f:
+        first = f.readline().decode(errors="replace")
+    python = first[2:].strip().split()[0] if first.startswith("#!") else sys.executable
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('mooncake') is None)"
+    try:
+        return subprocess.run([python, "-c", probe], timeout=60, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _local_vllm_config(
+    config: RuntimeConfig, model_path: str, kv_port: int | None, transport: str
+) -> RuntimeConfig:
+    update: dict[str, object] = {"model_path": model_path}
+    if config.kv_transfer is not None and kv_port is not None:
+        extra = dict(config.kv_transfer.extra_config)
+        if config.kv_transfer.module_path:  # ascend-serve's connector takes a transport
+            extra["transport"] = transport
+        update["kv_transfer"] = config.kv_transfer.model_copy(
+            update={"kv_port": kv_port, "extra_config": extra}
+        )
+    return config.model_copy(update=update)
 
 
 @dataclasses.dataclass
@@ -57,12 +143,16 @@ def local_processes(
     run_dir: Path,
     engine: str,
     router_port: int,
+    transport: str = "tcp",
 ) -> tuple[list[LocalProcess], LocalProcess]:
-    """The engine processes and the router process of a plan (nothing started)."""
+    """The engine processes and the router process of a plan (nothing started). With
+    `engine="vllm"`, `transport` is the KV transport ascend-serve's connector uses."""
     run_dir.mkdir(parents=True, exist_ok=True)
     engines: list[LocalProcess] = []
     members: dict[str, list[str]] = {}
     device_cursor = 0
+    model_path = local_model_path(plan) if engine == "vllm" else ""
+    kv_ports: set[int] = set()
     for role in plan.roles:
         config = role.runtime_config.model_copy(update={"engine": engine})
         config_path = run_dir / f"{role.name}.json"
@@ -72,6 +162,13 @@ def local_processes(
             url = f"http://{LOOPBACK}:{port}"
             members.setdefault(role.name, []).append(url)
             kv_port = free_port() if role.name == "prefill" else None
+            instance_config = config
+            if engine == "vllm":
+                # every rank of every instance serves KV on its own port (one network here)
+                topo = config.topology
+                ranks = topo.data * topo.ranks_devices
+                base = free_port_block(ranks, kv_ports) if config.kv_transfer else None
+                instance_config = _local_vllm_config(config, model_path, base, transport)
             for pod in role.pods:
                 ident = PodIdentity(
                     instance=instance,
@@ -99,8 +196,9 @@ def local_processes(
                         argv += ["--kv-port", str(kv_port)]
                     env = {"VLLM_HOST_IP": LOOPBACK}
                 else:
-                    cmd = engine_command(config, ident, str(config_path))
-                    argv = _with_port(cmd.argv, port)
+                    cmd = engine_command(instance_config, ident, str(config_path))
+                    argv = _with_option(cmd.argv, "--port", str(port))
+                    argv = _with_option(argv, "--host", LOOPBACK)
                     env = dict(cmd.env)
                     devices = list(range(device_cursor, device_cursor + pod.devices))
                     device_cursor += pod.devices
@@ -140,10 +238,13 @@ def local_processes(
     return engines, router
 
 
-def _with_port(argv: list[str], port: int) -> list[str]:
+def _with_option(argv: list[str], option: str, value: str) -> list[str]:
+    """argv with `option`'s value replaced (or appended when absent)."""
     out = list(argv)
-    if "--port" in out:
-        out[out.index("--port") + 1] = str(port)
+    if option in out:
+        out[out.index(option) + 1] = value
+    else:
+        out += [option, value]
     return out
 
 
@@ -248,7 +349,18 @@ def run_up(
     directory = (
         Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix=f"ascend-serve-{plan.name}-"))
     )
-    engines, router = local_processes(plan, directory, engine, router_port)
+    transport = "tcp"
+    if engine == "vllm" and any(r.runtime_config.kv_transfer for r in plan.roles):
+        uses_ours = any(
+            r.runtime_config.kv_transfer and r.runtime_config.kv_transfer.module_path
+            for r in plan.roles
+        )
+        if uses_ours:
+            has_mooncake = engine_has_mooncake(vllm_executable())
+            transport = "mooncake" if has_mooncake else "tcp"
+            why = "installed" if has_mooncake else "Mooncake is not installed in vLLM's environment"
+            out.write(f"ascend-serve up: KV transfer over {transport} ({why})\n")
+    engines, router = local_processes(plan, directory, engine, router_port, transport)
     if dry_run:
         for proc in [*engines, router]:
             env = " ".join(f"{k}={v}" for k, v in sorted(proc.env.items()))

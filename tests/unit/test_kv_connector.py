@@ -9,12 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ascend_runtime.kv.connector.caches import describe_caches
+from ascend_runtime.kv.connector.caches import describe_caches, describe_pages
 from ascend_runtime.kv.connector.scheduler import PdMeta, PdScheduler
 from ascend_runtime.kv.connector.settings import (
     ConnectorSettings,
     from_extra_config,
     from_vllm_config,
+    staging_layout,
 )
 from ascend_runtime.kv.connector.worker import PdWorker
 from procs import free_port
@@ -344,3 +345,87 @@ def test_worker_rejects_caches_that_do_not_match_the_settings():
     assert (mla.spec.k_dim, mla.spec.v_dim, mla.v) == (8, 0, [])
     fa = describe_caches({"l0": torch.zeros(2, 4, 4, 2, 8)})  # (2, blocks, ...) CUDA layout
     assert (fa.spec.num_blocks, fa.spec.heads, fa.spec.v_dim) == (4, 2, 8)
+
+
+# ---------------------------------------------------------------------------- vLLM 0.3x pages
+
+
+def pages(heads: int, layers: int = LAYERS) -> dict[str, torch.Tensor]:
+    """Per-layer (blocks, heads, tokens, content) views of one LBHNC buffer, as vLLM 0.32 hands
+    them over; content packs a head's keys, then its values, as its CPU backend does."""
+    raw = torch.zeros(layers, BLOCKS, heads, BS, 2 * DIM)
+    return {f"model.layers.{i}.attn": raw[i] for i in range(layers)}
+
+
+def slab(block: int, head: int, layer: int) -> torch.Tensor:
+    """A whole (tokens, content) page of one head, every row distinct."""
+    return torch.arange(BS * 2 * DIM, dtype=torch.float32).view(BS, 2 * DIM) + (
+        100_000 * block + 10_000 * head + 1000 * layer
+    )
+
+
+def test_packed_pages_move_whole_blocks_between_tp2_and_tp1(pd):
+    """Token rows of a packed page are not tokens: a 5-token prompt over 4-token blocks must
+    still bring the whole second block, or the decode side reads half-written values."""
+    port = _ports(2)
+    prefill_settings = settings("prefill", 2, port, layout=staging_layout("per_layer", "LBHNC"))
+    prefill_pages = [pages(1) for _ in range(2)]
+    prefill = [
+        PdWorker(prefill_settings, r, describe_pages(prefill_pages[r], "LBHNC")) for r in range(2)
+    ]
+    decode_layout = staging_layout("cross_layer", "LBHNC")
+    decode_settings = settings("decode", 1, _ports(1), layout=decode_layout)
+    decode_pages = pages(2)
+    decode = PdWorker(decode_settings, 0, describe_pages(decode_pages, "LBHNC"))
+    try:
+        src_blocks, dst_blocks, tokens = [7, 3], [0, 5], 5
+        for r, kv in enumerate(prefill_pages):
+            for layer, page in enumerate(kv.values()):
+                for b in src_blocks:
+                    page[b, 0] = slab(b, r, layer)
+        sched = PdScheduler(prefill_settings)
+        params = {"do_remote_decode": True}
+        sched.scheduled("r1", params, src_blocks, tokens, tokens)
+        meta = sched.build_meta()
+        for w in prefill:
+            w.start(meta)
+            w.save(meta)
+        _, out = sched.finished("r1", params, src_blocks, True, tokens)
+        dsched = PdScheduler(decode_settings)
+        dsched.after_alloc("d1", out, dst_blocks, tokens, tokens)
+        decode.start(dsched.build_meta())
+        deadline = time.monotonic() + 10
+        while not decode.finished(())[1]:
+            assert time.monotonic() < deadline, "the load did not finish"
+            time.sleep(0.01)
+        assert decode.load_errors() == set()
+        for layer, page in enumerate(decode_pages.values()):
+            for src, dst in zip(src_blocks, dst_blocks, strict=True):
+                for head in range(2):
+                    assert torch.equal(page[dst, head], slab(src, head, layer)), (layer, dst, head)
+    finally:
+        for w in [*prefill, decode]:
+            w.close()
+
+
+def test_page_views_are_described_from_vllms_layout():
+    described = describe_pages(pages(2), "LBHNC")
+    assert described.packed and described.v == []
+    assert (described.spec.heads, described.spec.block_size, described.spec.k_dim) == (2, BS, 16)
+    assert described.heads_outside_tokens
+    assert staging_layout("cross_layer", "LBHNC") == "cross_layer_hnd"
+    assert staging_layout("per_layer_hnd", "LBNHC") == "per_layer"
+    with pytest.raises(ValueError, match="unknown vLLM KV cache layout 'XYZ'"):
+        describe_pages(pages(2), "XYZ")
+    with pytest.raises(ValueError, match=r"one \(blocks, heads, tokens, content\) view"):
+        describe_pages({"l0": (torch.zeros(2, 2, 2, 2), torch.zeros(2, 2, 2, 2))}, "LBHNC")
+    vllm = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(
+            kv_role="kv_producer", engine_id="p-0", kv_port=36000,
+            kv_connector_extra_config={"kv_layout": "cross_layer"},
+        ),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1),
+        model_config=SimpleNamespace(use_mla=False, get_total_num_kv_heads=lambda: 2),
+        cache_config=SimpleNamespace(block_size=BS, kv_cache_layout="LBHNC"),
+    )  # fmt: skip
+    assert from_vllm_config(vllm, BLOCKS, env={}).layout == "cross_layer_hnd"

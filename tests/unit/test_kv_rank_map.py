@@ -150,3 +150,20 @@ def test_prefill_endpoint_uses_the_rank_host_and_handshake_port():
     assert prefill_endpoint(params | {"remote_ports": {"5": 9}}, p, 5) == ("10.0.0.2", 9)
     with pytest.raises(ValueError, match="no host for prefill rank 3"):
         prefill_endpoint({"remote_port": 1}, p, 3)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"tp": 1, "kv_heads": 2, "block_size": 16},
+        {"tp": 4, "kv_heads": 2, "block_size": 16, "pcp": 2, "dcp": 2, "interleave": 16},
+        {"tp": 4, "kv_heads": 2, "block_size": 16, "dcp": 2, "interleave": 1},
+        {"tp": 2, "kv_heads": 2, "block_size": 16, "pcp": 2, "interleave": 4},
+    ],
+)
+def test_whole_block_tokens_fill_blocks_without_lengthening_the_table(kw):
+    p = KvPlacement(**kw)
+    for n in range(1, 200):
+        m = p.whole_block_tokens(n)
+        assert m >= n and p.blocks_needed(m) == p.blocks_needed(n), (n, m)
+        assert all(p.tokens_of_slot(s, m) % p.block_size == 0 for s in range(p.slots)), (n, m)

@@ -140,8 +140,9 @@ class ModelSpec(ApiModel):
     """`generate` for chat/completions models, `embed` for embedding models (bge-m3 class)."""
     source: ModelSource
     """Where the weights come from."""
-    dtype: Literal["auto", "bfloat16", "float16"] = "auto"
-    """Activation and weight dtype for unquantized layers."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Activation and weight dtype for unquantized layers (`float32` for exact comparisons
+    with tiny models; NPU serving uses bfloat16)."""
     quantization: Literal["none", "w8a8", "w8a8-dynamic", "w4a8"] = "none"
     """Weight quantization produced by msModelSlim (served with `--quantization ascend`)."""
     max_model_len: int | None = Field(default=None, ge=16, le=4_194_304)

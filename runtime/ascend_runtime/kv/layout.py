@@ -32,6 +32,8 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
     "per_layer_hnd": ("layers", "blocks", "heads", "tokens", "dim"),
 }
 Which = Literal["k", "v"]
+# vLLM 0.3x's KVCacheLayout names: the physical order of its logical (L, B, H, N, C) axes.
+PAGE_LAYOUTS = ("LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,15 @@ class KvSpec:
     def block_bytes(self) -> int:
         """Bytes of one block over every layer, K and V together."""
         return self.num_layers * self.block_size * self.token_bytes()
+
+
+def heads_major(page_layout: str) -> bool:
+    """True when a vLLM KVCacheLayout stores a block's heads outside its tokens (HND)."""
+    if page_layout not in PAGE_LAYOUTS:
+        raise ValueError(
+            f"unknown vLLM KV cache layout {page_layout!r}: expected one of {PAGE_LAYOUTS}"
+        )
+    return page_layout.index("H") < page_layout.index("N")
 
 
 def physical_order(layout: str | tuple[str, ...]) -> tuple[int, ...]:

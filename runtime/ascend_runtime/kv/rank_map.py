@@ -119,6 +119,31 @@ class KvPlacement:
         most = max(self.tokens_of_slot(s, num_tokens) for s in range(self.slots))
         return -(-most // self.block_size)
 
+    def whole_block_tokens(self, num_tokens: int) -> int:
+        """`num_tokens` rounded up so that every slot's share fills whole blocks, without
+        lengthening the block table. Transfers move whole blocks: attention backends may tile
+        or pack K and V inside a block (vLLM's CPU backend stores a head's keys, then its
+        values), so the rows of a partial last block are not the first tokens' bytes."""
+        if num_tokens <= 0:
+            return num_tokens
+        unit = self.block_size * (self.slots if self.interleave < self.block_size else 1)
+        rounded = -(-num_tokens // unit) * unit
+        whole = all(
+            self.tokens_of_slot(s, rounded) % self.block_size == 0 for s in range(self.slots)
+        )
+        if whole and self.blocks_needed(rounded) == self.blocks_needed(num_tokens):
+            return rounded
+        return num_tokens
+
+    def same_token_placement(self, other: KvPlacement) -> bool:
+        """True when both instances put every token at the same block and offset."""
+        return (self.block_size, self.pcp, self.dcp, self.interleave) == (
+            other.block_size,
+            other.pcp,
+            other.dcp,
+            other.interleave,
+        )
+
     def holders(self, slot: int, head: int) -> list[int]:
         """Ranks holding (slot, head), lowest first."""
         return [

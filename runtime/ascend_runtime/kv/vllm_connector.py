@@ -22,9 +22,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from .connector.caches import cross_layer_caches, describe_caches
+from .connector.caches import cross_layer_caches, describe_caches, describe_pages
 from .connector.scheduler import PdMeta, PdScheduler, wants_remote_decode
-from .connector.settings import from_vllm_config
+from .connector.settings import engine_page_layout, from_vllm_config
 from .connector.worker import PdWorker
 
 if TYPE_CHECKING:
@@ -141,10 +141,18 @@ class AscendKvConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
-        self._worker = PdWorker(self.settings, _local_rank(), describe_caches(kv_caches))
+        page_layout = engine_page_layout(self._vllm_config)
+        if page_layout is not None:  # vLLM 0.3x: page views in the layout vLLM resolved
+            device = describe_pages(kv_caches, page_layout)
+        else:
+            device = describe_caches(kv_caches)
+        self._worker = PdWorker(self.settings, _local_rank(), device)
 
     def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any):
-        self.register_kv_caches(cross_layer_caches(kv_cache))
+        """vLLM lines that allocate one cross-layer tensor when a connector prefers it."""
+        self._worker = PdWorker(
+            self.settings, _local_rank(), describe_caches(cross_layer_caches(kv_cache))
+        )
 
     def _meta(self) -> PdMeta:
         meta = self._get_connector_metadata()

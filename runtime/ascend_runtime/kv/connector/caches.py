@@ -2,7 +2,13 @@
 
 Engines hand the connector their caches in backend-specific shapes; `describe_caches` turns
 them into per-layer (K, V) tensors indexed by block, (blocks, tokens, heads, dim) each, and the
-`KvSpec` they share. Transfers read and write a pinned host staging buffer in the connector's
+`KvSpec` they share. vLLM 0.3x states its layout instead of leaving it to guesses: every layer
+is a logical (blocks, heads, tokens, content) page view whose strides follow the resolved
+`KVCacheLayout`, and the content packs K and V as the attention backend likes (the CPU backend
+keeps a head's keys, then its values). Such caches are described as one "K" tensor whose dim is
+the whole content and no V; only whole blocks of them mean anything.
+
+Transfers read and write a pinned host staging buffer in the connector's
 layout (`HostStage`): device caches are not host memory, so a prefill rank copies a request's
 blocks out before serving them and a decode rank copies them in after pulling, just as vLLM's
 NIXL connector does with a host buffer.
@@ -16,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..layout import KvBuffers, KvLayout, KvSpec, allocate
+from ..layout import KvBuffers, KvLayout, KvSpec, allocate, heads_major
 from ..offload import BlockCopier
 from ..transfer import Region, region_of_tensor
 
@@ -29,6 +35,8 @@ class DeviceKv:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     spec: KvSpec
+    packed: bool = False
+    """K and V packed inside a block by the backend (vLLM's page views): whole blocks only."""
 
     @property
     def device(self) -> torch.device:
@@ -62,8 +70,27 @@ def _split(name: str, cache: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return _as_4d(cache, name), None  # MLA latent cache, no V
 
 
+def describe_pages(kv_caches: Mapping[str, Any], page_layout: str) -> DeviceKv:
+    """vLLM 0.3x page views, (blocks, heads, tokens, content) per layer with the strides of
+    `page_layout`, as `DeviceKv` of (blocks, tokens, heads, content) views and no V."""
+    heads_major(page_layout)  # validates the name
+    pages = []
+    for name, cache in kv_caches.items():
+        if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
+            shape = tuple(cache.shape) if isinstance(cache, torch.Tensor) else type(cache)
+            raise ValueError(
+                f"KV cache of {name} is {shape}: vLLM's {page_layout} layout hands over one "
+                "(blocks, heads, tokens, content) view per layer"
+            )
+        pages.append((name, cache.transpose(1, 2)))
+    described = describe_caches(dict(pages))
+    return DeviceKv(described.k, [], replace(described.spec, v_dim=0), packed=True)
+
+
 def describe_caches(kv_caches: Mapping[str, Any]) -> DeviceKv:
-    """Per-layer caches (in the engine's layer order) -> `DeviceKv`; layers must agree."""
+    """Per-layer caches (in the engine's layer order) -> `DeviceKv`; layers must agree.
+    Shapes as vLLM's per-layer backends before 0.3x hand them over: a (K, V) pair,
+    (2, blocks, tokens, heads, dim), or one latent (blocks, tokens, dim) for MLA."""
     if not kv_caches:
         raise ValueError("the engine registered no KV caches")
     ks: list[torch.Tensor] = []
@@ -106,7 +133,8 @@ class HostStage:
         spec = device.spec if num_blocks is None else replace(device.spec, num_blocks=num_blocks)
         self.layout = KvLayout(spec, layout_name)
         hnd = layout_name.endswith("_hnd")
-        if hnd != device.heads_outside_tokens:
+        single = device.spec.heads == 1 or device.spec.block_size == 1  # either order fits
+        if not single and hnd != device.heads_outside_tokens:
             engine = "HND (heads outside tokens)" if device.heads_outside_tokens else "NHD"
             fix = layout_name.removesuffix("_hnd") + ("_hnd" if not hnd else "")
             raise ValueError(

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..layout import LAYOUTS
+from ..layout import LAYOUTS, heads_major
 from ..rank_map import KvPlacement
 
 Role = Literal["prefill", "decode", "both"]
@@ -182,8 +182,12 @@ def from_vllm_config(
     model = vllm_config.model_config
     if ktc.kv_port is None:
         raise ValueError("kv_transfer_config.kv_port is required (the first rank's port)")
+    extra = dict(ktc.kv_connector_extra_config or {})
+    page_layout = engine_page_layout(vllm_config)
+    if page_layout is not None:
+        extra["kv_layout"] = staging_layout(str(extra.get("kv_layout", "cross_layer")), page_layout)
     return from_extra_config(
-        ktc.kv_connector_extra_config,
+        extra,
         role=ktc.kv_role,
         engine_id=str(ktc.engine_id),
         host=host_ip(env),
@@ -198,6 +202,23 @@ def from_vllm_config(
         block_size=int(vllm_config.cache_config.block_size),
         num_blocks=int(num_blocks),
     )
+
+
+def engine_page_layout(vllm_config: Any) -> str | None:
+    """The KVCacheLayout vLLM resolved (0.3x: "LBHNC", ...), or None for older lines."""
+    layout = getattr(vllm_config.cache_config, "kv_cache_layout", None)
+    return None if layout is None else str(getattr(layout, "name", layout))
+
+
+def staging_layout(configured: str, page_layout: str) -> str:
+    """The staging layout that copies blocks byte for byte from the engine's pages: the
+    configured cross-layer or per-layer choice, with the engine's order inside a block."""
+    base = configured.removesuffix("_hnd")
+    if base not in LAYOUTS:
+        raise ValueError(
+            f"kv_connector_extra_config.kv_layout {configured!r} is not one of {', '.join(LAYOUTS)}"
+        )
+    return base + "_hnd" if heads_major(page_layout) else base
 
 
 def offload_host_blocks(

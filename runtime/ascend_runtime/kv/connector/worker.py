@@ -87,9 +87,16 @@ class PdWorker:
         if not 0 <= rank < self.placement.ranks:
             raise ValueError(f"rank {rank} is outside this instance's {self.placement.ranks}")
         if device.spec.num_blocks != settings.num_blocks:
+            split = ""
+            if device.spec.num_blocks % settings.num_blocks == 0:
+                split = (
+                    f" (the attention kernel splits each {settings.block_size}-token block "
+                    f"into {device.spec.num_blocks // settings.num_blocks}: set --block-size "
+                    f"to the kernel's {device.spec.block_size})"
+                )
             raise ValueError(
                 f"the engine registered {device.spec.num_blocks} KV blocks but the scheduler "
-                f"plans with {settings.num_blocks}"
+                f"plans with {settings.num_blocks}{split}"
             )
         if device.spec.heads != self.placement.heads_per_rank:
             raise ValueError(
@@ -98,6 +105,7 @@ class PdWorker:
             )
         engine = MooncakeEngine(settings.host) if settings.transport == "mooncake" else None
         self.stage = HostStage(device, settings.layout)
+        self.packed = device.packed
         self.loop = LoopThread(f"kv-connector-{rank}")
         self._lock = threading.Lock()
         self._saved: set[str] = set()
@@ -230,6 +238,24 @@ class PdWorker:
             await asyncio.sleep(min(1.0, self.settings.timeout / 4))
             self.holds.expire()
 
+    def _transfer_tokens(self, req: LoadReq) -> int:
+        """Tokens to move: whole blocks where both sides place tokens alike (the last block's
+        unused rows travel too), else exactly the prompt, which packed caches cannot do."""
+        remote, _ = remote_side(req.params, self.placement, self.stage.layout)
+        if remote.same_token_placement(self.placement):
+            return self.placement.whole_block_tokens(req.num_tokens)
+        if self.packed:
+            raise KvTransferError(
+                "bad_params",
+                f"the prefill side uses block size {remote.block_size}, PCP {remote.pcp}, DCP "
+                f"{remote.dcp}, interleave {remote.interleave} but this side "
+                f"{self.placement.block_size}, {self.placement.pcp}, {self.placement.dcp}, "
+                f"{self.placement.interleave}: this engine packs K and V inside its blocks, so "
+                "only whole blocks can move; give both roles the same block size and context "
+                "parallelism",
+            )
+        return req.num_tokens
+
     async def _pull(self, req: LoadReq) -> None:
         assert self.transport is not None
         await pull(
@@ -239,7 +265,7 @@ class PdWorker:
             local_layout=self.stage.layout,
             dst_blocks=list(req.block_ids),
             regions=lambda _rank: self.stage.regions,
-            num_tokens=req.num_tokens,
+            num_tokens=self._transfer_tokens(req),
             ranks=[self.rank],
             skip_dst_blocks=req.skip_blocks,
         )

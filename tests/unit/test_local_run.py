@@ -1,0 +1,83 @@
+"""`ascend-serve up`'s process plan for real vLLM: the local model directory, loopback binds,
+a KV port block per instance, the transport, and the errors that say what to change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ascend_operator.local_run import UpError, free_port_block, local_processes
+from ascend_operator.planner import ClusterInfo, plan_manifest
+
+
+def pd_manifest(model_dir: Path, tensor: int = 1, **source) -> dict:
+    return {
+        "apiVersion": "ascendserve.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "tq", "namespace": "default"},
+        "spec": {
+            "model": {
+                "name": "tiny",
+                "source": source or {"hostPath": {"path": str(model_dir)}},
+                "maxModelLen": 2048,
+                "architecture": {"preset": "tiny"},
+            },
+            "hardware": {"profile": "A2"},
+            "runtime": {"engine": "vllm", "kvConnector": "ascend-serve"},
+            "roles": [
+                {"name": "prefill", "replicas": 2, "parallelism": {"tensor": tensor}},
+                {"name": "decode", "parallelism": {"tensor": tensor}},
+            ],
+        },
+    }
+
+
+def plan_of(doc: dict):
+    return plan_manifest(doc, ClusterInfo())
+
+
+def option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_vllm_processes_use_the_local_model_loopback_and_their_own_kv_ports(tmp_path):
+    plan = plan_of(pd_manifest(tmp_path, tensor=2))
+    engines, _ = local_processes(plan, tmp_path / "run", "vllm", 8000, "tcp")
+    assert [e.name for e in engines] == ["prefill-0-0", "prefill-1-0", "decode-0-0"]
+    ports = []
+    for proc in engines:
+        assert proc.argv[:3] == ["vllm", "serve", str(tmp_path)]
+        assert option(proc.argv, "--host") == "127.0.0.1"
+        kv = json.loads(option(proc.argv, "--kv-transfer-config"))
+        assert kv["kv_connector_extra_config"]["transport"] == "tcp"
+        ports.append(kv["kv_port"])
+    # two ranks each (TP 2): no instance's block of ports overlaps another's
+    spans = [set(range(p, p + 2)) for p in ports]
+    assert all(not (a & b) for i, a in enumerate(spans) for b in spans[i + 1 :])
+    assert len({option(p.argv, "--port") for p in engines}) == 3
+    members = json.loads((tmp_path / "run" / "router.json").read_text())["backends"]["static"]
+    assert len(members["prefill"]) == 2 and len(members["decode"]) == 1
+
+
+def test_the_sim_keeps_its_own_command(tmp_path):
+    plan = plan_of(pd_manifest(tmp_path))
+    engines, _ = local_processes(plan, tmp_path / "run", "sim", 8000)
+    assert all("sim" in e.argv for e in engines)
+
+
+def test_sources_without_a_local_directory_are_refused(tmp_path):
+    missing = plan_of(pd_manifest(tmp_path / "nope"))
+    with pytest.raises(UpError, match=r"hostPath.path .*nope is not a directory"):
+        local_processes(missing, tmp_path / "run", "vllm", 8000)
+    pvc = plan_of(pd_manifest(tmp_path, pvc={"claimName": "models"}))
+    with pytest.raises(UpError, match=r"use spec\.model\.source\.hostPath"):
+        local_processes(pvc, tmp_path / "run", "vllm", 8000)
+
+
+def test_port_blocks_do_not_overlap():
+    taken: set[int] = set()
+    first, second = free_port_block(4, taken), free_port_block(4, taken)
+    assert not set(range(first, first + 4)) & set(range(second, second + 4))
+    assert len(taken) == 8
