@@ -121,6 +121,48 @@ class Up:
         self._log.close()
 
 
+class VllmEngine:
+    """A `vllm serve` of the tiny model started directly (float32, eager, 128-token blocks),
+    for configurations no spec renders."""
+
+    def __init__(self, engine_python: Path, model: Path, log: Path, args: list[str]):
+        from ascend_operator.local_run import free_port
+
+        port = free_port()
+        self.url, self.log = f"http://127.0.0.1:{port}", log
+        argv = [str(engine_python.parent / "vllm"), "serve", str(model),
+                "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+                "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.1",
+                "--block-size", "128", *args]  # fmt: skip
+        env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait(self) -> str:
+        """The engine's URL once /health answers; fails with its log if it exits first."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vllm serve exited:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self.url
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"vllm serve not healthy:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 def post(url: str, body: dict[str, Any], path: str = "/v1/completions", timeout: float = 300):
     """POST JSON; the decoded answer (raises on a non-2xx status, with the body)."""
     request = urllib.request.Request(

@@ -13,13 +13,11 @@ a unified deployment and a PD one (ascend-serve's KV connector over TCP) behind 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from serving import Up, engine_spec, get, metric, post, stream
+from serving import Up, VllmEngine, engine_spec, get, metric, post, stream
 
 from ascend_operator.local_run import free_port
 
@@ -86,40 +84,8 @@ def deployments(engine_python: Path, tiny_model, tmp_path_factory):
         unified.stop()
 
 
-class _Engine:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
-        self.proc, self.url, self.log = proc, url, log
-
-    def wait(self) -> str:
-        import time
-        import urllib.request
-
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"decode engine exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self.url
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"decode engine not healthy:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _decode_engine(engine_python: Path, model: Path, log: Path) -> _Engine:
+def _decode_engine(engine_python: Path, model: Path, log: Path) -> VllmEngine:
     """A decode engine whose connector stages per-layer (the deployment's stage cross-layer)."""
-    port = free_port()
     config = {
         "kv_connector": "AscendKvConnector",
         "kv_connector_module_path": "ascend_runtime.kv.vllm_connector",
@@ -128,15 +94,8 @@ def _decode_engine(engine_python: Path, model: Path, log: Path) -> _Engine:
         "engine_id": "tq-decode-per-layer",
         "kv_connector_extra_config": {"transport": "tcp", "kv_layout": "per_layer"},
     }
-    vllm = str(engine_python.parent / "vllm")
-    argv = [vllm, "serve", str(model), "--served-model-name", "tiny", "--host", "127.0.0.1",
-            "--port", str(port), "--max-model-len", "2048", "--dtype", "float32",
-            "--enforce-eager", "--gpu-memory-utilization", "0.1", "--block-size", "128",
-            "--kv-transfer-config", json.dumps(config)]  # fmt: skip
-    env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return _Engine(proc, f"http://127.0.0.1:{port}", log)
+    args = ["--max-model-len", "2048", "--kv-transfer-config", json.dumps(config)]
+    return VllmEngine(engine_python, model, log, args)
 
 
 def test_router_answers_equal_the_engines_own(deployments):

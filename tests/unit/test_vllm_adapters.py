@@ -1,8 +1,8 @@
-"""The vLLM adapters driven the way vLLM's scheduler and model runner call them.
-
-vLLM cannot be installed here, so its interfaces come from tests/standins (see its README)
-unless a real vLLM is importable; the adapters and everything under them are the production
-code. The KV moves over real TCP between two simulated engines."""
+"""The vLLM adapters driven the way vLLM's scheduler and model runner call them, against
+stand-ins of vLLM's 0.2x interfaces (tests/standins, see its README): the line vllm-ascend v0.23
+runs, which no CPU build installs. The adapters and everything under them are the production
+code; the KV moves over real TCP between two simulated engines. vLLM 0.32 itself runs these
+adapters in tests/realvllm."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def vllm_api():
         sys.path.remove(str(STANDINS))
         for name in [n for n in sys.modules if n == "vllm" or n.startswith("vllm.")]:
             del sys.modules[name]
-        for name in ("ascend_runtime.kv.vllm_connector", "ascend_runtime.kv.vllm_offload"):
-            sys.modules.pop(name, None)
+        for name in ("vllm_connector", "vllm_offload", "vllm_offload_023"):
+            sys.modules.pop(f"ascend_runtime.kv.{name}", None)
 
 
 def vllm_config(role: str, port: int, extra: dict | None = None, connector="AscendKvConnector"):
@@ -158,7 +158,7 @@ def test_connector_config_errors_name_the_field(vllm_api):
 
 
 @pytest.mark.parametrize("canonical", [False, True])
-def test_offloading_spec_stores_evicts_and_loads_blocks(vllm_api, canonical):
+def test_offloading_spec_of_the_023_line_stores_evicts_and_loads_blocks(vllm_api, canonical):
     mod = vllm_api.offload
     extra = {"num_cpu_blocks": 3, "kv_layout": "cross_layer"}
     spec = mod.AscendOffloadingSpec(vllm_config("kv_both", 1, extra), kv_cache_config())
@@ -197,7 +197,7 @@ def test_offloading_spec_stores_evicts_and_loads_blocks(vllm_api, canonical):
         manager.prepare_load(["a"])
 
 
-def test_offloading_spec_rejects_configs_it_cannot_serve(vllm_api):
+def test_offloading_spec_of_the_023_line_rejects_configs_it_cannot_serve(vllm_api):
     mod = vllm_api.offload
     with pytest.raises(ValueError, match="needs cpu_bytes_per_rank, cpu_bytes_to_use"):
         mod.AscendOffloadingSpec(vllm_config("kv_both", 1, {}), kv_cache_config())
