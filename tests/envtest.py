@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from procs import free_port
+from procs import die_with_parent, free_port
 
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 SKIP_MESSAGE = (
@@ -51,13 +51,6 @@ def assets_dir() -> Path | None:
     if missing:
         raise RuntimeError(f"{ASSETS_ENV}={value} lacks {', '.join(missing)}")
     return path
-
-
-def _die_with_parent(argv: list[str]) -> list[str]:
-    """`argv` under util-linux's setpriv, so the process gets SIGKILL if the test process dies
-    without cleaning up (where setpriv exists; the fixture's teardown stops them otherwise)."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
 
 
 class _Pki:
@@ -152,7 +145,7 @@ class ControlPlane:
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = (self.dir / "logs" / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
-            _die_with_parent(argv), stdout=log, stderr=subprocess.STDOUT
+            die_with_parent(argv), stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,14 @@ from pathlib import Path
 import httpx
 
 from helpers import ROOT
+
+
+def die_with_parent(argv: list[str], sig: str = "KILL") -> list[str]:
+    """`argv` under util-linux's setpriv, so the process gets `sig` if the test process dies
+    without cleaning up (where setpriv exists; the fixture's teardown stops them otherwise).
+    TERM lets a supervisor such as `ascend-serve up` stop its own children first."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", sig, "--", *argv] if setpriv else argv
 
 
 def free_port() -> int:

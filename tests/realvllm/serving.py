@@ -7,6 +7,7 @@ and stops it with SIGTERM, which stops the engines it started.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,14 +22,41 @@ from typing import Any
 import yaml
 
 from helpers import ROOT
+from procs import die_with_parent
 
+HERE = Path(__file__).resolve().parent
+MODELS = ROOT / ".ascend-serve" / "tiny-models"
 START_TIMEOUT = 600.0
 """Three engines starting at once on CI's two cores take about 90 s; this leaves room."""
+
+
+def tiny_model_dir(engine_python: Path, kind: str) -> Path:
+    """A tiny model of `kind` (build_model.py), built once per builder version and kept under
+    .ascend-serve/tiny-models."""
+    digest = hashlib.sha256((HERE / "build_model.py").read_bytes()).hexdigest()[:12]
+    out = MODELS / f"{kind}-{digest}"
+    if not (out / "BUILT").exists():
+        result = subprocess.run(
+            [str(engine_python), str(HERE / "build_model.py"), kind, str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert result.returncode == 0, f"building {kind} failed:\n{result.stderr[-3000:]}"
+    return out
+
+
+KV_CACHE = ["--kv-cache-memory-bytes", str(64 << 20)]
+"""A fixed 64 MiB KV cache per engine (256 blocks of the tiny model). vLLM's CPU backend
+otherwise reserves a fraction of the machine's memory per engine and refuses to start when
+other processes hold it."""
 
 
 def engine_spec(name: str, model_dir: Path, roles: list[dict[str, Any]], **runtime: Any) -> dict:
     """A ModelDeployment of the tiny model for the CPU build: float32 (exact comparisons),
     eager, a small KV cache, ascend-serve's connector for PD."""
+    runtime["extraArgs"] = [*KV_CACHE, *runtime.get("extraArgs", [])]
     return {
         "apiVersion": "ascendserve.dev/v1alpha1",
         "kind": "ModelDeployment",
@@ -46,7 +74,6 @@ def engine_spec(name: str, model_dir: Path, roles: list[dict[str, Any]], **runti
                 "engine": "vllm",
                 "kvConnector": "ascend-serve",
                 "graphMode": "eager",
-                "gpuMemoryUtilization": 0.1,
                 **runtime,
             },
             "roles": roles,
@@ -68,20 +95,23 @@ class Up:
         )
         self._log = self.log.open("wb")
         self.proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "ascend-serve"),
-                "up",
-                "-f",
-                str(self.spec_path),
-                "--engine",
-                "vllm",
-                "--port",
-                str(port),
-                "--run-dir",
-                str(self.run_dir),
-                "--ready-timeout",
-                str(int(START_TIMEOUT)),
-            ],
+            die_with_parent(
+                [
+                    str(Path(sys.executable).parent / "ascend-serve"),
+                    "up",
+                    "-f",
+                    str(self.spec_path),
+                    "--engine",
+                    "vllm",
+                    "--port",
+                    str(port),
+                    "--run-dir",
+                    str(self.run_dir),
+                    "--ready-timeout",
+                    str(int(START_TIMEOUT)),
+                ],
+                "TERM",  # `up` then stops its engines
+            ),
             cwd=ROOT,
             env={**os.environ, "PATH": path},
             stdout=self._log,
@@ -132,11 +162,13 @@ class VllmEngine:
         self.url, self.log = f"http://127.0.0.1:{port}", log
         argv = [str(engine_python.parent / "vllm"), "serve", str(model),
                 "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-                "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.1",
-                "--block-size", "128", *args]  # fmt: skip
+                "--dtype", "float32", "--enforce-eager", "--block-size", "128", *KV_CACHE,
+                *args]  # fmt: skip
         env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "OMP_NUM_THREADS": "1"}
         with log.open("wb") as out:
-            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                die_with_parent(argv, "TERM"), env=env, stdout=out, stderr=subprocess.STDOUT
+            )
 
     def wait(self) -> str:
         """The engine's URL once /health answers; fails with its log if it exits first."""

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from serving import Up, VllmEngine, engine_spec, metric, post
 
 from ascend_operator.local_run import free_port
+from serving import Up, VllmEngine, engine_spec, metric, post
 
 pytestmark = pytest.mark.realvllm
 

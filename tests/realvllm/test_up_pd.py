@@ -17,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from serving import Up, VllmEngine, engine_spec, get, metric, post, stream
 
 from ascend_operator.local_run import free_port
+from ascend_runtime.router.app import PREFILL_KV_PARAMS
+from serving import Up, VllmEngine, engine_spec, get, metric, post, stream
 
 pytestmark = pytest.mark.realvllm
 
@@ -27,14 +28,6 @@ LENGTHS = [1, 15, 16, 17, 127, 128, 129, 255, 300, 700]
 """Prompt lengths in tokens: within one block, at and around the 128-token block edge, several
 blocks with a partial last one."""
 MAX_TOKENS = 16
-REMOTE_DECODE = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 
 
 def prompt_ids(length: int, salt: int) -> list[int]:
@@ -158,7 +151,7 @@ def test_per_layer_staging_decode_equals_unified(deployments):
     lengths = [1, 127, 129, 300]
     for salt, length in enumerate(lengths, start=200):
         body = greedy(prompt_ids(length, salt))
-        first = post(prefill, {**body, "max_tokens": 1, "kv_transfer_params": REMOTE_DECODE})
+        first = post(prefill, {**body, "max_tokens": 1, "kv_transfer_params": PREFILL_KV_PARAMS})
         params = first["kv_transfer_params"]
         assert params and params.get("remote_block_ids"), first
         got = post(decode, {**body, "kv_transfer_params": params})["choices"][0]["text"]

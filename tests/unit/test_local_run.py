@@ -3,12 +3,22 @@ a KV port block per instance, the transport, and the errors that say what to cha
 
 from __future__ import annotations
 
+import io
 import json
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from ascend_operator.local_run import UpError, free_port_block, local_processes
+from ascend_operator.local_run import (
+    LocalDeployment,
+    LocalProcess,
+    UpError,
+    free_port,
+    free_port_block,
+    local_processes,
+)
 from ascend_operator.planner import ClusterInfo, plan_manifest
 
 
@@ -81,3 +91,20 @@ def test_port_blocks_do_not_overlap():
     first, second = free_port_block(4, taken), free_port_block(4, taken)
     assert not set(range(first, first + 4)) & set(range(second, second + 4))
     assert len(taken) == 8
+
+
+def test_a_signal_during_a_slow_start_stops_waiting(tmp_path):
+    """Real engines take minutes to start; Ctrl-C must not wait for them."""
+    slow = LocalProcess(
+        "engine", [sys.executable, "-c", "import time; time.sleep(60)"], {},
+        tmp_path / "engine.log", f"http://127.0.0.1:{free_port()}",
+    )  # fmt: skip
+    router = LocalProcess("router", [sys.executable, "-c", "pass"], {}, tmp_path / "r.log")
+    deployment = LocalDeployment([slow], router, io.StringIO())
+    asked = time.monotonic() + 0.5
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="stopped before every process was ready"):
+        deployment.start(ready_timeout=60, stop=lambda: time.monotonic() > asked)
+    assert time.monotonic() - started < 10
+    deployment.stop(grace=5)
+    assert slow.popen is not None and slow.popen.poll() is not None

@@ -226,3 +226,34 @@ def _side_stream(device: torch.device) -> Any | None:
     if device.type == "cpu":
         return None
     return torch.get_device_module(device).Stream(device=device)
+
+
+class CopyJobs:
+    """Block copies in flight, by job id: what vLLM's offloading workers (every line) report as
+    finished, with the bytes each moved, and wait for."""
+
+    def __init__(self, copier: BlockCopier, block_bytes: int):
+        self.copier, self.block_bytes = copier, block_bytes
+        self._jobs: dict[int, tuple[Any, int]] = {}
+
+    def submit(self, job_id: int, to_host: bool, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Start copying blocks `src` to `dst` (device to host when `to_host`)."""
+        src_ids, dst_ids = [int(b) for b in src], [int(b) for b in dst]
+        if len(src_ids) != len(dst_ids):
+            raise ValueError(
+                f"offload job {job_id} pairs {len(src_ids)} source blocks with {len(dst_ids)} "
+                "destination blocks: host blocks must mirror engine blocks"
+            )
+        event = self.copier.copy(to_host, src_ids, dst_ids)
+        self._jobs[job_id] = (event, len(src_ids) * self.block_bytes)
+
+    def finished(self) -> list[tuple[int, int]]:
+        """(job id, bytes) of the jobs whose copies completed since the last call."""
+        done = [j for j, (event, _) in self._jobs.items() if event is None or event.query()]
+        return [(j, self._jobs.pop(j)[1]) for j in done]
+
+    def wait(self, job_ids: set[int]) -> None:
+        for j in job_ids:
+            event = self._jobs.get(j, (None, 0))[0]
+            if event is not None:
+                event.synchronize()

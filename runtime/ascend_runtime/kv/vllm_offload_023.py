@@ -35,7 +35,7 @@ from .connector.caches import DeviceKv, HostStage, describe_caches
 from .connector.settings import offload_host_blocks
 from .index import HostBlockIndex
 from .layout import LAYOUTS
-from .offload import BlockCopier
+from .offload import BlockCopier, CopyJobs
 
 
 class HostIndexManager(OffloadingManager):
@@ -82,33 +82,21 @@ class HostIndexManager(OffloadingManager):
 
 
 class HostCopyHandler(OffloadingHandler):
-    """vLLM's worker-side handler: device <-> host block copies, one event per job."""
+    """vLLM's worker-side handler for one direction: device <-> host block copies."""
 
-    def __init__(self, copier: BlockCopier, block_bytes: int, to_host: bool):
-        self.copier, self.block_bytes, self.to_host = copier, block_bytes, to_host
-        self._jobs: dict[int, tuple[Any, int]] = {}
+    def __init__(self, jobs: CopyJobs, to_host: bool):
+        self.jobs, self.to_host = jobs, to_host
 
     def transfer_async(self, job_id: int, spec: Any) -> bool:
         src, dst = spec
-        src_ids, dst_ids = list(src.block_ids), list(dst.block_ids)
-        if len(src_ids) != len(dst_ids):
-            raise ValueError(
-                f"offload job {job_id} pairs {len(src_ids)} source blocks with {len(dst_ids)} "
-                "destination blocks: the host pool's block size must equal the engine's"
-            )
-        event = self.copier.copy(self.to_host, src_ids, dst_ids)
-        self._jobs[job_id] = (event, len(src_ids) * self.block_bytes)
+        self.jobs.submit(job_id, self.to_host, src.block_ids, dst.block_ids)
         return True
 
     def get_finished(self) -> list[TransferResult]:
-        done = [j for j, (ev, _) in self._jobs.items() if ev is None or ev.query()]
-        return [TransferResult(j, True, self._jobs.pop(j)[1]) for j in done]
+        return [TransferResult(j, True, size) for j, size in self.jobs.finished()]
 
     def wait(self, job_ids: set[int]) -> None:
-        for j in job_ids:
-            event = self._jobs.get(j, (None, 0))[0]
-            if event is not None:
-                event.synchronize()
+        self.jobs.wait(job_ids)
 
 
 class AscendOffloadingSpec(OffloadingSpec):
@@ -151,8 +139,9 @@ class AscendOffloadingSpec(OffloadingSpec):
         self, kv_caches: Any, attn_backends: Any = None
     ) -> Iterator[tuple[type[LoadStoreSpec], type[LoadStoreSpec], OffloadingHandler]]:
         copier, block_bytes = self._copier(kv_caches)
-        yield GPULoadStoreSpec, CPULoadStoreSpec, HostCopyHandler(copier, block_bytes, True)
-        yield CPULoadStoreSpec, GPULoadStoreSpec, HostCopyHandler(copier, block_bytes, False)
+        stores, loads = CopyJobs(copier, block_bytes), CopyJobs(copier, block_bytes)
+        yield GPULoadStoreSpec, CPULoadStoreSpec, HostCopyHandler(stores, True)
+        yield CPULoadStoreSpec, GPULoadStoreSpec, HostCopyHandler(loads, False)
 
     def _copier(self, kv_caches: Any) -> tuple[BlockCopier, int]:
         tensors = getattr(kv_caches, "tensors", None)

@@ -35,7 +35,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from .connector.settings import offload_host_blocks
 from .index import HostBlockIndex
-from .offload import BlockCopier
+from .offload import BlockCopier, CopyJobs
 
 HOST_LAYOUTS = ("cross_layer", "per_layer")
 
@@ -101,38 +101,24 @@ class HostIndexManager(OffloadingManager):
 class HostCopyWorker(OffloadingWorker):
     """The worker side: page copies between the engine's caches and the host pool."""
 
-    def __init__(self, copier: BlockCopier, block_bytes: int):
-        self.copier, self.block_bytes = copier, block_bytes
-        self._jobs: dict[int, tuple[Any, int]] = {}
+    def __init__(self, jobs: CopyJobs):
+        self.jobs = jobs
 
     def submit_store(
         self, job_id: int, src_spec: GPULoadStoreSpec, dst_spec: LoadStoreSpec
     ) -> bool:
-        return self._submit(job_id, True, src_spec, dst_spec)
+        self.jobs.submit(job_id, True, src_spec.block_ids, dst_spec.block_ids)  # type: ignore[attr-defined]
+        return True
 
     def submit_load(self, job_id: int, src_spec: LoadStoreSpec, dst_spec: GPULoadStoreSpec) -> bool:
-        return self._submit(job_id, False, src_spec, dst_spec)
-
-    def _submit(self, job_id: int, to_host: bool, src: Any, dst: Any) -> bool:
-        src_ids, dst_ids = [int(b) for b in src.block_ids], [int(b) for b in dst.block_ids]
-        if len(src_ids) != len(dst_ids):
-            raise ValueError(
-                f"offload job {job_id} pairs {len(src_ids)} source blocks with {len(dst_ids)} "
-                "destination blocks: host blocks must mirror engine blocks (blocks_per_chunk 1)"
-            )
-        event = self.copier.copy(to_host, src_ids, dst_ids)
-        self._jobs[job_id] = (event, len(src_ids) * self.block_bytes)
+        self.jobs.submit(job_id, False, src_spec.block_ids, dst_spec.block_ids)  # type: ignore[attr-defined]
         return True
 
     def get_finished(self) -> list[TransferResult]:
-        done = [j for j, (event, _) in self._jobs.items() if event is None or event.query()]
-        return [TransferResult(j, True, self._jobs.pop(j)[1]) for j in done]
+        return [TransferResult(j, True, size) for j, size in self.jobs.finished()]
 
     def wait(self, job_ids: set[int]) -> None:
-        for j in job_ids:
-            event = self._jobs.get(j, (None, 0))[0]
-            if event is not None:
-                event.synchronize()
+        self.jobs.wait(job_ids)
 
 
 def host_pool(device: list[torch.Tensor], host_blocks: int, layout: str) -> list[torch.Tensor]:
@@ -191,4 +177,4 @@ class AscendOffloadingSpec(OffloadingSpec):
             raise ValueError("the engine registered no KV cache tensors to offload")
         host = host_pool(device, self.host_blocks, self.layout)
         block_bytes = sum(t.shape[1] for t in device)
-        return HostCopyWorker(BlockCopier([device], [host]), block_bytes)
+        return HostCopyWorker(CopyJobs(BlockCopier([device], [host]), block_bytes))

@@ -30,6 +30,17 @@ from ..openai import SSE_DONE, OpenAIError, read_json_object, sse
 from .membership import Membership
 from .pool import Backend, HealthChecker, Pool
 
+PREFILL_KV_PARAMS = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+"""The kv_transfer_params of a prefill request: vLLM's PD convention (hold the KV for a remote
+decode; the prefill engine fills in where it lives)."""
+
 log = logging.getLogger("ascend_runtime.router")
 
 LATENCY_BUCKETS = (
@@ -253,14 +264,7 @@ class Router:
         copy.update(
             stream=False,
             max_tokens=1,
-            kv_transfer_params={
-                "do_remote_decode": True,
-                "do_remote_prefill": False,
-                "remote_engine_id": None,
-                "remote_block_ids": None,
-                "remote_host": None,
-                "remote_port": None,
-            },
+            kv_transfer_params=dict(PREFILL_KV_PARAMS),
         )
         if "max_completion_tokens" in copy:
             copy["max_completion_tokens"] = 1
