@@ -13,6 +13,8 @@ share one), and the KV transport the engine's environment has installed.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 import shutil
@@ -34,6 +36,7 @@ from ascend_runtime.engine_command import engine_command
 from .planner.plan import Plan
 
 LOOPBACK = "127.0.0.1"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def free_port() -> int:
@@ -249,6 +252,19 @@ def _with_option(argv: list[str], option: str, value: str) -> list[str]:
     return out
 
 
+def _terminate_with_parent() -> Callable[[], None] | None:
+    """A hook for the child before exec (Linux): SIGTERM when `up` dies, even by SIGKILL, so
+    no engine outlives it holding ports and memory. None where prctl is missing. libc is loaded
+    here, in the parent: the hook itself only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 def _tail(path: Path, lines: int = 8) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -280,6 +296,7 @@ class LocalDeployment:
         with every instance in rotation). `stop` returning true (a signal arrived) ends the
         wait: engines can take minutes to start, and Ctrl-C must not wait for them."""
         deadline = time.monotonic() + ready_timeout
+        hook = _terminate_with_parent()
         for group in (self.engines, [self.router]):
             for proc in group:
                 with proc.log.open("wb") as log:
@@ -290,6 +307,7 @@ class LocalDeployment:
                         stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL,
                         start_new_session=True,
+                        preexec_fn=hook,  # noqa: PLW1509 (up starts no threads)
                     )
             pending = [p for p in group if p.url]
             while pending:

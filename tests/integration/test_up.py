@@ -206,3 +206,31 @@ def test_embeddings_through_the_router(tmp_path):
             assert r.json()["error"]["message"]
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-embed", "prompt": "a"})
         assert r.status_code == 400 and "task: embed" in r.json()["error"]["message"]
+
+
+def _processes_mentioning(text: str) -> set[int]:
+    """Pids whose command line contains `text` (Linux /proc)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        pids.add(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux /proc to find the engines")
+def test_engines_die_with_a_killed_up(tmp_path):
+    """SIGKILL gives `up` no chance to stop its engines; they must go anyway (Linux)."""
+    with up("tiny-sim.yaml", tmp_path) as (_url, proc, _out):
+        engines = _processes_mentioning(str(tmp_path / "unified.json"))
+        assert len(engines) == 2, engines  # replicas: 2 in the example
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 20
+        while _processes_mentioning(str(tmp_path / "unified.json")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _processes_mentioning(str(tmp_path / "unified.json"))

@@ -15,6 +15,7 @@ from ascend_operator.local_run import (
     LocalDeployment,
     LocalProcess,
     UpError,
+    engine_has_mooncake,
     free_port,
     free_port_block,
     local_processes,
@@ -108,3 +109,18 @@ def test_a_signal_during_a_slow_start_stops_waiting(tmp_path):
     assert time.monotonic() - started < 10
     deployment.stop(grace=5)
     assert slow.popen is not None and slow.popen.poll() is not None
+
+
+def test_the_transport_is_what_the_engines_python_can_import(tmp_path):
+    """Mooncake where the Python that runs `vllm` imports it, else TCP."""
+    fake_vllm = tmp_path / "vllm"
+    fake_vllm.write_text(f"#!{sys.executable}\n")
+    assert engine_has_mooncake(str(fake_vllm)) is False  # this venv has no mooncake
+    package = tmp_path / "site" / "mooncake"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    wrapper = tmp_path / "python-with-mooncake"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={tmp_path / "site"} exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    fake_vllm.write_text(f"#!{wrapper}\n")
+    assert engine_has_mooncake(str(fake_vllm)) is True
