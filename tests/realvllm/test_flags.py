@@ -52,6 +52,21 @@ def _variants() -> dict[str, dict]:
     ours = copy.deepcopy(docs["qwen3-235b-pd"])
     ours["spec"]["runtime"]["kvConnector"] = "ascend-serve"
     docs["qwen3-235b-pd+ascend-serve-connector"] = ours
+    single = docs["qwen3-235b-a3-single-node"]
+    for name, offload in {
+        "offload-ascend-pool": {"cpuBytes": "64Gi", "crossLayerLayout": True},
+        "offload-vllm-spec": {"cpuBytes": "64Gi", "crossLayerLayout": False},
+    }.items():
+        variant = copy.deepcopy(single)
+        variant["spec"]["runtime"]["kvOffload"] = offload
+        docs[f"qwen3-235b-a3-single-node+{name}"] = variant
+    for mode in ("PIECEWISE", "FULL_AND_PIECEWISE"):
+        variant = copy.deepcopy(single)
+        variant["spec"]["runtime"]["cudagraphMode"] = mode
+        docs[f"qwen3-235b-a3-single-node+{mode.lower()}"] = variant
+    eager = copy.deepcopy(single)
+    eager["spec"]["runtime"].update(graphMode="eager", asyncScheduling=False)
+    docs["qwen3-235b-a3-single-node+eager"] = eager
     return docs
 
 
