@@ -372,16 +372,15 @@ def run_up(
         Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix=f"ascend-serve-{plan.name}-"))
     )
     transport = "tcp"
-    if engine == "vllm" and any(r.runtime_config.kv_transfer for r in plan.roles):
-        uses_ours = any(
-            r.runtime_config.kv_transfer and r.runtime_config.kv_transfer.module_path
-            for r in plan.roles
-        )
-        if uses_ours:
-            has_mooncake = engine_has_mooncake(vllm_executable())
-            transport = "mooncake" if has_mooncake else "tcp"
-            why = "installed" if has_mooncake else "Mooncake is not installed in vLLM's environment"
-            out.write(f"ascend-serve up: KV transfer over {transport} ({why})\n")
+    uses_ours = any(
+        r.runtime_config.kv_transfer and r.runtime_config.kv_transfer.module_path
+        for r in plan.roles
+    )
+    if engine == "vllm" and uses_ours:  # ascend-serve's connector picks its transport
+        has_mooncake = engine_has_mooncake(vllm_executable())
+        transport = "mooncake" if has_mooncake else "tcp"
+        why = "installed" if has_mooncake else "Mooncake is not installed in vLLM's environment"
+        out.write(f"ascend-serve up: KV transfer over {transport} ({why})\n")
     engines, router = local_processes(plan, directory, engine, router_port, transport)
     if dry_run:
         for proc in [*engines, router]:
