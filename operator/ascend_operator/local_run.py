@@ -216,7 +216,8 @@ def local_processes(
         update={
             "port": router_port,
             "backends": RouterBackends(source="static", static=members),
-            "api_keys_file": None,
+            "api_keys_file": None,  # the Secrets are a cluster's; `up` serves loopback only
+            "admin_keys_file": None,
         }
     )
     router_path = run_dir / "router.json"

@@ -185,8 +185,20 @@ class RouterConfig(_Config):
     policy: Literal["least-outstanding", "round-robin"] = "least-outstanding"
     backends: RouterBackends
     api_keys_file: str | None = None
+    admin_keys_file: str | None = None
+    """Bearer keys of the membership endpoints (/instances/add, /instances/remove); they are
+    off when unset."""
     max_request_bytes: int = 4 * 1024 * 1024
     max_concurrent_requests: int = 4096
     request_timeout_seconds: int = 600
+    """Bound on a whole non-streamed exchange with one instance."""
+    first_token_timeout_seconds: float = Field(default=300.0, gt=0)
+    """Bound on the wait for a stream's first chunk, and for a prefill answer; past it the
+    request is retried on another instance (nothing has reached the client yet)."""
+    inter_token_timeout_seconds: float = Field(default=60.0, gt=0)
+    """Longest silence inside a stream before the router ends it with an error event."""
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
+    """Bound on receiving a request body (a slow sender holds no concurrency slot meanwhile)."""
+    health_timeout_seconds: float = Field(default=5.0, gt=0)
     prefill_retries: int = 2
     max_model_len: int | None = None

@@ -52,6 +52,11 @@ def test_client_disconnect_aborts_engine_request(tmp_path):
         assert sum(metric(e, "vllm:kv_cache_usage_perc") for e in engines) == 0
         generated = sum(metric(e, "vllm:generation_tokens_total") for e in engines)
         assert generated < 3000  # the request stopped when the client left
+        closed = 'ascend_serve_router_requests_total{code="499",route="/v1/completions"} 1.0'
+        assert closed in httpx.get(f"{url}/metrics").text
+        log = (tmp_path / "router.log").read_text()
+        assert "the client closed the connection during the response" in log
+        assert "Traceback" not in log
 
 
 def test_prefill_failure_is_retried_on_another_instance(tmp_path):
@@ -138,6 +143,8 @@ def keyed_router(tmp_path):
     engine_port, router_port = free_port(), free_port()
     keys = tmp_path / "keys"
     keys.write_text("alpha\nbeta\n")
+    admin = tmp_path / "admin-keys"
+    admin.write_text("root-secret\n")
     router_cfg = plan.router.config.model_copy(
         update={
             "backends": plan.router.config.backends.model_copy(
@@ -147,6 +154,7 @@ def keyed_router(tmp_path):
                 }
             ),
             "api_keys_file": str(keys),
+            "admin_keys_file": str(admin),
             "max_concurrent_requests": 2,
         }
     )
@@ -170,7 +178,7 @@ def keyed_router(tmp_path):
     try:
         wait_healthy(f"http://127.0.0.1:{engine_port}", proc=procs[0])
         wait_healthy(f"http://127.0.0.1:{router_port}", proc=procs[1])
-        yield f"http://127.0.0.1:{router_port}"
+        yield f"http://127.0.0.1:{router_port}", f"http://127.0.0.1:{engine_port}"
     finally:
         for p in procs:
             p.terminate()
@@ -178,7 +186,7 @@ def keyed_router(tmp_path):
 
 
 def test_api_keys_and_concurrency_limit(keyed_router):
-    url = keyed_router
+    url, _engine = keyed_router
     body = {"model": "tiny", "prompt": "k", "max_tokens": 2}
     assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
     bad = httpx.post(f"{url}/v1/completions", json=body, headers={"authorization": "Bearer x"})
@@ -204,3 +212,71 @@ def test_api_keys_and_concurrency_limit(keyed_router):
     text = httpx.get(f"{url}/metrics").text
     assert 'ascend_serve_router_requests_total{code="429",route="/v1/completions"}' in text
     assert json.loads(httpx.get(f"{url}/health").text)["status"] == "ok"
+
+
+def test_membership_changes_need_the_admin_key(keyed_router, tmp_path):
+    url, engine = keyed_router
+    api, admin = {"authorization": "Bearer alpha"}, {"authorization": "Bearer root-secret"}
+    intruder = {"role": "unified", "url": "http://127.0.0.1:9"}
+    for headers in ({}, api, {"authorization": "Bearer root-secre"}):
+        r = httpx.post(f"{url}/instances/add", json=intruder, headers=headers)
+        assert r.status_code == 401, r.text
+        assert "admin key" in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/instances").status_code == 401  # the listing needs an API key
+    listed = httpx.get(f"{url}/instances", headers=api).json()["unified"]
+    assert [b["url"] for b in listed] == [engine]
+    bad = httpx.post(f"{url}/instances/add", json={"role": "decode", "url": "x"}, headers=admin)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "role"
+    assert httpx.post(f"{url}/instances/add", json=intruder, headers=admin).status_code == 200
+    assert len(httpx.get(f"{url}/instances", headers=api).json()["unified"]) == 2
+    r = httpx.post(f"{url}/instances/remove", json=intruder, headers=admin)
+    assert r.status_code == 200
+    assert [b["url"] for b in httpx.get(f"{url}/instances", headers=api).json()["unified"]] == [
+        engine
+    ]
+
+
+def test_membership_changes_are_off_without_an_admin_credential(tmp_path):
+    with up("tiny-sim.yaml", tmp_path) as (url, _proc, _out):
+        r = httpx.post(
+            f"{url}/instances/add", json={"role": "unified", "url": "http://127.0.0.1:9"}
+        )
+        assert r.status_code == 403
+        assert "adminKeysSecret" in r.json()["error"]["message"]
+        assert len(httpx.get(f"{url}/instances").json()["unified"]) == 2
+
+
+def test_requests_decode_would_refuse_never_reach_prefill(tmp_path):
+    """PD: max_tokens < 1 and prompts that do not fit the context with their max_tokens are
+    refused by the router; no prefill instance sees them (it would hold their KV)."""
+    with up("tiny-sim-pd.yaml", tmp_path) as (url, _proc, _out):
+
+        def prefilled() -> int:
+            return sum(b["served"] for b in httpx.get(f"{url}/instances").json()["prefill"])
+
+        long_text = "word " * 3000  # 3,000 sim tokens of the 4,096 context
+        cases = [
+            ({"prompt": "x", "max_tokens": 0}, "at least 1"),
+            ({"prompt": "x", "max_tokens": -5}, "at least 1"),
+            ({"prompt": "x", "max_completion_tokens": 4096}, "maximum context length"),
+            ({"prompt": long_text, "max_tokens": 1500}, "you requested 4500 tokens"),
+            ({"prompt": list(range(4096))}, "even without any output tokens"),
+            ({"messages": [{"role": "user", "content": long_text}], "max_tokens": 1200}, "4"),
+        ]
+        before = prefilled()
+        for extra, fragment in cases:
+            path = "/v1/chat/completions" if "messages" in extra else "/v1/completions"
+            r = httpx.post(f"{url}{path}", json={"model": "tiny", **extra}, timeout=30)
+            assert r.status_code == 400, (extra.keys(), r.text)
+            assert fragment in r.json()["error"]["message"]
+            assert r.json()["error"]["code"] == 400
+        assert prefilled() == before
+        fits = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "tiny", "prompt": long_text, "max_tokens": 8},
+            timeout=30,
+        )
+        assert fits.status_code == 200, fits.text
+        counted = httpx.post(f"{url}/tokenize", json={"model": "tiny", "prompt": long_text})
+        assert counted.json()["count"] == 3000
+        assert counted.json()["max_model_len"] == 4096

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -95,20 +95,17 @@ def test_killed_decode_instance(tmp_path):
     spec["spec"]["runtime"]["sim"] = {"fixedItlMs": 5}  # 400 tokens take 2 s
     path = tmp_path / "slow-pd.yaml"
     path.write_text(yaml.safe_dump(spec))
-    with up(path, tmp_path) as (url, _proc, out):
-        results: list[tuple[str, list]] = []
-
-        def long_stream() -> None:
-            results.append(stream(url, "long request", max_tokens=400))
-
-        threads = [threading.Thread(target=long_stream) for _ in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
+    with up(path, tmp_path) as (url, _proc, out), ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(stream, url, "long request", max_tokens=400) for _ in range(4)]
+        deadline = time.monotonic() + 30  # every stream under way (2 per decode instance)
+        while time.monotonic() < deadline:
+            decode = httpx.get(f"{url}/instances").json()["decode"]
+            if sorted(b["outstanding"] for b in decode) == [2, 2]:
+                break
+            time.sleep(0.05)
         os.kill(subprocess_pids(tmp_path)["decode-0-0"], signal.SIGKILL)
-        for t in threads:
-            t.join(30)
-        assert not any(t.is_alive() for t in threads), "a request hung"
+        # result() re-raises what failed in the worker thread; a hung request times out
+        results = [f.result(timeout=30) for f in futures]
         failed = [errors for _, errors in results if errors]
         finished = [text for text, errors in results if not errors]
         # requests on the killed instance end with a clear error; the others complete
@@ -158,6 +155,7 @@ def subprocess_pids(run_dir) -> dict[str, int]:
             "maximum context length",
         ),
         (b"x" * (5 * 1024 * 1024), 413, "exceeds the router's limit"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
     ],
 )
 def test_bad_input_through_router(unified, body, status, fragment):
@@ -169,6 +167,7 @@ def test_bad_input_through_router(unified, body, status, fragment):
     )
     assert r.status_code == status
     assert fragment in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == status  # an integer, as vLLM sends it
     assert r.headers["x-request-id"] == "req-123"
     assert complete(unified, "still serving")["choices"][0]["text"]
 
@@ -234,3 +233,20 @@ def test_engines_die_with_a_killed_up(tmp_path):
         while _processes_mentioning(str(tmp_path / "unified.json")) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _processes_mentioning(str(tmp_path / "unified.json"))
+
+
+def test_openai_edges_through_router(unified):
+    """A request without `model` gets the served model (vLLM does so); a lone surrogate is
+    text, not a server error; unknown paths and models answer in OpenAI's error shape."""
+    r = httpx.post(f"{unified}/v1/completions", json={"prompt": "no model", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+    raw = b'{"model": "tiny", "prompt": "odd \\ud800 text", "max_tokens": 3}'
+    r = httpx.post(
+        f"{unified}/v1/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 200, r.text
+    for path in ("/v1/nothing", "/v1/models/gpt-4"):
+        r = httpx.get(f"{unified}{path}")
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == 404 and r.json()["error"]["message"]
+    assert httpx.get(f"{unified}/v1/models/tiny").json()["id"] == "tiny"

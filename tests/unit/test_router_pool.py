@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from ascend_runtime.config import RouterBackends
+from ascend_runtime.router.health import parse_metric
 from ascend_runtime.router.membership import Membership, ready_urls
-from ascend_runtime.router.pool import Pool, parse_metric
+from ascend_runtime.router.pool import Pool
 from kmock_server import RESOURCES, kmock_api
 
 
@@ -162,17 +163,17 @@ def test_kubernetes_source_outside_cluster_is_a_clear_error(monkeypatch):
 
 
 def test_health_checker_ejects_and_readmits():
-    """A failing instance leaves the rotation and comes back once /health passes again."""
+    """A failing /health ejects at once; an instance ejected after failed requests comes back
+    only once its ejection period is over and /health passes."""
     import aiohttp
     from aiohttp import web
 
-    from ascend_runtime.router import pool as pool_module
-    from ascend_runtime.router.pool import HealthChecker
+    from ascend_runtime.router.health import HealthChecker
 
-    state = {"healthy": True}
+    state = {"status": 200}
 
     async def health(request: web.Request) -> web.Response:
-        return web.Response(status=200 if state["healthy"] else 503)
+        return web.Response(status=state["status"])
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text='vllm:kv_cache_usage_perc{engine="e"} 0.42\n')
@@ -194,18 +195,17 @@ def test_health_checker_ejects_and_readmits():
             await checker.check(backend)
             seen.append(backend.available)
             assert backend.kv_usage == 0.42
-            state["healthy"] = False
+            state["status"] = 503
             await checker.check(backend)
             seen.append(backend.available)
-            state["healthy"] = True
-            pool.eject(backend, "stream broke")  # ejected: stays out for EJECT_SECONDS
-            await checker.check(backend)
+            assert backend.last_error == "/health answered 503"
+            state["status"] = 200
+            await checker.check(backend)  # passes, but the ejection period is not over
             seen.append(backend.available)
-            backend.ejected_until = 0  # the ejection period is over
+            backend.ejected_until = 0
             await checker.check(backend)
             seen.append(backend.available)
         await runner.cleanup()
         return seen
 
-    assert pool_module.EJECT_SECONDS > 0
     assert asyncio.run(scenario()) == [True, False, False, True]

@@ -428,12 +428,25 @@ class RouterSpec(ApiModel):
     """Type of the router Service."""
     api_keys_secret: str | None = Field(default=None, max_length=253, pattern=NAME_PATTERN)
     """Secret whose `api-keys` entry lists accepted bearer keys, one per line; open when unset."""
+    admin_keys_secret: str | None = Field(default=None, max_length=253, pattern=NAME_PATTERN)
+    """Secret whose `admin-keys` entry lists the bearer keys of the router's membership
+    endpoints (`/instances/add`, `/instances/remove`); those endpoints are off when unset, and
+    API keys never open them."""
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1 << 30)
     """Largest accepted request body."""
     max_concurrent_requests: int = Field(default=4096, ge=1, le=1_000_000)
     """Requests in flight per router pod; more get HTTP 429."""
     request_timeout_seconds: int = Field(default=600, ge=1, le=86400)
-    """Upper bound on one request, end to end."""
+    """Upper bound on one non-streamed request to one engine instance."""
+    first_token_timeout_seconds: int = Field(default=300, ge=1, le=86400)
+    """How long the router waits for a stream's first token (or a prefill's answer) before
+    it retries the request on another instance; nothing has reached the client by then."""
+    inter_token_timeout_seconds: int = Field(default=60, ge=1, le=86400)
+    """Longest silence inside a stream before the router ends it with an error event (a frozen
+    engine)."""
+    body_timeout_seconds: int = Field(default=30, ge=1, le=3600)
+    """How long a client may take to send its request body; a slow sender holds no
+    concurrency slot while it sends."""
     prefill_retries: int = Field(default=2, ge=0, le=10)
     """Retries of a failed prefill on another instance (PD mode)."""
     resources: RoleResources | None = None

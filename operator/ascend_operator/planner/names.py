@@ -34,3 +34,15 @@ def router_service(deployment: str) -> str:
 
 def pdb(deployment: str, component: str) -> str:
     return f"{deployment}-{component}"
+
+
+CONFIG_DIR = "/etc/ascend-serve"
+"""Where engine and router pods mount their configuration."""
+
+ROUTER_KEY_SECRETS = {"api-keys": "api_keys_secret", "admin-keys": "admin_keys_secret"}
+"""Secret entry (also its volume's name) -> the spec.router field naming the Secret."""
+
+
+def router_keys_file(entry: str) -> str:
+    """Where the router reads the keys of one Secret entry (`api-keys`, `admin-keys`)."""
+    return f"{CONFIG_DIR}/{entry}/{entry}"

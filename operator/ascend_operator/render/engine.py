@@ -15,7 +15,8 @@ from ..planner import names
 from ..planner.plan import HTTP_PORT, MODEL_MOUNT, Plan, RolePlan
 from . import labels as lbl
 
-CONFIG_DIR = "/etc/ascend-serve"
+CONFIG_DIR = names.CONFIG_DIR
+
 RUNTIME_JSON = f"{CONFIG_DIR}/runtime.json"
 HF_CACHE = "/hf-cache"
 

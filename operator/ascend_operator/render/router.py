@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
+from ..planner import names
 from ..planner.plan import Plan
 from . import labels as lbl
 from .engine import CONFIG_DIR, meta, pod_disruption_budget, template_hash
-
-API_KEYS_DIR = f"{CONFIG_DIR}/api-keys"
 
 
 def _rbac(plan: Plan) -> list[dict[str, Any]]:
@@ -49,9 +49,12 @@ def _deployment(plan: Plan) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [
         {"name": "router-config", "mountPath": CONFIG_DIR, "readOnly": True}
     ]
-    if spec.api_keys_secret:
-        volumes.append({"name": "api-keys", "secret": {"secretName": spec.api_keys_secret}})
-        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+    for entry, field in names.ROUTER_KEY_SECRETS.items():
+        secret = getattr(spec, field)
+        if secret:
+            volumes.append({"name": entry, "secret": {"secretName": secret}})
+            directory = posixpath.dirname(names.router_keys_file(entry))
+            mounts.append({"name": entry, "mountPath": directory, "readOnly": True})
     resources: dict[str, Any] = {
         "requests": {"cpu": "250m", "memory": "256Mi"},
         "limits": {"memory": "1Gi"},

@@ -3,32 +3,39 @@ prefill instance and then a decode instance (PD disaggregation, Mooncake's proxy
 
 from __future__ import annotations
 
-import asyncio
-import hmac
+import contextlib
 import json
 import logging
-import pathlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from ..config import RouterConfig
-from ..openai import SSE_DONE, OpenAIError, read_json_object, sse
+from ..openai import SSE_DONE, ClientClosedError, OpenAIError, parse_json_object, read_body, sse
+from . import checks
+from .admin import add_admin_routes, bearer_matches, load_keys
+from .health import HealthChecker
 from .membership import Membership
-from .pool import Backend, HealthChecker, Pool
+from .metrics import CLIENT_CLOSED, RouterMetrics
+from .policy import Backend, FailurePolicy
+from .pool import Pool
+from .upstream import (
+    UPSTREAM_ERRORS,
+    StreamWatch,
+    Upstream,
+    UpstreamError,
+    WatchedStream,
+    before_first_byte,
+    describe,
+    dumps,
+)
 
 PREFILL_KV_PARAMS = {
     "do_remote_decode": True,
@@ -43,70 +50,7 @@ decode; the prefill engine fills in where it lives)."""
 
 log = logging.getLogger("ascend_runtime.router")
 
-LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    120.0,
-    300.0,
-    600.0,
-)
-
-
-class RouterMetrics:
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter(
-            "ascend_serve_router_requests", "Requests answered.", ["route", "code"], registry=r
-        )
-        self.errors = Counter(
-            "ascend_serve_router_errors", "Upstream failures by kind.", ["kind", "role"], registry=r
-        )
-        self.retries = Counter(
-            "ascend_serve_router_retries",
-            "Requests retried on another instance.",
-            ["role"],
-            registry=r,
-        )
-        self.inflight = Gauge(
-            "ascend_serve_router_inflight_requests", "Requests in flight.", registry=r
-        )
-        self.ttft = Histogram(
-            "ascend_serve_router_time_to_first_token_seconds",
-            "Time to the first streamed byte (client view).",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.upstream = Histogram(
-            "ascend_serve_router_upstream_latency_seconds",
-            "Upstream response time (headers) per instance.",
-            ["role", "instance"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self._requests: dict[tuple[str, str], Any] = {}
-        self.healthy = Gauge(
-            "ascend_serve_router_healthy_instances", "Instances in rotation.", ["role"], registry=r
-        )
-
-    def request_done(self, route: str, code: int) -> None:
-        key = (route, str(code))
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(*key)
-        child.inc()
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
 
 
 class Router:
@@ -116,52 +60,37 @@ class Router:
         self, config: RouterConfig, pool: Pool | None = None, health_interval: float = 2.0
     ):
         self.config = config
-        self.pool = pool or Pool(policy=config.policy)
+        self.failures = FailurePolicy(health_timeout_seconds=config.health_timeout_seconds)
+        self.pool = pool or Pool(policy=config.policy, failures=self.failures)
+        self.pool.failures = self.failures
         self.metrics = RouterMetrics()
         # aiohttp, not httpx, for the hot path: measured on a 2-core machine, httpx's pool
         # served 164 req/s at 64 concurrent requests where aiohttp served 3270.
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream = Upstream()
+        self.watch = StreamWatch(config.inter_token_timeout_seconds)
         self.health_interval = health_interval
         self.health: HealthChecker | None = None
         self.membership = Membership(config.backends, self.pool)
-        self.slots = asyncio.Semaphore(config.max_concurrent_requests)
-        self.api_keys = self._load_keys()
+        self.inflight, self.capacity = 0, config.max_concurrent_requests
+        self.api_keys = load_keys(config.api_keys_file, "API keys")
+        self.admin_keys = load_keys(config.admin_keys_file, "admin keys")
+        self.model_len = config.max_model_len
         self.app = self._build_app()
 
-    def _load_keys(self) -> set[str]:
-        if not self.config.api_keys_file:
-            return set()
-        text = pathlib.Path(self.config.api_keys_file).read_text(encoding="utf-8")
-        keys = {line.strip() for line in text.splitlines() if line.strip()}
-        if not keys:
-            raise ValueError(f"{self.config.api_keys_file} lists no API keys")
-        return keys
-
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=5.0, sock_read=self.config.request_timeout_seconds
-            ),
-            json_serialize=_dumps,
-        )
-        self.health = HealthChecker(self.pool, self.session, self.health_interval)
+        await self.upstream.start()
+        self.health = HealthChecker(self.pool, self.upstream.session(False), self.health_interval)
         await self.membership.start()
         await self.health.check_all()
         self.health.start()
+        self.watch.start()
 
     async def stop(self) -> None:
         if self.health:
             await self.health.stop()
+        await self.watch.stop()
         await self.membership.stop()
-        if self.session:
-            await self.session.close()
-
-    @property
-    def _session(self) -> aiohttp.ClientSession:
-        if self.session is None:
-            raise RuntimeError("Router.start() has not run")
-        return self.session
+        await self.upstream.close()
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -170,54 +99,67 @@ class Router:
     # ------------------------------------------------------------------ request handling
 
     def _authorize(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(token, key) for key in self.api_keys):
+        if self.api_keys and not bearer_matches(request, self.api_keys):
             raise OpenAIError(
                 401,
                 "invalid or missing API key (Authorization: Bearer <key>)",
                 type_="authentication_error",
-                code="invalid_api_key",
             )
 
-    async def _read(self, request: Request) -> tuple[dict[str, Any], bytes]:
-        body, raw = await read_json_object(request, self.config.max_request_bytes, "the router's")
-        if body.get("model") != self.config.served_model_name:
+    def _check_model(self, body: dict[str, Any]) -> None:
+        # vLLM serves its model to a request that names none
+        model = body.get("model")
+        if model is not None and model != self.config.served_model_name:
             raise OpenAIError(
                 404,
-                f"The model `{body.get('model')}` does not exist. This "
+                f"The model `{model}` does not exist. This "
                 f"endpoint serves `{self.config.served_model_name}`.",
+                type_="NotFoundError",
                 param="model",
-                code="model_not_found",
             )
-        return body, raw
 
     async def handle(self, request: Request, route: str) -> Response:
-        """Limits, auth, parsing, routing; the concurrency slot is held until the response
-        (streamed or not) is complete."""
+        """Auth and the body first (under a read timeout and the size limit), then a
+        concurrency slot, held until the response (streamed or not) is complete: a client
+        sending its body slowly holds no slot."""
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        if self.slots.locked():
+        headers = {"x-request-id": request_id}
+        try:
+            self._authorize(request)
+            raw = await read_body(
+                request,
+                self.config.max_request_bytes,
+                "the router's",
+                self.config.body_timeout_seconds,
+            )
+        except OpenAIError as exc:
+            self.metrics.request_done(route, exc.status)
+            return exc.response(headers)
+        except ClientClosedError:
+            self._client_closed(route, request_id, "while sending the request body")
+            return Response(status_code=CLIENT_CLOSED)
+        if self.inflight >= self.capacity:
             self.metrics.request_done(route, 429)
             return OpenAIError(
                 429,
-                f"the router has {self.config.max_concurrent_requests} "
-                "requests in flight; retry later",
+                f"the router has {self.capacity} requests in flight; retry later",
                 type_="rate_limit_error",
-            ).response({"x-request-id": request_id})
-        await self.slots.acquire()
+            ).response(headers)
+        self.inflight += 1
         self.metrics.inflight.inc()
         code, handed_off = 500, False
 
-        def release() -> None:
-            self.slots.release()
+        def release(completed: bool = True) -> None:
+            self.inflight -= 1
             self.metrics.inflight.dec()
-            self.metrics.request_done(route, code)
+            if completed:
+                self.metrics.request_done(route, code)
+            else:
+                self._client_closed(route, request_id, "during the response")
 
         try:
-            self._authorize(request)
-            body, raw = await self._read(request)
+            body = parse_json_object(raw)
+            self._check_model(body)
             response = await self._route(route, body, raw, request_id)
             code = response.status_code
             response.headers["x-request-id"] = request_id
@@ -227,14 +169,26 @@ class Router:
             return response
         except OpenAIError as exc:
             code = exc.status
-            return exc.response({"x-request-id": request_id})
+            return exc.response(headers)
+        except Exception:
+            log.exception("request %s to %s failed", request_id, route)
+            return OpenAIError(
+                500, "the router failed on this request; see its log", type_="InternalServerError"
+            ).response(headers)
         finally:
             if not handed_off:
                 release()
 
+    def _client_closed(self, route: str, request_id: str, when: str) -> None:
+        self.metrics.request_done(route, CLIENT_CLOSED)
+        log.info("request %s to %s: the client closed the connection %s", request_id, route, when)
+
     async def _route(
         self, route: str, body: dict[str, Any], raw: bytes, request_id: str
     ) -> Response:
+        stream = bool(body.get("stream"))
+        if route in TOKENIZER_ROUTES:  # any instance that answers the API has the tokenizer
+            return await self._forward(self.roles[-1], route, raw, False, request_id)
         if route == "/v1/embeddings":
             if self.config.mode == "pd":
                 raise OpenAIError(
@@ -243,46 +197,119 @@ class Router:
                     "embeddings; deploy the embedding model with task: embed and one "
                     "unified role",
                 )
-            return await self._forward("unified", route, body, raw, request_id)
+            return await self._forward("unified", route, raw, False, request_id)
         if self.config.mode == "pd":
-            decode_body = {
-                **body,
-                "kv_transfer_params": await self._prefill(route, body, request_id),
-            }
-            return await self._forward("decode", route, decode_body, None, request_id)
+            return await self._pd(route, body, request_id, stream)
         # Unified: the client's bytes go upstream untouched (no re-serialisation).
-        return await self._forward("unified", route, body, raw, request_id)
+        return await self._forward("unified", route, raw, stream, request_id)
+
+    # ------------------------------------------------------------------ PD
+
+    async def _pd(
+        self, route: str, body: dict[str, Any], request_id: str, stream: bool
+    ) -> Response:
+        """Prefill, then decode with the KV the prefill instance holds. When decode cannot
+        pull that KV (the prefill instance died or restarted after answering), the prompt is
+        prefilled again on another prefill instance, once."""
+        out = checks.output_limit(body)
+        await self._check_context(route, body, out)
+        avoid: set[str] = set()
+        for attempt in range(2):
+            params, prefill = await self._prefill(route, body, request_id, avoid)
+            payload = dumps({**body, "kv_transfer_params": params})
+            response = await self._forward("decode", route, payload, stream, request_id)
+            if attempt == 0 and _kv_pull_failed(response):
+                log.warning(
+                    "request %s: decode could not pull the KV from %s; prefilling again "
+                    "on another instance",
+                    request_id,
+                    prefill.url,
+                )
+                self.metrics.retries.labels("prefill").inc()
+                self.failures.failed(prefill, "its KV could not be pulled")
+                avoid.add(prefill.url)
+                continue
+            return response
+        raise AssertionError("unreachable")
+
+    async def _check_context(self, route: str, body: dict[str, Any], out: int | None) -> None:
+        limit = await self._max_model_len()
+        if limit is None:
+            return
+        if out is not None and out >= limit:
+            checks.check_fits(limit, 1, out)
+        bound = checks.prompt_token_bound(route, body)
+        if not checks.needs_count(limit, bound, out):
+            return
+        count = checks.prompt_ids_len(body)
+        if count is None:
+            count = await self._count_tokens(route, body)
+        if count is not None:
+            checks.check_fits(limit, count, out)
+
+    async def _max_model_len(self) -> int | None:
+        """From the plan, else from a decode instance's /v1/models (vLLM reports it)."""
+        if self.model_len is None:
+            backend = self.pool.pick("decode")
+            if backend is not None:
+                data = await self._get_json(backend, "/v1/models")
+                with contextlib.suppress(TypeError, KeyError, IndexError, ValueError):
+                    self.model_len = int(data["data"][0]["max_model_len"])
+        return self.model_len
+
+    async def _count_tokens(self, route: str, body: dict[str, Any]) -> int | None:
+        """The prompt's length as a decode instance tokenizes it (None: it cannot say)."""
+        request = checks.tokenize_body(route, body)
+        backend = self.pool.pick("decode")
+        if request is None or backend is None:
+            return None
+        data = await self._get_json(backend, "/tokenize", {**request, "model": body.get("model")})
+        count = data.get("count") if isinstance(data, dict) else None
+        return count if isinstance(count, int) else None
+
+    async def _get_json(
+        self, backend: Backend, path: str, body: dict[str, Any] | None = None
+    ) -> Any:
+        session = self.upstream.session(False)
+        timeout = aiohttp.ClientTimeout(total=self.failures.health_timeout_seconds)
+        try:
+            if body is None:
+                request = session.get(f"{backend.url}{path}", timeout=timeout)
+            else:
+                request = session.post(f"{backend.url}{path}", json=body, timeout=timeout)
+            async with request as response:
+                return await response.json() if response.status == 200 else None
+        except (*UPSTREAM_ERRORS, ValueError) as exc:
+            log.info("%s%s did not answer: %s", backend.url, path, describe(exc))
+            return None
 
     async def _prefill(
-        self,
-        route: str,
-        body: dict[str, Any],
-        request_id: str,
-    ) -> dict[str, Any]:
-        """Send a one-token copy to a prefill instance; return its kv_transfer_params."""
+        self, route: str, body: dict[str, Any], request_id: str, avoid: set[str]
+    ) -> tuple[dict[str, Any], Backend]:
+        """Send a one-token copy to a prefill instance; its kv_transfer_params and where."""
         copy = {k: v for k, v in body.items() if k not in ("stream_options",)}
-        copy.update(
-            stream=False,
-            max_tokens=1,
-            kv_transfer_params=dict(PREFILL_KV_PARAMS),
-        )
+        copy.update(stream=False, max_tokens=1, kv_transfer_params=dict(PREFILL_KV_PARAMS))
         if "max_completion_tokens" in copy:
             copy["max_completion_tokens"] = 1
-        tried: set[str] = set()
+        payload = dumps(copy)
+        tried = set(avoid)
         last_error = "no prefill instance is available"
         for attempt in range(self.config.prefill_retries + 1):
-            backend = self.pool.pick("prefill", tried)
+            backend = self.pool.pick("prefill", tried) or self.pool.pick("prefill")
             if backend is None:
                 break
-            tried.add(backend.url)
             if attempt:
                 self.metrics.retries.labels("prefill").inc()
+            tried.add(backend.url)
             try:
-                status, content = await self._send(backend, route, copy, request_id)
-            except UPSTREAM_ERRORS as exc:
-                last_error = f"prefill instance {backend.url} failed: {exc!r}"
-                self.metrics.errors.labels("connect", "prefill").inc()
-                self.pool.eject(backend, repr(exc))
+                status, _, content = await self._exchange(
+                    backend, route, payload, request_id, fresh=attempt > 0,
+                    timeout=self.config.first_token_timeout_seconds,
+                )  # fmt: skip
+            except UpstreamError as exc:
+                last_error = str(exc)
+                self.metrics.errors.labels(exc.kind, "prefill").inc()
+                self.failures.failed(backend, last_error, definitive=exc.definitive)
                 continue
             if status >= 500:
                 last_error = f"prefill instance {backend.url} answered {status}"
@@ -301,146 +328,203 @@ class Router:
                     "kv_transfer_params (is it a PD prefill engine?)",
                     type_="upstream_error",
                 )
-            return params
+            return params, backend
         raise OpenAIError(
             503,
             f"prefill failed after {len(tried)} attempt(s): {last_error}",
             type_="upstream_error",
         )
 
-    async def _send(
-        self, backend: Backend, route: str, body: dict[str, Any], request_id: str
-    ) -> tuple[int, bytes]:
+    # ------------------------------------------------------------------ one instance
+
+    async def _forward(
+        self, role: str, route: str, payload: bytes | str, stream: bool, request_id: str
+    ) -> Response:
+        """Send to one instance of `role`; a failure before the first byte reaches the client
+        is retried (another instance when there is one, on a fresh connection)."""
+        tried: set[str] = set()
+        last_error = f"no {role} instance is available"
+        for attempt in range(1 + self.failures.retries_before_first_byte):
+            backend = self.pool.pick(role, tried) or (self.pool.pick(role) if tried else None)
+            if backend is None:
+                break
+            if not backend.available:
+                self.metrics.fallbacks.labels(role).inc()
+            if attempt:
+                self.metrics.retries.labels(role).inc()
+            tried.add(backend.url)
+            try:
+                if stream:
+                    return await self._open_stream(backend, route, payload, request_id, attempt > 0)
+                status, media, content = await self._exchange(
+                    backend, route, payload, request_id, fresh=attempt > 0,
+                    timeout=self.config.request_timeout_seconds,
+                )  # fmt: skip
+                return Response(content, status_code=status, media_type=media)
+            except UpstreamError as exc:
+                last_error = str(exc)
+                self.metrics.errors.labels(exc.kind, role).inc()
+                self.failures.failed(backend, last_error, definitive=exc.definitive)
+        raise OpenAIError(503, f"{role}: {last_error}", type_="upstream_error")
+
+    async def _exchange(
+        self, backend: Backend, route: str, payload: bytes | str, request_id: str, *,
+        fresh: bool, timeout: float,
+    ) -> tuple[int, str | None, bytes]:  # fmt: skip
+        """A whole non-streamed exchange: (status, content type, body)."""
+
+        async def run() -> tuple[int, str | None, bytes]:
+            response = await self.upstream.post(backend, route, payload, request_id, fresh)
+            async with response:
+                return response.status, response.headers.get("content-type"), await response.read()
+
         backend.outstanding += 1
         backend.served += 1
         start = time.perf_counter()
         try:
-            async with self._session.post(
-                f"{backend.url}{route}", json=body, headers={"x-request-id": request_id}
-            ) as response:
-                return response.status, await response.read()
+            result = await before_first_byte(backend, run(), timeout, "the response")
         finally:
             backend.outstanding -= 1
+        self.metrics.upstream.labels(backend.role, backend.url).observe(time.perf_counter() - start)
+        self.failures.succeeded(backend)
+        return result
+
+    async def _open_stream(
+        self, backend: Backend, route: str, payload: bytes | str, request_id: str, fresh: bool
+    ) -> Response:
+        """Wait for the engine's first chunk (retryable until then), then relay the rest."""
+        timeout = self.config.first_token_timeout_seconds
+        backend.outstanding += 1
+        backend.served += 1
+        start = time.perf_counter()
+        upstream: aiohttp.ClientResponse | None = None
+        handed_off = False
+        try:
+            upstream = await before_first_byte(
+                backend,
+                self.upstream.post(backend, route, payload, request_id, fresh),
+                timeout,
+                "the response",
+            )
             self.metrics.upstream.labels(backend.role, backend.url).observe(
                 time.perf_counter() - start
             )
-
-    async def _forward(
-        self, role: str, route: str, body: dict[str, Any], raw: bytes | None, request_id: str
-    ) -> Response:
-        """Send to one instance of `role` (another on a connection failure); stream back."""
-        tried: set[str] = set()
-        last_error = f"no {role} instance is available"
-        for attempt in range(2):
-            backend = self.pool.pick(role, tried)
-            if backend is None:
-                break
-            tried.add(backend.url)
-            if attempt:
-                self.metrics.retries.labels(role).inc()
-            backend.outstanding += 1
-            start = time.perf_counter()
-            try:
-                upstream = await self._session.post(
-                    f"{backend.url}{route}",
-                    data=raw if raw is not None else _dumps(body),
-                    headers={"x-request-id": request_id, "content-type": "application/json"},
-                )
-            except UPSTREAM_ERRORS as exc:
-                backend.outstanding -= 1
-                self.metrics.errors.labels("connect", role).inc()
-                self.pool.eject(backend, repr(exc))
-                last_error = f"{role} instance {backend.url} failed: {exc!r}"
-                continue
-            self.metrics.upstream.labels(role, backend.url).observe(time.perf_counter() - start)
-            backend.served += 1
-            if upstream.status != 200 or not body.get("stream"):
-                try:
-                    content = await upstream.read()
-                except UPSTREAM_ERRORS as exc:
-                    self.metrics.errors.labels("read", role).inc()
-                    self.pool.eject(backend, repr(exc))
-                    raise OpenAIError(
-                        502,
-                        f"{role} instance {backend.url} failed mid-response: {exc!r}",
-                        type_="upstream_error",
-                    ) from exc
-                finally:
-                    backend.outstanding -= 1
-                    upstream.release()
+            if upstream.status != 200:
+                content = await before_first_byte(backend, upstream.read(), timeout, "the error")
+                self.failures.succeeded(backend)
                 return Response(
                     content,
                     status_code=upstream.status,
                     media_type=upstream.headers.get("content-type"),
                 )
-            return StreamingResponse(
-                self._relay(upstream, backend, role), media_type="text/event-stream"
+            first = await before_first_byte(
+                backend, upstream.content.readany(), timeout, "the first token"
             )
-        raise OpenAIError(503, last_error, type_="upstream_error")
+            if not first:
+                raise UpstreamError(
+                    f"{backend.url} ended the stream before sending anything", "broken"
+                )
+            self.metrics.ttft.observe(time.perf_counter() - start)
+            handed_off = True
+            return StreamingResponse(
+                self._relay(upstream, backend, first), media_type="text/event-stream"
+            )
+        finally:
+            if not handed_off:
+                backend.outstanding -= 1
+                if upstream is not None:
+                    upstream.close()
 
     async def _relay(
-        self,
-        upstream: aiohttp.ClientResponse,
-        backend: Backend,
-        role: str,
+        self, upstream: aiohttp.ClientResponse, backend: Backend, first: bytes
     ) -> AsyncIterator[bytes]:
-        """Pass an SSE stream through chunk by chunk; a client that leaves closes upstream,
-        which aborts the request in the engine."""
-        start, first = time.perf_counter(), True
+        """Pass the rest of an SSE stream through chunk by chunk. A stream that ends early
+        (the engine died, went quiet past the inter-token timeout, or was ejected) gets an
+        error event and [DONE]; a client that leaves closes the upstream connection, which
+        aborts the request in the engine. A complete stream keeps its connection alive."""
+        watched = WatchedStream(backend, upstream)
+        self.watch.streams.add(watched)
+        complete = False
         try:
-            async for chunk in upstream.content.iter_any():
-                if first:
-                    self.metrics.ttft.observe(time.perf_counter() - start)
-                    first = False
-                yield chunk
-        except UPSTREAM_ERRORS as exc:
-            self.metrics.errors.labels("stream", role).inc()
-            self.pool.eject(backend, repr(exc))
-            yield sse(
-                OpenAIError(
-                    502,
-                    f"{role} instance {backend.url} failed mid-stream: "
-                    f"{exc!r}; the response is incomplete",
-                    type_="upstream_error",
-                ).body()
-            )
-            yield SSE_DONE
+            yield first
+            try:
+                async for chunk in upstream.content.iter_any():
+                    watched.last_chunk = time.monotonic()
+                    yield chunk
+                if watched.cut:
+                    raise aiohttp.ClientConnectionError(watched.cut)
+                complete = True
+            except UPSTREAM_ERRORS as exc:
+                reason = watched.cut or describe(exc)
+                self.metrics.errors.labels("stream", backend.role).inc()
+                if not watched.cut:
+                    self.failures.failed(backend, f"stream broke: {reason}")
+                yield sse(
+                    OpenAIError(
+                        502,
+                        f"{backend.role} instance {backend.url} failed mid-stream: {reason}; "
+                        "the response is incomplete",
+                        type_="upstream_error",
+                    ).body()
+                )
+                yield SSE_DONE
+                return
+            self.failures.succeeded(backend)
         finally:
+            self.watch.streams.discard(watched)
             backend.outstanding -= 1
-            # Closing (not releasing) drops the connection, so the engine aborts the request
-            # when the client went away early.
-            upstream.close()
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
 
     # ------------------------------------------------------------------ app
+
+    async def _admit(self, backend: Backend) -> None:
+        if self.health:
+            await self.health.check(backend)
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="ascend-serve router", docs_url=None, redoc_url=None)
 
-        async def completions(request: Request) -> Response:
-            return await self.handle(request, "/v1/completions")
+        def route_to(path: str) -> Callable[[Request], Any]:
+            async def endpoint(request: Request) -> Response:
+                return await self.handle(request, path)
 
-        async def chat(request: Request) -> Response:
-            return await self.handle(request, "/v1/chat/completions")
+            return endpoint
 
         # Plain Starlette routes for the hot path: no FastAPI parameter machinery per request.
-        app.add_route("/v1/completions", completions, methods=["POST"])
-        app.add_route("/v1/chat/completions", chat, methods=["POST"])
+        for path in (
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/v1/embeddings",
+            *TOKENIZER_ROUTES,
+        ):
+            app.add_route(path, route_to(path), methods=["POST"])
 
-        async def embeddings(request: Request) -> Response:
-            return await self.handle(request, "/v1/embeddings")
-
-        app.add_route("/v1/embeddings", embeddings, methods=["POST"])
-
-        @app.get("/v1/models")
-        async def models() -> dict[str, Any]:
+        def model_card() -> dict[str, Any]:
             entry: dict[str, Any] = {
                 "id": self.config.served_model_name,
                 "object": "model",
                 "owned_by": "ascend-serve",
             }
-            if self.config.max_model_len:
-                entry["max_model_len"] = self.config.max_model_len
-            return {"object": "list", "data": [entry]}
+            if self.model_len:
+                entry["max_model_len"] = self.model_len
+            return entry
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> dict[str, Any]:
+            self._authorize(request)
+            return {"object": "list", "data": [model_card()]}
+
+        @app.get("/v1/models/{model:path}")
+        async def model(request: Request, model: str) -> Any:
+            self._authorize(request)
+            if model != self.config.served_model_name:
+                raise OpenAIError(
+                    404, f"The model `{model}` does not exist.", type_="NotFoundError"
+                )
+            return model_card()
 
         @app.get("/health")
         async def health() -> Response:
@@ -463,72 +547,48 @@ class Router:
                 )
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-        @app.get("/instances")
-        async def instances() -> dict[str, Any]:
-            return {
-                role: [
-                    {
-                        "url": b.url,
-                        "healthy": b.available,
-                        "outstanding": b.outstanding,
-                        "kv_usage": b.kv_usage,
-                        "served": b.served,
-                        "last_error": b.last_error,
-                    }
-                    for b in self.pool.members(role)
-                ]
-                for role in self.roles
-            }
-
-        @app.post("/instances/add")
-        async def add(request: Request) -> dict[str, str]:
-            role, url = await self._membership_body(request)
-            if self.health:
-                await self.health.check(self.pool.add(role, url))
-            else:
-                self.pool.add(role, url)
-            return {"status": "added", "role": role, "url": url}
-
-        @app.post("/instances/remove")
-        async def remove(request: Request) -> Response:
-            role, url = await self._membership_body(request)
-            if not self.pool.remove(role, url):
-                raise OpenAIError(404, f"{url} is not a {role} instance of this router")
-            return JSONResponse({"status": "removed", "role": role, "url": url})
+        add_admin_routes(
+            app,
+            self.pool,
+            self.roles,
+            self.admin_keys,
+            authorize=self._authorize,
+            admit=self._admit,
+        )
 
         @app.exception_handler(OpenAIError)
         async def on_error(request: Request, exc: OpenAIError) -> Response:
             return exc.response()
 
+        @app.exception_handler(HTTPException)
+        async def on_http_error(request: Request, exc: HTTPException) -> Response:
+            # unknown paths and methods answer in OpenAI's error shape too
+            message = f"{request.method} {request.url.path}: {exc.detail}"
+            return OpenAIError(
+                exc.status_code,
+                message,
+                type_="NotFoundError" if exc.status_code == 404 else "invalid_request_error",
+            ).response()
+
         return app
 
-    async def _membership_body(self, request: Request) -> tuple[str, str]:
-        self._authorize(request)
-        try:
-            body = json.loads(await request.body())
-            role, url = body["role"], body["url"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise OpenAIError(400, 'expected {"role": ..., "url": "http://host:port"}') from exc
-        if role not in self.roles:
-            raise OpenAIError(400, f"role must be one of {list(self.roles)}", param="role")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise OpenAIError(400, "url must be http(s)://host:port", param="url")
-        return role, url
 
-
-async def _until_done(body: Any, done: Any) -> AsyncIterator[bytes]:
+async def _until_done(body: Any, done: Callable[[bool], None]) -> AsyncIterator[bytes]:
+    complete = False
     try:
         async for chunk in body:
             yield chunk
+        complete = True
     finally:
-        done()
+        done(complete)
 
 
-UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+def _kv_pull_failed(response: Response) -> bool:
+    """Decode answered that it could not pull the prompt's KV (a transfer failure, not a
+    problem with the request)."""
+    if response.status_code != 502 or isinstance(response, StreamingResponse):
+        return False
+    return b"kv_transfer_error" in bytes(response.body)
 
 
 def _upstream_error(status: int, content: bytes) -> OpenAIError:
@@ -539,7 +599,6 @@ def _upstream_error(status: int, content: bytes) -> OpenAIError:
             str(error.get("message")),
             type_=str(error.get("type") or "invalid_request_error"),
             param=error.get("param"),
-            code=error.get("code"),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         text = content[:500].decode(errors="replace")

@@ -1,41 +1,17 @@
-"""Engine instances behind the router: balancing, health checks, ejection, KV-usage scraping."""
+"""Engine instances behind the router, per role, and the balancing policy over them."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import aiohttp
+from .policy import Backend, FailurePolicy
 
 log = logging.getLogger("ascend_runtime.router")
 
-EJECT_SECONDS = 5.0
-"""How long a failed instance stays out before the health check may re-admit it."""
-
-
-@dataclass
-class Backend:
-    """One engine instance (its leader's base URL)."""
-
-    url: str
-    role: str
-    outstanding: int = 0
-    healthy: bool = True
-    kv_usage: float = 0.0
-    waiting: float = 0.0
-    ejected_until: float = 0.0
-    failures: int = 0
-    served: int = 0
-    last_error: str | None = None
-
-    @property
-    def available(self) -> bool:
-        return self.healthy and time.monotonic() >= self.ejected_until
+__all__ = ["Backend", "Pool"]
 
 
 @dataclass
@@ -43,7 +19,10 @@ class Pool:
     """Instances per role and the balancing policy over them."""
 
     policy: str = "least-outstanding"
+    failures: FailurePolicy = field(default_factory=FailurePolicy)
     backends: dict[str, dict[str, Backend]] = field(default_factory=dict)
+    fallback_picks: int = 0
+    """Requests sent to an ejected instance because every instance of the role was out."""
     _turns: dict[str, itertools.count[int]] = field(default_factory=dict)
 
     def set_members(self, role: str, urls: Iterable[str]) -> None:
@@ -68,10 +47,18 @@ class Pool:
         return list(self.backends.get(role, {}).values())
 
     def pick(self, role: str, exclude: set[str] | frozenset[str] = frozenset()) -> Backend | None:
-        """Least outstanding requests (KV usage breaks ties), or round robin."""
-        candidates = [b for b in self.members(role) if b.available and b.url not in exclude]
+        """Least outstanding requests (KV usage, then queue length break ties), or round
+        robin, among instances in rotation; with none in rotation, the one that failed
+        longest ago (a role is never empty while it has members). None: no member left
+        outside `exclude`."""
+        members = [b for b in self.members(role) if b.url not in exclude]
+        candidates = [b for b in members if b.available]
         if not candidates:
-            return None
+            backend = self.failures.fallback(members)
+            if backend is not None:
+                self.fallback_picks += 1
+                log.debug("every %s instance is out; trying %s", role, backend.url)
+            return backend
         turn = next(self._turns.setdefault(role, itertools.count()))
         if self.policy == "round-robin":
             return candidates[turn % len(candidates)]
@@ -88,65 +75,4 @@ class Pool:
         return candidates[ranked[0]]
 
     def eject(self, backend: Backend, reason: str) -> None:
-        backend.ejected_until = time.monotonic() + EJECT_SECONDS
-        backend.failures += 1
-        backend.last_error = reason
-        if backend.healthy:
-            log.warning("ejecting %s instance %s: %s", backend.role, backend.url, reason)
-        backend.healthy = False
-
-
-def parse_metric(text: str, name: str) -> float | None:
-    """Sum of a metric's samples in Prometheus text format."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if line.startswith(name) and (len(line) > len(name) and line[len(name)] in " {"):
-            with contextlib.suppress(ValueError, IndexError):
-                total += float(line.rsplit(" ", 1)[1])
-                found = True
-    return total if found else None
-
-
-class HealthChecker:
-    """Probes every instance's /health; scrapes /metrics for KV usage and queue length."""
-
-    def __init__(self, pool: Pool, session: aiohttp.ClientSession, interval: float = 2.0):
-        self.pool, self.session, self.interval = pool, session, interval
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="router-health")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def check(self, backend: Backend) -> None:
-        timeout = aiohttp.ClientTimeout(total=2.0)
-        try:
-            async with self.session.get(f"{backend.url}/health", timeout=timeout) as response:
-                ok = response.status == 200
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            ok, backend.last_error = False, repr(exc)
-        if ok and time.monotonic() >= backend.ejected_until:
-            if not backend.healthy:
-                log.info("re-admitting %s instance %s", backend.role, backend.url)
-            backend.healthy, backend.last_error = True, None
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with self.session.get(f"{backend.url}/metrics", timeout=timeout) as r:
-                    metrics = await r.text()
-                backend.kv_usage = parse_metric(metrics, "vllm:kv_cache_usage_perc") or 0.0
-                backend.waiting = parse_metric(metrics, "vllm:num_requests_waiting") or 0.0
-        elif not ok:
-            backend.healthy = False
-
-    async def check_all(self) -> None:
-        backends = [b for role in list(self.pool.backends) for b in self.pool.members(role)]
-        await asyncio.gather(*(self.check(b) for b in backends))
-
-    async def _loop(self) -> None:
-        while True:
-            await self.check_all()
-            await asyncio.sleep(self.interval)
+        self.failures.eject(backend, reason)

@@ -177,7 +177,10 @@ _WORD = re.compile(r"\S+")
 def tokenize(text: str) -> list[int]:
     """Whitespace-separated words, each hashed to a token id (at least one token)."""
     ids = [
-        int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little")
+        # surrogatepass: JSON may carry a lone surrogate (\ud800); it is text, not an error
+        int.from_bytes(
+            hashlib.blake2b(w.encode("utf-8", "surrogatepass"), digest_size=4).digest(), "little"
+        )
         for w in _WORD.findall(text)
     ]
     return ids or [0]

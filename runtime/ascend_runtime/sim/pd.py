@@ -282,7 +282,6 @@ def _as_openai(exc: KvTransferError, params: dict[str, Any]) -> OpenAIError:
             400,
             f"kv_transfer_params are expired or unknown: {exc}",
             param="kv_transfer_params",
-            code="kv_expired",
         )
     if exc.code == "bad_params":
         return OpenAIError(400, str(exc), param="kv_transfer_params")

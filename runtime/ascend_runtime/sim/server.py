@@ -18,8 +18,10 @@ from ..openai import (
     SSE_DONE,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
     OpenAIError,
+    TokenizeRequest,
     new_id,
     now,
     parse_body,
@@ -89,13 +91,14 @@ class SimServer:
         return int.from_bytes(digest, "little")
 
     def _check_model(self, req: Any, task: str) -> None:
+        if req.model is None:
+            req.model = self.config.served_model_name
         if req.model != self.config.served_model_name:
             raise OpenAIError(
                 404,
                 f"The model `{req.model}` does not exist. This server serves "
                 f"`{self.config.served_model_name}`.",
                 param="model",
-                code="model_not_found",
             )
         if self.config.task != task:
             api = "the embeddings API" if task == "embed" else "completions and chat"
@@ -125,7 +128,6 @@ class SimServer:
                 f"This model's maximum context length is {limit} tokens. "
                 f"However, your prompt has {len(prompt)} tokens.",
                 param="prompt",
-                code="context_length_exceeded",
             )
         if len(prompt) + max_tokens > limit:
             raise OpenAIError(
@@ -135,7 +137,6 @@ class SimServer:
                 f"({len(prompt)} in the prompt, {max_tokens} for the "
                 "completion). Please reduce the prompt or max_tokens.",
                 param="max_tokens",
-                code="context_length_exceeded",
             )
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         seq = Sequence(
@@ -314,8 +315,7 @@ class SimServer:
 
     async def chat(self, request: Request) -> Response:
         req = await parse_body(request, ChatRequest, MAX_BODY_BYTES)
-        text = "\n".join(f"{m.role}: {self._content(m.content)}" for m in req.messages)
-        seq = await self._sequence(req, model.tokenize(text), CHAT_DEFAULT_MAX_TOKENS)
+        seq = await self._sequence(req, self._chat_tokens(req.messages), CHAT_DEFAULT_MAX_TOKENS)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
             base = {
@@ -356,6 +356,31 @@ class SimServer:
             },
         )
 
+    def _chat_tokens(self, messages: list[Any]) -> list[int]:
+        """The sim's chat template: one `role: content` line per message."""
+        text = "\n".join(f"{m.role}: {self._content(m.content)}" for m in messages)
+        return model.tokenize(text)
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: a prompt or chat messages -> token ids and their count."""
+        req = await parse_body(request, TokenizeRequest, MAX_BODY_BYTES)
+        if req.model is not None and req.model != self.config.served_model_name:
+            self._check_model(req, self.config.task)
+        if req.messages is not None:
+            tokens = self._chat_tokens(req.messages)
+        elif req.prompt is not None:
+            tokens = model.tokenize(req.prompt)
+        else:
+            raise OpenAIError(400, "give either prompt or messages", param="prompt")
+        return JSONResponse(
+            {"count": len(tokens), "max_model_len": self.settings.max_model_len, "tokens": tokens}
+        )
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's /detokenize: token ids -> text."""
+        req = await parse_body(request, DetokenizeRequest, MAX_BODY_BYTES)
+        return JSONResponse({"prompt": " ".join(model.detokenize(t) for t in req.tokens)})
+
     @staticmethod
     def _content(content: Any) -> str:
         if content is None:
@@ -388,6 +413,8 @@ class SimServer:
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
         app.add_api_route("/v1/embeddings", self.embeddings, methods=["POST"])
+        app.add_api_route("/tokenize", self.tokenize, methods=["POST"])
+        app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
