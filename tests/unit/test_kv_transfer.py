@@ -333,3 +333,40 @@ async def test_checksum_mode_verifies_bytes():
     finally:
         await side.server.stop()
     assert got == want and result.released
+
+
+@pytest.mark.asyncio
+async def test_pooled_connections_to_a_restarted_prefill_are_replaced():
+    """The decode side pools connections; when the prefill engine restarts on the same port
+    every pooled one is dead. The next pull must open a new connection, not fail."""
+    placement = KvPlacement(1, 2, 8)
+    first = Prefill(placement, "cross_layer", 20)
+    await first.server.start()
+    client = TcpKvClient(timeout=5)
+    close = client.close
+    client.close = _keep_open  # run_pull closes its client; this one lives on
+    port = first.server.port
+    try:
+        first.holds.hold("req-1")
+        result, got, want = await run_pull(first, placement, "cross_layer", 20, client=client)
+        assert got == want and result.released
+        assert client._idle  # the connection is pooled
+        await first.server.stop()
+        again = Prefill(placement, "cross_layer", 20)
+        again.server.port = port  # the restarted engine listens where the old one did
+        await again.server.start()
+        try:
+            again.holds.hold("req-2")
+            params = again.params("req-2")
+            result, got, want = await run_pull(  # the client with the dead pooled connection
+                again, placement, "cross_layer", 20, client=client, params=params
+            )
+            assert got == want and result.released
+        finally:
+            await again.server.stop()
+    finally:
+        await close()
+
+
+async def _keep_open() -> None:
+    return None

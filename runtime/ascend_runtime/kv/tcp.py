@@ -284,10 +284,11 @@ class TcpKvClient:
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}
         self.bytes_received = 0
 
-    async def _connect(self, endpoint: tuple[str, int]) -> socket.socket:
+    async def _connect(self, endpoint: tuple[str, int]) -> tuple[socket.socket, bool]:
+        """A connection to `endpoint`, and whether it is a pooled one (it may be dead)."""
         idle = self._idle.get(endpoint)
         if idle:
-            return idle.pop()
+            return idle.pop(), True
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET)
         sock.setblocking(False)
@@ -297,7 +298,11 @@ class TcpKvClient:
         except OSError:
             sock.close()
             raise
-        return sock
+        return sock, False
+
+    def _drop_idle(self, endpoint: tuple[str, int]) -> None:
+        for idle in self._idle.pop(endpoint, []):
+            idle.close()
 
     async def _exchange(
         self, endpoint: tuple[str, int], header: dict[str, Any], what: str,
@@ -311,9 +316,21 @@ class TcpKvClient:
 
         async def run() -> dict[str, Any]:
             nonlocal sock
-            sock = await self._connect(endpoint)
-            await _send_frame(loop, sock, header)
-            reply, plen = await _recv_frame(loop, sock)
+            sock, reused = await self._connect(endpoint)
+            try:
+                await _send_frame(loop, sock, header)
+                reply, plen = await _recv_frame(loop, sock)
+            except (ConnectionError, OSError):
+                if not reused:
+                    raise
+                # A pooled connection the peer has closed (the prefill engine restarted, or
+                # dropped idle connections): the request never arrived. Drop every pooled
+                # connection to that peer and ask once more on a new one.
+                sock.close()
+                self._drop_idle(endpoint)
+                sock, _ = await self._connect(endpoint)
+                await _send_frame(loop, sock, header)
+                reply, plen = await _recv_frame(loop, sock)
             if not reply.get("ok"):
                 self._idle.setdefault(endpoint, []).append(sock)
                 sock = None
