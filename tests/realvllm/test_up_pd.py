@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ascend_operator.local_run import free_port
-from ascend_runtime.router.app import PREFILL_KV_PARAMS
+from ascend_runtime.router.pd import PREFILL_KV_PARAMS
 from serving import Up, VllmEngine, engine_spec, get, metric, post, stream
 
 pytestmark = pytest.mark.realvllm

@@ -1,0 +1,186 @@
+"""Sending one request to one instance of a role: retries before the first byte, the
+bounded waits, and the relay of a stream with its end-of-stream error event."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from fastapi.responses import Response, StreamingResponse
+
+from ..config import RouterConfig
+from ..openai import SSE_DONE, OpenAIError, sse
+from .metrics import RouterMetrics
+from .pool import Backend, Pool
+from .upstream import (
+    UPSTREAM_ERRORS,
+    StreamWatch,
+    Upstream,
+    UpstreamError,
+    WatchedStream,
+    before_first_byte,
+    describe,
+)
+
+
+class Forwarder:
+    """The request path from the router to the engines (the pool's FailurePolicy records
+    every success and failure)."""
+
+    def __init__(self, config: RouterConfig, pool: Pool, metrics: RouterMetrics):
+        self.config, self.pool, self.metrics = config, pool, metrics
+        self.failures = pool.failures
+        self.upstream = Upstream()
+        self.watch = StreamWatch(config.inter_token_timeout_seconds)
+
+    async def start(self) -> None:
+        await self.upstream.start()
+        self.watch.start()
+
+    async def stop(self) -> None:
+        await self.watch.stop()
+        await self.upstream.close()
+
+    async def forward(
+        self, role: str, route: str, payload: bytes | str, stream: bool, request_id: str
+    ) -> Response:
+        """Send to one instance of `role`; a failure before the first byte reaches the client
+        is retried (another instance when there is one, on a fresh connection)."""
+        tried: set[str] = set()
+        last_error = f"no {role} instance is available"
+        for attempt in range(1 + self.failures.retries_before_first_byte):
+            backend = self.pool.pick(role, tried) or (self.pool.pick(role) if tried else None)
+            if backend is None:
+                break
+            if not backend.available:
+                self.metrics.fallbacks.labels(role).inc()
+            if attempt:
+                self.metrics.retries.labels(role).inc()
+            tried.add(backend.url)
+            try:
+                if stream:
+                    return await self._open_stream(backend, route, payload, request_id, attempt > 0)
+                status, media, content = await self.exchange(
+                    backend, route, payload, request_id, fresh=attempt > 0,
+                    timeout=self.config.request_timeout_seconds,
+                )  # fmt: skip
+                return Response(content, status_code=status, media_type=media)
+            except UpstreamError as exc:
+                last_error = str(exc)
+                self.metrics.errors.labels(exc.kind, role).inc()
+                self.failures.failed(backend, last_error, definitive=exc.definitive)
+        raise OpenAIError(503, f"{role}: {last_error}", type_="upstream_error")
+
+    async def exchange(
+        self, backend: Backend, route: str, payload: bytes | str, request_id: str, *,
+        fresh: bool, timeout: float,
+    ) -> tuple[int, str | None, bytes]:  # fmt: skip
+        """A whole non-streamed exchange: (status, content type, body)."""
+
+        async def run() -> tuple[int, str | None, bytes]:
+            response = await self.upstream.post(backend, route, payload, request_id, fresh)
+            async with response:
+                return response.status, response.headers.get("content-type"), await response.read()
+
+        backend.outstanding += 1
+        backend.served += 1
+        start = time.perf_counter()
+        try:
+            result = await before_first_byte(backend, run(), timeout, "the response")
+        finally:
+            backend.outstanding -= 1
+        self.metrics.upstream.labels(backend.role, backend.url).observe(time.perf_counter() - start)
+        self.failures.succeeded(backend)
+        return result
+
+    async def _open_stream(
+        self, backend: Backend, route: str, payload: bytes | str, request_id: str, fresh: bool
+    ) -> Response:
+        """Wait for the engine's first chunk (retryable until then), then relay the rest."""
+        timeout = self.config.first_token_timeout_seconds
+        backend.outstanding += 1
+        backend.served += 1
+        start = time.perf_counter()
+        upstream: aiohttp.ClientResponse | None = None
+        handed_off = False
+        try:
+            upstream = await before_first_byte(
+                backend,
+                self.upstream.post(backend, route, payload, request_id, fresh),
+                timeout,
+                "the response",
+            )
+            self.metrics.upstream.labels(backend.role, backend.url).observe(
+                time.perf_counter() - start
+            )
+            if upstream.status != 200:
+                content = await before_first_byte(backend, upstream.read(), timeout, "the error")
+                self.failures.succeeded(backend)
+                return Response(
+                    content,
+                    status_code=upstream.status,
+                    media_type=upstream.headers.get("content-type"),
+                )
+            first = await before_first_byte(
+                backend, upstream.content.readany(), timeout, "the first token"
+            )
+            if not first:
+                raise UpstreamError(
+                    f"{backend.url} ended the stream before sending anything", "broken"
+                )
+            self.metrics.ttft.observe(time.perf_counter() - start)
+            handed_off = True
+            return StreamingResponse(
+                self._relay(upstream, backend, first), media_type="text/event-stream"
+            )
+        finally:
+            if not handed_off:
+                backend.outstanding -= 1
+                if upstream is not None:
+                    upstream.close()
+
+    async def _relay(
+        self, upstream: aiohttp.ClientResponse, backend: Backend, first: bytes
+    ) -> AsyncIterator[bytes]:
+        """Pass the rest of an SSE stream through chunk by chunk. A stream that ends early
+        (the engine died, went quiet past the inter-token timeout, or was ejected) gets an
+        error event and [DONE]; a client that leaves closes the upstream connection, which
+        aborts the request in the engine. A complete stream keeps its connection alive."""
+        watched = WatchedStream(backend, upstream)
+        self.watch.streams.add(watched)
+        complete = False
+        try:
+            yield first
+            try:
+                async for chunk in upstream.content.iter_any():
+                    watched.last_chunk = time.monotonic()
+                    yield chunk
+                if watched.cut:
+                    raise aiohttp.ClientConnectionError(watched.cut)
+                complete = True
+            except UPSTREAM_ERRORS as exc:
+                reason = watched.cut or describe(exc)
+                self.metrics.errors.labels("stream", backend.role).inc()
+                if not watched.cut:
+                    self.failures.failed(backend, f"stream broke: {reason}")
+                yield sse(
+                    OpenAIError(
+                        502,
+                        f"{backend.role} instance {backend.url} failed mid-stream: {reason}; "
+                        "the response is incomplete",
+                        type_="upstream_error",
+                    ).body()
+                )
+                yield SSE_DONE
+                return
+            self.failures.succeeded(backend)
+        finally:
+            self.watch.streams.discard(watched)
+            backend.outstanding -= 1
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
+
+    # ------------------------------------------------------------------ app
