@@ -7,6 +7,7 @@ once through the router. Prints the throughput ratio and the added p50/p99 laten
 writes JSON under bench/results/.
 
     python bench/router.py [--seconds 10] [--engines 2] [--concurrency 1 64 256]
+    python bench/router.py --task stream     # streamed (bench/results/router_stream.json)
     python bench/router.py --task embed      # /v1/embeddings (bench/results/router_embed.json)
 """
 
@@ -63,6 +64,7 @@ EMBED_BODY = {"model": "bench", "input": ["measure the router overhead please", 
 TASKS = {
     # task: (path, body, spec patch for the model and runtime)
     "generate": ("/v1/completions", BODY, {}),
+    "stream": ("/v1/completions", {**BODY, "stream": True}, {}),
     "embed": ("/v1/embeddings", EMBED_BODY, {"task": "embed"}),
 }
 
@@ -122,7 +124,7 @@ def main() -> int:
         "--task",
         choices=sorted(TASKS),
         default="generate",
-        help="completions (generate) or embeddings (embed)",
+        help="completions (generate), streamed completions (stream) or embeddings (embed)",
     )
     parser.add_argument("--output", help="default: bench/results/router[_embed].json")
     args = parser.parse_args()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ascend_runtime.config import PodIdentity, RouterBackends, RuntimeConfig
-from ascend_runtime.engine_command import engine_command
+from ascend_runtime.engine_command import Listen, engine_command, router_command
 
 from .planner.plan import Plan
 
@@ -47,6 +47,7 @@ def free_port() -> int:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
         try:
             s.bind((LOOPBACK, port))
         except OSError:
@@ -137,9 +138,9 @@ class LocalProcess:
     reported: bool = False
 
 
-def _self_command() -> list[str]:
+def _self_command() -> tuple[str, ...]:
     exe = shutil.which("ascend-serve")
-    return [exe] if exe else [sys.executable, "-m", "ascend_operator.cli"]
+    return (exe,) if exe else (sys.executable, "-m", "ascend_operator.cli")
 
 
 def local_processes(
@@ -156,6 +157,7 @@ def local_processes(
     members: dict[str, list[str]] = {}
     device_cursor = 0
     model_path = local_model_path(plan) if engine == "vllm" else ""
+    vllm = shutil.which("vllm") or "vllm"  # run_up says what to do when it is missing
     kv_ports: set[int] = set()
     for role in plan.roles:
         config = role.runtime_config.model_copy(update={"engine": engine})
@@ -181,32 +183,20 @@ def local_processes(
                     leader_address=LOOPBACK,
                 )
                 name = f"{role.name}-{instance}-{pod.worker_index}"
-                if engine == "sim":
-                    argv = [
-                        *_self_command(),
-                        "sim",
-                        "--config",
-                        str(config_path),
-                        "--instance",
-                        str(instance),
-                        "--worker-index",
-                        str(pod.worker_index),
-                        "--host",
-                        LOOPBACK,
-                        "--port",
-                        str(port),
-                    ]
-                    if kv_port:
-                        argv += ["--kv-port", str(kv_port)]
-                    env = {"VLLM_HOST_IP": LOOPBACK}
-                else:
-                    cmd = engine_command(instance_config, ident, str(config_path))
-                    argv = _with_option(cmd.argv, "--port", str(port))
-                    argv = _with_option(argv, "--host", LOOPBACK)
-                    env = dict(cmd.env)
+                cmd = engine_command(
+                    instance_config.model_copy(update={"engine": engine}),
+                    ident,
+                    str(config_path),
+                    listen=Listen(LOOPBACK, port, kv_port if engine == "sim" else None),
+                    program=_self_command(),
+                    vllm=vllm,
+                )
+                env = dict(cmd.env)
+                if engine == "vllm":
                     devices = list(range(device_cursor, device_cursor + pod.devices))
                     device_cursor += pod.devices
                     env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+                argv = cmd.argv
                 engines.append(
                     LocalProcess(
                         name, argv, env, run_dir / f"{name}.log", url if pod.leader else None
@@ -224,33 +214,17 @@ def local_processes(
     router_path.write_text(router_config.model_dump_json(indent=2))
     router = LocalProcess(
         "router",
-        [
-            *_self_command(),
-            "router",
-            "--config",
+        router_command(
             str(router_path),
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(router_port),
-            "--health-interval",
-            "1",
-        ],
+            Listen(LOOPBACK, router_port),
+            health_interval=1.0,
+            program=_self_command(),
+        ),
         {},
         run_dir / "router.log",
         f"http://{LOOPBACK}:{router_port}",
     )
     return engines, router
-
-
-def _with_option(argv: list[str], option: str, value: str) -> list[str]:
-    """argv with `option`'s value replaced (or appended when absent)."""
-    out = list(argv)
-    if option in out:
-        out[out.index(option) + 1] = value
-    else:
-        out += [option, value]
-    return out
 
 
 def _terminate_with_parent() -> Callable[[], None] | None:
@@ -296,7 +270,8 @@ class LocalDeployment:
         """Engines first, then the router once every leader answers /health (so it starts
         with every instance in rotation). `stop` returning true (a signal arrived) ends the
         wait: engines can take minutes to start, and Ctrl-C must not wait for them."""
-        deadline = time.monotonic() + ready_timeout
+        began = time.monotonic()
+        deadline = began + ready_timeout
         hook = _terminate_with_parent()
         for group in (self.engines, [self.router]):
             for proc in group:
@@ -321,7 +296,14 @@ class LocalDeployment:
                         f"{proc.name} exited before it became healthy; last "
                         f"lines of {proc.log}:\n{_tail(proc.log)}"
                     )
-                pending = [p for p in pending if not _healthy(p.url or "")]
+                ready = [p for p in pending if _healthy(p.url or "")]
+                for proc in ready:
+                    self.out.write(
+                        f"ascend-serve up: {proc.name} ready after "
+                        f"{time.monotonic() - began:.1f} s\n"
+                    )
+                    self.out.flush()
+                pending = [p for p in pending if p not in ready]
                 if pending and time.monotonic() > deadline:
                     names = ", ".join(f"{p.name} (log {p.log})" for p in pending)
                     raise RuntimeError(f"not healthy after {ready_timeout:g} s: {names}")
@@ -373,6 +355,14 @@ def run_up(
         Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix=f"ascend-serve-{plan.name}-"))
     )
     transport = "tcp"
+    if not dry_run and not _port_free(router_port):
+        out.write(
+            f"ascend-serve up: port {router_port} on {LOOPBACK} is in use (another `ascend-serve "
+            "up`?); stop what holds it or pass --port\n"
+        )
+        return 1
+    if engine == "vllm" and not dry_run:
+        vllm_executable()  # a clear error now rather than a failed start later
     uses_ours = any(
         r.runtime_config.kv_transfer and r.runtime_config.kv_transfer.module_path
         for r in plan.roles

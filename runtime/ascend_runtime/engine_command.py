@@ -27,6 +27,16 @@ class EngineCommand:
         return f"{env} {shlex.join(self.argv)}".strip()
 
 
+@dataclass(frozen=True)
+class Listen:
+    """Where an engine listens when it is not in a pod (`ascend-serve up`): the address and
+    HTTP port, and a sim prefill instance's KV side-channel port."""
+
+    host: str
+    port: int
+    kv_port: int | None = None
+
+
 def engine_id(config: RuntimeConfig, instance: int) -> str:
     """Mooncake engine id of one instance: unique per deployment, role and instance."""
     assert config.kv_transfer is not None
@@ -76,23 +86,48 @@ def data_parallel_args(config: RuntimeConfig, ident: PodIdentity) -> list[str]:
     return args
 
 
-def vllm_command(config: RuntimeConfig, ident: PodIdentity) -> EngineCommand:
+def vllm_command(
+    config: RuntimeConfig, ident: PodIdentity, listen: Listen | None = None, vllm: str = "vllm"
+) -> EngineCommand:
     """`vllm serve` for one pod of the role."""
-    argv = ["vllm", "serve", config.model_path, *config.engine_args]
+    argv = [vllm, "serve", config.model_path, *config.engine_args]
     argv += data_parallel_args(config, ident)
     if config.kv_transfer is not None:
         argv += ["--kv-transfer-config", kv_transfer_json(config, ident.instance)]
+    if listen is not None:  # instead of the pod's 0.0.0.0:8000 (vLLM warns on repeated flags)
+        argv = [*_without(argv, ("--host", "--port")), "--host", listen.host]
+        argv += ["--port", str(listen.port)]
     env = dict(config.env)
     env.setdefault("HCCL_IF_IP", ident.pod_ip)
     env.setdefault("VLLM_HOST_IP", ident.pod_ip)
     return EngineCommand(argv=argv, env=env)
 
 
-def sim_command(config: RuntimeConfig, ident: PodIdentity, config_path: str) -> EngineCommand:
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv without the given `--option value` pairs."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in options)):
+            out.append(arg)
+    return out
+
+
+def sim_command(
+    config: RuntimeConfig,
+    ident: PodIdentity,
+    config_path: str,
+    listen: Listen | None = None,
+    program: tuple[str, ...] = ("ascend-serve",),
+) -> EngineCommand:
     """The NPU-mocked engine for one pod (only leaders serve; workers idle like headless
     vLLM workers)."""
     argv = [
-        "ascend-serve",
+        *program,
         "sim",
         "--config",
         config_path,
@@ -101,15 +136,41 @@ def sim_command(config: RuntimeConfig, ident: PodIdentity, config_path: str) -> 
         "--worker-index",
         str(ident.worker_index),
     ]
+    if listen is not None:
+        argv += ["--host", listen.host, "--port", str(listen.port)]
+        if listen.kv_port is not None:
+            argv += ["--kv-port", str(listen.kv_port)]
     env = dict(config.env)
     env.setdefault("VLLM_HOST_IP", ident.pod_ip)
     return EngineCommand(argv=argv, env=env)
 
 
 def engine_command(
-    config: RuntimeConfig, ident: PodIdentity, config_path: str = "/etc/ascend-serve/runtime.json"
+    config: RuntimeConfig,
+    ident: PodIdentity,
+    config_path: str = "/etc/ascend-serve/runtime.json",
+    *,
+    listen: Listen | None = None,
+    program: tuple[str, ...] = ("ascend-serve",),
+    vllm: str = "vllm",
 ) -> EngineCommand:
-    """The command a pod runs, for either engine."""
+    """The command a pod runs, for either engine; `up` passes where each process listens
+    and the executables of this machine (`program`: ascend-serve's own command)."""
     if config.engine == "vllm":
-        return vllm_command(config, ident)
-    return sim_command(config, ident, config_path)
+        return vllm_command(config, ident, listen, vllm)
+    return sim_command(config, ident, config_path, listen, program)
+
+
+def router_command(
+    config_path: str,
+    listen: Listen | None = None,
+    health_interval: float | None = None,
+    program: tuple[str, ...] = ("ascend-serve",),
+) -> list[str]:
+    """The router's command line (its pods and `up`)."""
+    argv = [*program, "router", "--config", config_path]
+    if listen is not None:
+        argv += ["--host", listen.host, "--port", str(listen.port)]
+    if health_interval is not None:
+        argv += ["--health-interval", f"{health_interval:g}"]
+    return argv

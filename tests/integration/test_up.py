@@ -116,6 +116,9 @@ def test_killed_decode_instance(tmp_path):
         assert all(len(text.split()) == 400 for text in finished)
         for _ in range(6):  # new requests go to the surviving decode instance
             assert complete(url, "after the failure")["choices"][0]["text"]
+        started = out.read_text()
+        for name in ("prefill-0-0", "decode-0-0", "decode-1-0", "router"):
+            assert f"ascend-serve up: {name} ready after" in started
         victim = tmp_path / "decode-0-0.log"
         deadline = time.time() + 10
         while "decode-0-0 exited" not in out.read_text() and time.time() < deadline:
@@ -250,3 +253,22 @@ def test_openai_edges_through_router(unified):
         assert r.status_code == 404
         assert r.json()["error"]["code"] == 404 and r.json()["error"]["message"]
     assert httpx.get(f"{unified}/v1/models/tiny").json()["id"] == "tiny"
+
+
+def test_a_second_up_on_a_busy_port_says_so(unified, tmp_path):
+    import subprocess
+
+    from procs import cli
+
+    port = unified.rsplit(":", 1)[1]
+    done = subprocess.run(
+        cli("up", "-f", "examples/tiny-sim.yaml", "--port", port, "--run-dir", str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
+    assert done.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use" in done.stdout
+    assert "is serving" not in done.stdout
+    assert not list(tmp_path.glob("*.log"))  # nothing was started

@@ -61,6 +61,7 @@ def test_vllm_processes_use_the_local_model_loopback_and_their_own_kv_ports(tmp_
     for proc in engines:
         assert proc.argv[:3] == ["vllm", "serve", str(tmp_path)]
         assert option(proc.argv, "--host") == "127.0.0.1"
+        assert proc.argv.count("--host") == proc.argv.count("--port") == 1  # replaced, not added
         kv = json.loads(option(proc.argv, "--kv-transfer-config"))
         assert kv["kv_connector_extra_config"]["transport"] == "tcp"
         ports.append(kv["kv_port"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
+from ascend_runtime.engine_command import router_command
+
 from ..planner import names
 from ..planner.plan import Plan
 from . import labels as lbl
@@ -91,7 +93,7 @@ def _deployment(plan: Plan) -> dict[str, Any]:
                 {
                     "name": "router",
                     "image": router.image,
-                    "command": ["ascend-serve", "router", "--config", f"{CONFIG_DIR}/router.json"],
+                    "command": router_command(f"{CONFIG_DIR}/router.json"),
                     "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
                     "env": [
                         {
