@@ -83,3 +83,23 @@ def up(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 raise
+
+
+def engine_pids(run_dir: Path) -> dict[str, int]:
+    """Process ids of the sim engines of an `up` run, by name (`decode-0-0`), from /proc."""
+    pids = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except OSError:
+            continue
+        text = b" ".join(argv).decode(errors="replace")
+        if str(run_dir) in text and " sim " in f" {text} ":
+            role = os.path.basename(argv[argv.index(b"--config") + 1].decode())[:-5]
+            inst = argv[argv.index(b"--instance") + 1].decode()
+            worker = argv[argv.index(b"--worker-index") + 1].decode()
+            pids[f"{role}-{inst}-{worker}"] = int(entry)
+    return pids

@@ -63,3 +63,15 @@ def test_kv_tiny(tmp_path):
     result = _run("kv.py", "--quick", "--skip-offload", "--output", str(out))
     assert result["tcp"]["fraction_of_raw"] > 0
     assert "device" in result
+
+
+def test_router_faults_tiny(tmp_path):
+    out = tmp_path / "router_faults.json"
+    result = _run("router_faults.py", "--tiny", "--output", str(out))
+    scenarios = result["scenarios"]
+    assert set(scenarios) == {
+        "idle_gaps", "kill_decode", "kill_prefill", "sigstop_decode", "slowloris"
+    }  # fmt: skip
+    assert all(row["requests"] > 0 for name, row in scenarios.items() if name != "slowloris")
+    assert scenarios["slowloris"]["normal_requests"]["requests"] > 0
+    assert "device" in result

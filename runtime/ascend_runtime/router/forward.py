@@ -43,13 +43,18 @@ class Forwarder:
         await self.upstream.close()
 
     async def forward(
-        self, role: str, route: str, payload: bytes | str, stream: bool, request_id: str
-    ) -> Response:
+        self, role: str, route: str, payload: bytes | str, stream: bool, request_id: str, *,
+        attempts: int | None = None, tried: set[str] | None = None,
+    ) -> Response:  # fmt: skip
         """Send to one instance of `role`; a failure before the first byte reaches the client
-        is retried (another instance when there is one, on a fresh connection)."""
-        tried: set[str] = set()
+        is retried (another instance when there is one, on a fresh connection), up to
+        `attempts` in all. `tried` collects the instances used (and avoids those already in
+        it). Raises OpenAIError 503 when every attempt failed."""
+        tried = set() if tried is None else tried
         last_error = f"no {role} instance is available"
-        for attempt in range(1 + self.failures.retries_before_first_byte):
+        if attempts is None:
+            attempts = 1 + self.failures.retries_before_first_byte
+        for attempt in range(attempts):
             backend = self.pool.pick(role, tried) or (self.pool.pick(role) if tried else None)
             if backend is None:
                 break

@@ -43,16 +43,31 @@ class PdRouting:
     async def route(
         self, route: str, body: dict[str, Any], request_id: str, stream: bool
     ) -> Response:
-        """Prefill, then decode with the KV the prefill instance holds. When decode cannot
-        pull that KV (the prefill instance died or restarted after answering), the prompt is
-        prefilled again on another prefill instance, once."""
+        """Prefill, then decode with the KV the prefill instance holds. Retried once, from the
+        prefill on: when decode fails before its first byte (it may have pulled, and so
+        released, the KV before it died) on another decode instance, and when decode cannot
+        pull the KV (the prefill instance died after answering) on another prefill instance."""
         out = checks.output_limit(body)
         await self._check_context(route, body, out)
         avoid: set[str] = set()
+        decoders: set[str] = set()
         for attempt in range(2):
             params, prefill = await self._prefill(route, body, request_id, avoid)
             payload = dumps({**body, "kv_transfer_params": params})
-            response = await self.forwarder.forward("decode", route, payload, stream, request_id)
+            try:
+                response = await self.forwarder.forward(
+                    "decode", route, payload, stream, request_id, attempts=1, tried=decoders
+                )
+            except OpenAIError as exc:
+                if attempt or exc.status != 503:
+                    raise
+                log.warning(
+                    "request %s: decode failed before its first byte (%s); prefilling again",
+                    request_id,
+                    exc.message,
+                )
+                self.metrics.retries.labels("decode").inc()
+                continue
             if attempt == 0 and _kv_pull_failed(response):
                 log.warning(
                     "request %s: decode could not pull the KV from %s; prefilling again "
