@@ -71,7 +71,10 @@ class _Req(BaseModel):
 
 
 class CompletionRequest(_Req):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    """How many alternatives to return per token, with the chosen one's logprob."""
 
 
 class ChatMessage(BaseModel):
@@ -83,6 +86,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Req):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 class TokenizeRequest(BaseModel):

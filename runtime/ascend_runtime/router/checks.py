@@ -107,3 +107,11 @@ def prompt_ids_len(body: dict[str, Any]) -> int | None:
     if isinstance(prompt, list) and prompt and _is_ids(prompt):
         return len(prompt)
     return None
+
+
+def prompt_batch(route: str, body: dict[str, Any]) -> list[Any] | None:
+    """The prompts of a completion request that batches several (None: one prompt)."""
+    prompt = body.get("prompt")
+    if route != "/v1/completions" or not isinstance(prompt, list) or len(prompt) < 2:
+        return None
+    return None if _is_ids(prompt) else prompt

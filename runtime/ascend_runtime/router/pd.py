@@ -3,13 +3,14 @@ the checks that keep requests decode would refuse away from prefill."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 from typing import Any
 
 import aiohttp
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..openai import OpenAIError
 from . import checks
@@ -49,6 +50,44 @@ class PdRouting:
         pull the KV (the prefill instance died after answering) on another prefill instance."""
         out = checks.output_limit(body)
         await self._check_context(route, body, out)
+        batch = checks.prompt_batch(route, body)
+        if batch is not None:
+            return await self._batch(route, body, batch, request_id, stream)
+        return await self._one(route, body, request_id, stream)
+
+    async def _batch(
+        self, route: str, body: dict[str, Any], prompts: list[Any], request_id: str, stream: bool
+    ) -> Response:
+        """A batch of prompts, as vLLM answers it (one choice per prompt, usage summed): each
+        prompt goes through its own prefill and decode; the answers are merged."""
+        if stream:
+            raise OpenAIError(
+                400,
+                "streaming a batch of prompts is not supported with prefill/decode "
+                "disaggregation; stream one prompt per request, or leave stream off",
+                param="prompt",
+            )
+        answers = await asyncio.gather(
+            *(
+                self._one(route, {**body, "prompt": p}, f"{request_id}-{i}", False)
+                for i, p in enumerate(prompts)
+            )
+        )
+        failed = next((a for a in answers if a.status_code != 200), None)
+        if failed is not None:
+            return failed
+        parts = [json.loads(bytes(a.body)) for a in answers]
+        merged = dict(parts[0])
+        merged["choices"] = [
+            {**choice, "index": i} for i, part in enumerate(parts) for choice in part["choices"]
+        ]
+        usage = [p.get("usage") or {} for p in parts]
+        merged["usage"] = {k: sum(u.get(k, 0) for u in usage) for k in usage[0]}
+        return JSONResponse(merged)
+
+    async def _one(
+        self, route: str, body: dict[str, Any], request_id: str, stream: bool
+    ) -> Response:
         avoid: set[str] = set()
         decoders: set[str] = set()
         for attempt in range(2):

@@ -19,6 +19,7 @@ from typing import Literal
 
 from ..config import SimSettings
 from . import model
+from .outputs import StopText
 
 
 class BlockPool:
@@ -52,6 +53,10 @@ class Event:
     kind: Literal["token", "finish", "error"]
     token: int | None = None
     reason: str | None = None
+    text: str = ""
+    """A token's text as far as it can be sent (see StopText)."""
+    state: int = 0
+    """The state the token was drawn from (its logprobs derive from it)."""
 
 
 @dataclass
@@ -82,6 +87,10 @@ class Sequence:
     finished: bool = False
     finish_reason: str | None = None
     preemptions: int = 0
+    text: StopText = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.text = StopText(self.stop)
 
     @property
     def tokens(self) -> list[int]:
@@ -292,7 +301,8 @@ class SimEngine:
     def _emit(self, seq: Sequence) -> None:
         """Sample the next token from the current state and hand it to the consumer."""
         position = len(seq.output)
-        token = model.next_token(seq.states[-1], seq.temperature, seq.sample_seed, position)
+        state = seq.states[-1]
+        token = model.next_token(state, seq.temperature, seq.sample_seed, position)
         now = time.monotonic()
         seq.output.append(token)
         seq.states.append(model.advance(seq.states[-1], token))
@@ -304,11 +314,13 @@ class SimEngine:
         else:
             self.observer.on_token(seq, now - (seq.last_token_at or now))
         seq.last_token_at = now
-        seq.events.put_nowait(Event("token", token=token))
-        if seq.stop and model.detokenize(token) in seq.stop:
-            self._finish(seq, "stop")
-        elif len(seq.output) >= seq.max_tokens:
-            self._finish(seq, "length")
+        delta, stopped = seq.text.push(model.detokenize(token))
+        finish = "stop" if stopped else "length" if len(seq.output) >= seq.max_tokens else None
+        if finish == "length":
+            delta += seq.text.flush()
+        seq.events.put_nowait(Event("token", token=token, text=delta, state=state))
+        if finish:
+            self._finish(seq, finish)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finished, seq.finish_reason = True, reason

@@ -6,18 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import RuntimeConfig
 from ..openai import (
-    SSE_DONE,
-    ChatRequest,
-    CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
     OpenAIError,
@@ -25,14 +22,11 @@ from ..openai import (
     new_id,
     now,
     parse_body,
-    sse,
 )
 from . import embeddings, model, pd
 from .engine import Sequence, SimEngine
+from .generate import MAX_BODY_BYTES, GenerateApi
 from .metrics import EngineMetrics
-
-MAX_BODY_BYTES = 32 * 1024 * 1024
-CHAT_DEFAULT_MAX_TOKENS = 128
 
 
 class SimServer:
@@ -114,7 +108,7 @@ class SimServer:
         if req.n != 1:
             raise OpenAIError(400, "n must be 1 (the sim engine returns one choice)", param="n")
 
-    async def _sequence(self, req: Any, prompt: list[int], default_max: int) -> Sequence:
+    async def sequence(self, req: Any, prompt: list[int], default_max: int) -> Sequence:
         self._check_common(req)
         limit = self.settings.max_model_len
         max_tokens = req.output_limit(default_max)
@@ -163,14 +157,14 @@ class SimServer:
             )
         return seq
 
-    async def _events(self, seq: Sequence) -> AsyncIterator[tuple[str, Any]]:
+    async def events(self, seq: Sequence) -> AsyncIterator[tuple[str, Any]]:
         """Tokens and the end of one sequence; aborts it if the consumer goes away."""
         self.engine.add(seq)
         try:
             while True:
                 event = await seq.events.get()
                 if event.kind == "token":
-                    yield "token", event.token
+                    yield "token", event
                 elif event.kind == "finish":
                     yield "finish", event.reason
                     return
@@ -180,14 +174,7 @@ class SimServer:
             if not seq.finished:
                 self.engine.abort(seq)
 
-    def _usage(self, seq: Sequence) -> dict[str, int]:
-        return {
-            "prompt_tokens": len(seq.prompt),
-            "completion_tokens": len(seq.output),
-            "total_tokens": len(seq.prompt) + len(seq.output),
-        }
-
-    def _kv_params(self, seq: Sequence) -> dict[str, Any] | None:
+    def kv_params(self, seq: Sequence) -> dict[str, Any] | None:
         if seq.hold_blocks and self.exporter is not None:
             return self.exporter.hold(seq)
         return None
@@ -213,7 +200,7 @@ class SimServer:
         ]
 
         task = asyncio.gather(*(self._drain(seq) for seq in seqs))
-        await self._await_or_abort(request, task)
+        await self.await_or_abort(request, task)
         vectors = [
             embeddings.embed(t, self.settings.seed, self.settings.vector_dim, dims) for t in inputs
         ]
@@ -222,10 +209,10 @@ class SimServer:
         )
 
     async def _drain(self, seq: Sequence) -> None:
-        async for _ in self._events(seq):
+        async for _ in self.events(seq):
             pass
 
-    async def _await_or_abort(self, request: Request, task: asyncio.Future[Any]) -> None:
+    async def await_or_abort(self, request: Request, task: asyncio.Future[Any]) -> None:
         """Wait for `task`, cancelling it (which aborts its sequences) if the client leaves."""
         while not task.done():
             done, _ = await asyncio.wait({task}, timeout=0.5)
@@ -236,127 +223,7 @@ class SimServer:
                 raise OpenAIError(499, "client disconnected")
         task.result()
 
-    async def _collect(self, request: Request, seq: Sequence) -> str:
-        """Run a non-streaming request to the end, aborting it if the client disconnects."""
-        text: list[str] = []
-
-        async def run() -> None:
-            async for kind, value in self._events(seq):
-                if kind == "token":
-                    text.append(" " + model.detokenize(value))
-
-        await self._await_or_abort(request, asyncio.create_task(run()))
-        return "".join(text)
-
-    def _respond(self, seq: Sequence, body: dict[str, Any]) -> JSONResponse:
-        """A non-streamed answer: the body plus usage (and kv_transfer_params on prefill)."""
-        body["usage"] = self._usage(seq)
-        kv = self._kv_params(seq)
-        if kv is not None:
-            body["kv_transfer_params"] = kv
-        return JSONResponse(body)
-
-    async def _stream(
-        self,
-        seq: Sequence,
-        req: Any,
-        base: dict[str, Any],
-        choice: Callable[[str | None, str | None], dict[str, Any]],
-        opening: dict[str, Any] | None = None,
-    ) -> AsyncIterator[bytes]:
-        """SSE chunks of one sequence; `choice(text, finish_reason)` shapes each choice."""
-        if opening is not None:
-            yield sse({**base, "choices": [opening]})
-        try:
-            async for kind, value in self._events(seq):
-                if kind == "token":
-                    text = " " + model.detokenize(value)
-                    yield sse({**base, "choices": [choice(text, None)]})
-                else:
-                    final: dict[str, Any] = {**base, "choices": [choice(None, value)]}
-                    kv = self._kv_params(seq)
-                    if kv is not None:
-                        final["kv_transfer_params"] = kv
-                    yield sse(final)
-            if (req.stream_options or {}).get("include_usage"):
-                yield sse({**base, "choices": [], "usage": self._usage(seq)})
-        except OpenAIError as exc:
-            yield sse(exc.body())
-        yield SSE_DONE
-
-    async def completions(self, request: Request) -> Response:
-        req = await parse_body(request, CompletionRequest, MAX_BODY_BYTES)
-        prompt = self._prompt_tokens(req.prompt)
-        seq = await self._sequence(req, prompt, self.settings.default_max_tokens)
-        base = {
-            "id": new_id("cmpl"),
-            "object": "text_completion",
-            "created": now(),
-            "model": req.model,
-        }
-        if req.stream:
-
-            def choice(text: str | None, finish: str | None) -> dict[str, Any]:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-
-            return StreamingResponse(
-                self._stream(seq, req, base, choice), media_type="text/event-stream"
-            )
-        text = await self._collect(request, seq)
-        return self._respond(
-            seq,
-            {
-                **base,
-                "choices": [
-                    {"index": 0, "text": text, "logprobs": None, "finish_reason": seq.finish_reason}
-                ],
-            },
-        )
-
-    async def chat(self, request: Request) -> Response:
-        req = await parse_body(request, ChatRequest, MAX_BODY_BYTES)
-        seq = await self._sequence(req, self._chat_tokens(req.messages), CHAT_DEFAULT_MAX_TOKENS)
-        rid, created = new_id("chatcmpl"), now()
-        if req.stream:
-            base = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": req.model,
-            }
-
-            def choice(text: str | None, finish: str | None) -> dict[str, Any]:
-                delta = {"content": text} if text is not None else {}
-                return {"index": 0, "delta": delta, "finish_reason": finish}
-
-            opening = {
-                "index": 0,
-                "delta": {"role": "assistant", "content": ""},
-                "finish_reason": None,
-            }
-            return StreamingResponse(
-                self._stream(seq, req, base, choice, opening), media_type="text/event-stream"
-            )
-        content = await self._collect(request, seq)
-        return self._respond(
-            seq,
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": req.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "logprobs": None,
-                        "finish_reason": seq.finish_reason,
-                    }
-                ],
-            },
-        )
-
-    def _chat_tokens(self, messages: list[Any]) -> list[int]:
+    def chat_tokens(self, messages: list[Any]) -> list[int]:
         """The sim's chat template: one `role: content` line per message."""
         text = "\n".join(f"{m.role}: {self._content(m.content)}" for m in messages)
         return model.tokenize(text)
@@ -367,7 +234,7 @@ class SimServer:
         if req.model is not None and req.model != self.config.served_model_name:
             self._check_model(req, self.config.task)
         if req.messages is not None:
-            tokens = self._chat_tokens(req.messages)
+            tokens = self.chat_tokens(req.messages)
         elif req.prompt is not None:
             tokens = model.tokenize(req.prompt)
         else:
@@ -389,29 +256,14 @@ class SimServer:
             return content
         return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
 
-    @staticmethod
-    def _prompt_tokens(prompt: str | list[str] | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return model.tokenize(prompt)
-        if not prompt:
-            raise OpenAIError(400, "prompt must not be empty", param="prompt")
-        if all(isinstance(p, int) for p in prompt):
-            return [int(p) for p in prompt]
-        if len(prompt) != 1:
-            raise OpenAIError(
-                400,
-                f"the sim engine takes one prompt per request; send {len(prompt)} requests",
-                param="prompt",
-            )
-        return model.tokenize(str(prompt[0]))
-
     # ------------------------------------------------------------------ apps
 
     def _api_app(self) -> FastAPI:
         app = FastAPI(title="ascend-serve sim engine", docs_url=None, redoc_url=None)
         app.add_exception_handler(OpenAIError, _error_handler)  # type: ignore[arg-type]
-        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
-        app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
+        generate = GenerateApi(self)
+        app.add_api_route("/v1/completions", generate.completions, methods=["POST"])
+        app.add_api_route("/v1/chat/completions", generate.chat, methods=["POST"])
         app.add_api_route("/v1/embeddings", self.embeddings, methods=["POST"])
         app.add_api_route("/tokenize", self.tokenize, methods=["POST"])
         app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
