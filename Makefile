@@ -42,6 +42,8 @@ up: $(STAMP)
 
 bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python bench/router.py
+	$(BIN)/python bench/router.py --task stream
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/router_faults.py
 	$(BIN)/python bench/operator_scale.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/vllm_serve.py --vllm-python $(abspath $(VLLM_VENV))/bin/python
 	@echo "bench/kernels.py needs an NVIDIA GPU: run it there (see docs/kernels.md)"
