@@ -6,6 +6,7 @@ copy measured in the same run; writes every row to JSON. The winners become the 
 CUDA constants (PREFILL_*_CUDA, UPDATE_*_CUDA, MAX_TILE_TOKENS_CUDA, ...).
 
     python bench/kernel_tiles.py [--output bench/results/kernel_tiles.json] [--only conv_prefill]
+    python bench/kernel_tiles.py --tiny   # one configuration per sweep, toy shapes, CPU (CI)
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-import triton
+TINY = "--tiny" in sys.argv
+if TINY:  # before Triton decorates any kernel
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT / "bench")]
@@ -27,7 +32,12 @@ sys.path[:0] = [str(ROOT / "kernels"), str(ROOT / "bench")]
 from _common import write_result  # noqa: E402
 
 from ascend_kernels import causal_conv1d, device, reshape_and_cache  # noqa: E402
-from kernels import BF16, CACHE_SHAPES, copy_bandwidth, ms  # noqa: E402
+from kernels import BF16, CACHE_SHAPES, DEV, SHAPES, copy_bandwidth, device_line, ms  # noqa: E402
+
+
+def configs(sweep: list[Any]) -> list[Any]:
+    """Every configuration of a sweep, or its first one in the tiny mode."""
+    return sweep[:1] if TINY else sweep
 
 
 @contextlib.contextmanager
@@ -66,23 +76,23 @@ def measure(
 
 
 def conv_prefill_inputs(lens: list[int]) -> dict[str, Any]:
-    dim, width = 8192, 4
+    dim, width = SHAPES.conv_dim, 4
     tokens = sum(lens)
     slots = len(lens)
     return {
-        "x": torch.randn(tokens, dim, device="cuda", dtype=BF16),
-        "w": torch.randn(dim, width, device="cuda", dtype=BF16),
-        "b": torch.randn(dim, device="cuda", dtype=BF16),
-        "cu": torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda"),
-        "states": torch.randn(slots, width - 1, dim, device="cuda", dtype=BF16).transpose(1, 2),
-        "idx": torch.arange(slots, dtype=torch.int32, device="cuda"),
-        "init": torch.ones(slots, dtype=torch.bool, device="cuda"),
+        "x": torch.randn(tokens, dim, device=DEV, dtype=BF16),
+        "w": torch.randn(dim, width, device=DEV, dtype=BF16),
+        "b": torch.randn(dim, device=DEV, dtype=BF16),
+        "cu": torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEV),
+        "states": torch.randn(slots, width - 1, dim, device=DEV, dtype=BF16).transpose(1, 2),
+        "idx": torch.arange(slots, dtype=torch.int32, device=DEV),
+        "init": torch.ones(slots, dtype=torch.bool, device=DEV),
     }
 
 
 def sweep_conv_prefill(copy_bw: float) -> list[dict[str, Any]]:
     rows = []
-    configs = [
+    sweep = [
         {"PREFILL_TILE_CUDA": tile, "warps": warps, "programs_per_sm": per_sm}
         for tile, warps, per_sm in itertools.product(
             ((16, 128), (32, 128), (64, 128), (16, 256), (32, 256), (8, 512), (16, 512)),
@@ -90,7 +100,7 @@ def sweep_conv_prefill(copy_bw: float) -> list[dict[str, Any]]:
             (8, 16),
         )
     ]
-    for lens in ([2048] * 4, [512] * 16):
+    for lens in map(list, SHAPES.conv_prefill[:2]):
         a = conv_prefill_inputs(lens)
         ref_states = a["states"].clone()
         want = causal_conv1d.causal_conv1d_prefill_ref(
@@ -116,7 +126,7 @@ def sweep_conv_prefill(copy_bw: float) -> list[dict[str, Any]]:
             run(states=states)
             return close(out, expected[0]) and torch.equal(states, expected[1])
 
-        for cfg in configs:
+        for cfg in configs(sweep):
             with (
                 patched(
                     causal_conv1d,
@@ -133,12 +143,12 @@ def sweep_conv_prefill(copy_bw: float) -> list[dict[str, Any]]:
 
 def sweep_conv_update(copy_bw: float) -> list[dict[str, Any]]:
     rows = []
-    dim, width = 8192, 4
-    for batch, steps in ((256, 1), (1024, 1), (256, 4)):
-        x = torch.randn(batch, steps, dim, device="cuda", dtype=BF16)
-        w = torch.randn(dim, width, device="cuda", dtype=BF16)
-        states = torch.randn(batch, width - 1, dim, device="cuda", dtype=BF16).transpose(1, 2)
-        idx = torch.arange(batch, dtype=torch.int32, device="cuda")
+    dim, width = SHAPES.conv_dim, 4
+    for batch, steps in SHAPES.conv_update:
+        x = torch.randn(batch, steps, dim, device=DEV, dtype=BF16)
+        w = torch.randn(dim, width, device=DEV, dtype=BF16)
+        states = torch.randn(batch, width - 1, dim, device=DEV, dtype=BF16).transpose(1, 2)
+        idx = torch.arange(batch, dtype=torch.int32, device=DEV)
         ref_states = states.clone()
         want = causal_conv1d.causal_conv1d_update_ref(x, ref_states, w, idx, activation="silu")
         out = torch.empty_like(x)
@@ -155,7 +165,9 @@ def sweep_conv_update(copy_bw: float) -> list[dict[str, Any]]:
             run(states=s)
             return close(out, expected[0]) and torch.equal(s, expected[1])
 
-        for block_d, warps, per_sm in itertools.product((256, 512, 1024), (4, 8), (8, 16, 32)):
+        for block_d, warps, per_sm in configs(
+            list(itertools.product((256, 512, 1024), (4, 8), (8, 16, 32)))
+        ):
             cfg = {"UPDATE_TILE_CUDA": block_d, "warps": warps, "programs_per_sm": per_sm}
 
             with (
@@ -173,13 +185,13 @@ def sweep_reshape_and_cache(copy_bw: float) -> list[dict[str, Any]]:
     rows = []
     block = 128
     for label, heads, ks, vs, layers, tokens in CACHE_SHAPES:
-        num_blocks = 2 * tokens // block
-        kbuf = torch.zeros(num_blocks, layers, block, heads, ks, device="cuda", dtype=BF16)
-        vbuf = torch.zeros(num_blocks, layers, block, heads, vs, device="cuda", dtype=BF16)
-        key = torch.randn(tokens, heads, ks, device="cuda", dtype=BF16)
-        value = torch.randn(tokens, heads, vs, device="cuda", dtype=BF16)
-        slots = torch.randperm(num_blocks * block, device="cuda")[:tokens]
-        kc, vc = kbuf[:, 3], vbuf[:, 3]
+        num_blocks = max(SHAPES.cache_blocks, 2 * tokens // block)
+        kbuf = torch.zeros(num_blocks, layers, block, heads, ks, device=DEV, dtype=BF16)
+        vbuf = torch.zeros(num_blocks, layers, block, heads, vs, device=DEV, dtype=BF16)
+        key = torch.randn(tokens, heads, ks, device=DEV, dtype=BF16)
+        value = torch.randn(tokens, heads, vs, device=DEV, dtype=BF16)
+        slots = torch.randperm(num_blocks * block, device=DEV)[:tokens]
+        kc, vc = kbuf[:, min(3, layers - 1)], vbuf[:, min(3, layers - 1)]
         kw, vw = kc.clone(), vc.clone()
         reshape_and_cache.reshape_and_cache_ref(key, value, kw, vw, slots)
         nbytes = 2 * (key.numel() + value.numel()) * 2
@@ -193,8 +205,9 @@ def sweep_reshape_and_cache(copy_bw: float) -> list[dict[str, Any]]:
             run()
             return torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
 
-        for block_t, warps, per_sm in itertools.product((1, 2, 4, 8, 16), (2, 4, 8),
-                                                        (8, 16, 32)):  # fmt: skip
+        for block_t, warps, per_sm in configs(
+            list(itertools.product((1, 2, 4, 8, 16), (2, 4, 8), (8, 16, 32)))
+        ):
             cfg = {"MAX_TILE_TOKENS_CUDA": block_t, "warps": warps, "programs_per_sm": per_sm}
 
             with (
@@ -222,21 +235,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "kernel_tiles.json"))
     parser.add_argument("--only", choices=sorted(SWEEPS), action="append")
+    parser.add_argument("--tiny", action="store_true", help="CPU, toy shapes, one configuration")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/kernel_tiles.py needs an NVIDIA GPU", file=sys.stderr)
+    if not TINY and not torch.cuda.is_available():
+        print("bench/kernel_tiles.py needs an NVIDIA GPU, or --tiny for the CPU", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    copy_bw = copy_bandwidth("cuda")
-    print(f"{torch.cuda.get_device_name()}: d2d copy {copy_bw:.0f} GB/s", flush=True)
+    copy_bw = copy_bandwidth(DEV)
+    print(f"{device_line()}: d2d copy {copy_bw:.0f} GB/s", flush=True)
     rows = []
     for name in args.only or sorted(SWEEPS):
         rows += SWEEPS[name](copy_bw)
-    props = torch.cuda.get_device_properties(0)
     write_result(args.output, {
         "benchmark": "kernel_tiles",
-        "device": f"{props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
-                  f"triton {triton.__version__}",
+        "device": device_line(),
+        "tiny": TINY,
         "copy_gb_per_s": round(copy_bw, 1),
         "results": rows,
     })  # fmt: skip

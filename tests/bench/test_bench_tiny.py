@@ -1,8 +1,7 @@
-"""Every benchmark script that can run here runs in a tiny mode, so none rots between the runs
-that produce bench/results/ (the speed numbers themselves are never asserted).
-
-bench/kernels.py and bench/kernel_tiles.py measure Triton kernels on an NVIDIA GPU and have no
-CPU mode; they are run on the device machine (docs/kernels.md)."""
+"""Every benchmark script runs in a tiny mode, so none rots between the runs that produce
+bench/results/ (the speed numbers themselves are never asserted). The kernel benchmarks'
+tiny mode runs toy shapes on the CPU under Triton's interpreter; their real runs need an
+NVIDIA GPU (docs/kernels.md). bench/vllm_serve.py's tiny mode is in tests/realvllm."""
 
 from __future__ import annotations
 
@@ -75,3 +74,27 @@ def test_router_faults_tiny(tmp_path):
     assert all(row["requests"] > 0 for name, row in scenarios.items() if name != "slowloris")
     assert scenarios["slowloris"]["normal_requests"]["requests"] > 0
     assert "device" in result
+
+
+def test_kernels_tiny(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    out = tmp_path / "kernels.json"
+    result = _run("kernels.py", "--tiny", "--output", str(out))
+    kernels = {r["kernel"] for r in result["results"]}
+    assert {"causal_conv1d_prefill", "causal_conv1d_update", "gdn_chunk_prefill",
+            "gdn_decode", "reshape_and_cache", "moe_unpermute"} <= kernels  # fmt: skip
+    shapes = [r["shape"] for r in result["results"] if r["kernel"] == "causal_conv1d_prefill"]
+    assert any(s.endswith("no bias") for s in shapes) and any(s.endswith(", bias") for s in shapes)
+    gdn = next(r for r in result["results"] if r["kernel"] == "gdn_chunk_prefill")
+    assert gdn["max_abs_error_vs_reference"] < 5e-2
+    assert result["tiny"] and "Triton interpreter" in result["device"]
+
+
+def test_kernel_tiles_tiny(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    out = tmp_path / "kernel_tiles.json"
+    result = _run("kernel_tiles.py", "--tiny", "--output", str(out))
+    assert len(result["results"]) == 3  # one configuration of each sweep
+    assert all(r["correct"] for r in result["results"])
