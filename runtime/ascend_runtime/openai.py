@@ -154,7 +154,8 @@ async def read_body(
         return b"".join(chunks)
 
     try:
-        return await asyncio.wait_for(collect(), timeout)
+        async with asyncio.timeout(timeout):  # in this task: no task per request
+            return await collect()
     except TimeoutError:
         raise OpenAIError(
             408,

@@ -19,6 +19,8 @@ def make_server(app: Any, host: str, port: int, log_level: str = "warning") -> u
         loop="uvloop",
         http="httptools",
         lifespan="off",
+        proxy_headers=False,  # nothing here reads the client's address
+        interface="asgi3",  # apps may be bound methods, which uvicorn cannot inspect
         timeout_graceful_shutdown=5,
     )
     return uvicorn.Server(config)

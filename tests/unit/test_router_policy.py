@@ -117,6 +117,29 @@ def test_waits_end_when_the_instance_is_ejected_or_the_timeout_passes():
     assert lost == "http://a was taken out of rotation: health check failed"
 
 
+def test_ejection_interrupts_only_its_own_waits():
+    """The wait runs in the caller's task: a cancellation from elsewhere (a client that left)
+    stays a cancellation, and the task is not left marked as cancelling after an ejection."""
+
+    async def scenario() -> tuple[bool, int, int]:
+        policy, b = FailurePolicy(), backend()
+        outer = asyncio.ensure_future(before_first_byte(b, asyncio.sleep(30), 30, "the response"))
+        await asyncio.sleep(0.01)
+        outer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await outer
+        ejected = asyncio.ensure_future(
+            before_first_byte(b, asyncio.sleep(30), 30, "the response")
+        )
+        await asyncio.sleep(0.01)
+        policy.failed(b, "gone", definitive=True)
+        with pytest.raises(UpstreamError):
+            await ejected
+        return outer.cancelled(), ejected.cancelling(), len(b.waiters)
+
+    assert asyncio.run(scenario()) == (True, 0, 0)
+
+
 class _Response:
     def __init__(self) -> None:
         self.closed = False

@@ -7,12 +7,13 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from ..config import RouterConfig
 from ..openai import SSE_DONE, OpenAIError, sse
 from .metrics import RouterMetrics
 from .pool import Backend, Pool
+from .relay import RelayResponse
 from .upstream import (
     UPSTREAM_ERRORS,
     StreamWatch,
@@ -136,7 +137,7 @@ class Forwarder:
                 )
             self.metrics.ttft.observe(time.perf_counter() - start)
             handed_off = True
-            return StreamingResponse(
+            return RelayResponse(
                 self._relay(upstream, backend, first), media_type="text/event-stream"
             )
         finally:

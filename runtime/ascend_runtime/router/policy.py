@@ -16,6 +16,10 @@ timeout, or the router reuses a connection at the moment the engine closes it: u
 API server, `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`, and the sim engine) closes idle ones after 5 s."""
 
 
+EJECTED = "ascend-serve: the instance was ejected"
+"""The cancellation message of a wait that ejection interrupted."""
+
+
 @dataclass
 class Backend:
     """One engine instance (its leader's base URL) and what the router knows of its health."""
@@ -35,14 +39,9 @@ class Backend:
     probe_failures: int = 0
     last_failure: float = 0.0
     last_error: str | None = None
-    _lost: asyncio.Future[str] | None = field(default=None, repr=False)
-
-    def lost(self) -> asyncio.Future[str]:
-        """Resolves (with the reason) when the instance is next ejected: requests in flight
-        there stop waiting for an engine that is gone or frozen."""
-        if self._lost is None or self._lost.done():
-            self._lost = asyncio.get_running_loop().create_future()
-        return self._lost
+    waiters: set[asyncio.Task[object]] = field(default_factory=set, repr=False)
+    """Tasks waiting for this instance's first byte: ejection interrupts them (a request
+    should not wait for an engine that is gone or frozen)."""
 
     @property
     def available(self) -> bool:
@@ -150,9 +149,9 @@ class FailurePolicy:
             period,
             reason,
         )
-        lost, backend._lost = backend._lost, None
-        if lost is not None and not lost.done():
-            lost.set_result(reason)
+        waiters, backend.waiters = backend.waiters, set()
+        for task in waiters:
+            task.cancel(EJECTED)
 
     def fallback(self, members: list[Backend]) -> Backend | None:
         """With every instance of a role out, the one that failed longest ago: a request

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from .policy import UPSTREAM_KEEPALIVE_SECONDS, Backend
+from .policy import EJECTED, UPSTREAM_KEEPALIVE_SECONDS, Backend
 
 T = TypeVar("T")
 
@@ -91,29 +91,35 @@ class Upstream:
 async def before_first_byte(backend: Backend, work: Awaitable[T], timeout: float, what: str) -> T:
     """Await `work` for at most `timeout` seconds, and no longer than the instance stays in
     rotation (a frozen engine is ejected by its failing health checks; its requests should not
-    wait for the timeout). Failures become UpstreamError, retryable elsewhere."""
-    task = asyncio.ensure_future(work)
-    lost = backend.lost()
+    wait for the timeout). Failures become UpstreamError, retryable elsewhere.
+
+    The wait runs in the caller's task (no task per request: this is the hot path); ejection
+    cancels the waiting tasks with the EJECTED message, which is told apart from any other
+    cancellation here."""
+    task = asyncio.current_task()
+    assert task is not None
+    backend.waiters.add(task)
+    deadline = asyncio.timeout(timeout)
     try:
-        done, _ = await asyncio.wait({task, lost}, timeout=timeout, return_when="FIRST_COMPLETED")
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    if task in done:
-        try:
-            return task.result()
-        except UpstreamError:
+        async with deadline:
+            return await work
+    except asyncio.CancelledError as exc:
+        if exc.args != (EJECTED,):
             raise
-        except UPSTREAM_ERRORS as exc:
+        task.uncancel()
+        raise UpstreamError(
+            f"{backend.url} was taken out of rotation: {backend.last_error}", "ejected"
+        ) from None
+    except UpstreamError:
+        raise
+    except UPSTREAM_ERRORS as exc:
+        if deadline.expired():
             raise UpstreamError(
-                f"{what} from {backend.url} failed: {describe(exc)}", "broken"
-            ) from exc
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-    if lost.done():
-        raise UpstreamError(f"{backend.url} was taken out of rotation: {lost.result()}", "ejected")
-    raise UpstreamError(f"{what} from {backend.url} took longer than {timeout:g} s", "timeout")
+                f"{what} from {backend.url} took longer than {timeout:g} s", "timeout"
+            ) from None
+        raise UpstreamError(f"{what} from {backend.url} failed: {describe(exc)}", "broken") from exc
+    finally:
+        backend.waiters.discard(task)
 
 
 @dataclass(eq=False)
