@@ -128,9 +128,7 @@ def test_ejection_interrupts_only_its_own_waits():
         outer.cancel()
         with pytest.raises(asyncio.CancelledError):
             await outer
-        ejected = asyncio.ensure_future(
-            before_first_byte(b, asyncio.sleep(30), 30, "the response")
-        )
+        ejected = asyncio.ensure_future(before_first_byte(b, asyncio.sleep(30), 30, "the response"))
         await asyncio.sleep(0.01)
         policy.failed(b, "gone", definitive=True)
         with pytest.raises(UpstreamError):
