@@ -10,6 +10,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from ascend_runtime.roles import ROUTER_PORT
+
 from . import __version__
 
 
@@ -94,6 +96,8 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if plans is None:
         return 1
     for p in plans:
+        for warning in p.warnings:  # stderr: the YAML on stdout stays what kubectl applies
+            err.write(f"warning: {p.name}: {warning}\n")
         out.write(to_yaml(render(p)))
     return 0
 
@@ -294,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: the spec's engine where vLLM and NPUs exist, else sim",
     )
-    p.add_argument("--port", type=int, default=8000, help="router port on 127.0.0.1")
+    p.add_argument("--port", type=int, default=ROUTER_PORT, help="router port on 127.0.0.1")
     p.add_argument("--run-dir", help="where configs and logs go (default: a new temp dir)")
     p.add_argument(
         "--ready-timeout",

@@ -32,8 +32,9 @@ from typing import TextIO
 
 from ascend_runtime.config import PodIdentity, RouterBackends, RuntimeConfig
 from ascend_runtime.engine_command import Listen, engine_command, router_command
+from ascend_runtime.roles import Role
 
-from .planner.plan import Plan
+from .planner.results import Plan
 
 LOOPBACK = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -167,7 +168,7 @@ def local_processes(
             port = free_port()
             url = f"http://{LOOPBACK}:{port}"
             members.setdefault(role.name, []).append(url)
-            kv_port = free_port() if role.name == "prefill" else None
+            kv_port = free_port() if role.name == Role.PREFILL else None
             instance_config = config
             if engine == "vllm":
                 # every rank of every instance serves KV on its own port (one network here)

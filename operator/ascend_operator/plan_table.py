@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .planner.plan import Plan, RolePlan
+from .planner.results import Plan, RolePlan
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from .roles import DP_RPC_PORT, ENGINE_HTTP_PORT, ROUTER_PORT, RoleName
+
 SCHEMA_VERSION = 1
 
 
@@ -30,7 +32,7 @@ class Topology(_Config):
     prefill_context: int = Field(default=1, ge=1)
     decode_context: int = Field(default=1, ge=1)
     expert: bool = False
-    data_parallel_rpc_port: int = 13389
+    data_parallel_rpc_port: int = DP_RPC_PORT
 
     @property
     def ranks_devices(self) -> int:
@@ -129,14 +131,14 @@ class RuntimeConfig(_Config):
     schema_version: Literal[1] = SCHEMA_VERSION
     deployment: str
     namespace: str
-    role: Literal["unified", "prefill", "decode"]
+    role: RoleName
     engine: Literal["vllm", "sim"]
     runtime_version: str
     model_path: str
     """Path (or Hugging Face id, resolved offline from HF_HOME) given to `vllm serve`."""
     served_model_name: str
     task: Literal["generate", "embed"] = "generate"
-    http_port: int = 8000
+    http_port: int = ENGINE_HTTP_PORT
     engine_args: list[str] = Field(default_factory=list)
     """Flags shared by every pod of the role; per-pod flags are added by engine_command."""
     env: dict[str, str] = Field(default_factory=dict)
@@ -171,7 +173,7 @@ class RouterBackends(_Config):
     """Role -> base URLs, for `source: static`."""
     file: str | None = None
     """JSON file of role -> base URLs, re-read on change, for `source: file`."""
-    engine_port: int = 8000
+    engine_port: int = ENGINE_HTTP_PORT
 
 
 class RouterConfig(_Config):
@@ -181,7 +183,7 @@ class RouterConfig(_Config):
     deployment: str
     served_model_name: str
     mode: Literal["unified", "pd"]
-    port: int = 8000
+    port: int = ROUTER_PORT
     policy: Literal["least-outstanding", "round-robin"] = "least-outstanding"
     backends: RouterBackends
     api_keys_file: str | None = None

@@ -9,6 +9,8 @@ Markers, an HTML comment on the line before a fenced block:
   `localhost:8000` / `127.0.0.1:8000` point at the page's running `up`.
 - `<!-- docs-test: invalid -->`: a YAML block that must be refused by the planner, and every
   problem path it reports must appear in the page (troubleshooting sections).
+- `<!-- docs-test: warns -->`: a YAML block that plans with at least one warning, and every
+  warning's path must appear in the page.
 A YAML block whose first line is `# examples/<file>` must equal that example.
 """
 
@@ -64,8 +66,8 @@ def test_markers_are_known_and_on_the_right_blocks():
     for b in ALL:
         if b.marker is None:
             continue
-        assert b.marker in ("up", "run", "invalid"), f"{b.where}: unknown marker {b.marker}"
-        wanted = "yaml" if b.marker == "invalid" else "bash"
+        assert b.marker in ("up", "run", "invalid", "warns"), f"{b.where}: unknown {b.marker}"
+        wanted = "yaml" if b.marker in ("invalid", "warns") else "bash"
         assert b.lang == wanted, f"{b.where}: docs-test: {b.marker} goes on a {wanted} block"
 
 
@@ -86,11 +88,16 @@ def test_yaml_block_parses_and_plans(block: Block):
                 )
         else:
             try:
-                plan_manifest(doc)
+                planned = plan_manifest(doc)
             except PlanError as exc:
                 pytest.fail(f"{block.where}: this ModelDeployment does not plan:\n{exc}")
-    if block.marker == "invalid":
-        assert deployments, f"{block.where}: docs-test: invalid needs a ModelDeployment"
+            if block.marker == "warns":
+                assert planned.warnings, f"{block.where}: docs-test: warns, but it plans clean"
+                text = block.page.read_text()
+                for warning in planned.warnings:
+                    assert warning.path in text, f"{block.where}: explain {warning}"
+    if block.marker in ("invalid", "warns"):
+        assert deployments, f"{block.where}: docs-test: {block.marker} needs a ModelDeployment"
     first = block.body.splitlines()[0]
     if first.startswith("# examples/"):  # a copy of an example must stay one
         example = ROOT / first[2:].strip()

@@ -137,6 +137,25 @@ def test_apply_error_and_invalid_spec():
     assert notices(invalid, invalid) == []
 
 
+def test_warnings_are_in_the_validated_condition_and_one_event():
+    doc = load_example("tiny-sim-pd.yaml")
+    doc["metadata"]["uid"] = "u1"
+    doc["spec"]["roles"][0]["kvPort"] = 20000  # below the advised 28000: planned, with a warning
+    p = plan(ModelDeployment.from_manifest(doc), ClusterInfo())
+    desired = [stamp(o) for o in render(p)]
+    (warning,) = p.warnings
+    clean, _ = planned("tiny-sim-pd.yaml")
+    before = status_of(clean, desired, Observed())
+    warned = status_of(p, desired, Observed(), previous=before)
+    validated = conditions(warned)["Validated"]
+    assert validated["status"] == "True" and validated["reason"] == "ValidWithWarnings"
+    assert "1 warning" in validated["message"] and str(warning) in validated["message"]
+    assert "spec.roles[0].kvPort" in validated["message"]
+    (notice,) = notices(before, warned)
+    assert (notice.type, notice.reason) == ("Warning", "SpecWarnings")
+    assert notices(warned, status_of(p, desired, Observed(), previous=warned)) == []
+
+
 def _pd(max_num_seqs: int):
     return planned("tiny-sim-pd.yaml", runtime={"maxNumSeqs": max_num_seqs})
 

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import Field
 
+from ascend_runtime.roles import ROUTER_PORT, RoleName
+
 from .base import ApiModel, Quantity, cel, cel_rules
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -373,7 +375,7 @@ class RoleSpec(ApiModel):
     """One role: `unified` (prefill and decode in one engine), or `prefill` / `decode` of a
     disaggregated deployment."""
 
-    name: Literal["unified", "prefill", "decode"]
+    name: RoleName
     """The role."""
     replicas: int | None = Field(default=None, ge=0, le=1024)
     """Instances of the prefill role. The unified or decode role's instance count is
@@ -422,7 +424,7 @@ class RouterSpec(ApiModel):
     """Router image; the ascend-serve image when unset."""
     policy: Literal["least-outstanding", "round-robin"] = "least-outstanding"
     """Balancing policy across instances (KV usage breaks ties)."""
-    port: int = Field(default=8000, ge=1, le=65535)
+    port: int = Field(default=ROUTER_PORT, ge=1, le=65535)
     """Port of the router Service."""
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     """Type of the router Service."""

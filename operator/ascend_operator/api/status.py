@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
+from ascend_runtime.roles import RoleName
+
 from .base import ApiModel
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
@@ -45,7 +47,7 @@ class Condition(ApiModel):
 class RoleStatus(ApiModel):
     """Progress of one role."""
 
-    name: Literal["unified", "prefill", "decode"]
+    name: RoleName
     """The role."""
     desired_instances: int = 0
     """Instances the spec asks for."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..planner.plan import Plan, RolePlan
+from ..planner.results import Plan, RolePlan
 from ..render import labels as lbl
 
 

@@ -21,7 +21,7 @@ from ..render import render
 from .kube import KubeClient, KubeError
 from .progress import Observed
 from .rollout import plan_rollout
-from .status import aggregate, invalid_status
+from .status import VALID_WITH_WARNINGS, aggregate, invalid_status
 
 log = logging.getLogger("ascend_operator.reconcile")
 
@@ -181,8 +181,11 @@ def notices(previous: dict[str, Any], status: dict[str, Any]) -> list[Notice]:
     """Events for what newly went wrong (each once, not on every pass)."""
     out = []
     validated, before = _condition(status, "Validated"), _condition(previous, "Validated")
-    if validated.get("status") == "False" and validated.get("message") != before.get("message"):
-        out.append(Notice("Warning", "InvalidSpec", validated["message"]))
+    if validated.get("message") != before.get("message"):
+        if validated.get("status") == "False":
+            out.append(Notice("Warning", "InvalidSpec", validated["message"]))
+        elif validated.get("reason") == VALID_WITH_WARNINGS:
+            out.append(Notice("Warning", "SpecWarnings", validated["message"]))
     workload = _condition(status, "WorkloadAvailable")
     if (
         workload.get("status") == "False"

@@ -20,8 +20,10 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from ascend_runtime.roles import PD_ROLES, Role
+
 from ..kinds import WORKLOAD_KINDS
-from ..planner.plan import Plan
+from ..planner.results import Plan
 from ..render import labels as lbl
 from .progress import (
     Observed,
@@ -31,7 +33,7 @@ from .progress import (
     template_hash,
 )
 
-ROLL_ORDER = ("prefill", "decode")
+ROLL_ORDER = PD_ROLES
 
 
 @dataclass
@@ -83,14 +85,14 @@ def plan_rollout(plan: Plan, desired: list[dict[str, Any]], observed: Observed) 
     progress = {r.name: role_progress(plan, r, wanted, observed) for r in plan.roles}
     held_roles: list[str] = []
     if plan.pd:
-        prefill = progress["prefill"]
+        prefill = progress[Role.PREFILL]
         decode_changes = any(
             (live := observed.get(*key)) is not None and _changed(live, want)
             for key, want in wanted.items()
-            if key[0] in WORKLOAD_KINDS and _role(want) == "decode"
+            if key[0] in WORKLOAD_KINDS and _role(want) == Role.DECODE
         )
         if decode_changes and not prefill.settled:
-            held_roles.append("decode")
+            held_roles.append(Role.DECODE)
     held_keys: set[tuple[str, str]] = set()
     held_instances: dict[str, int] = {}
     if plan.workload_kind == "StatefulSet":

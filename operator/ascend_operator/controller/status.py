@@ -16,8 +16,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from ..planner.plan import Plan
 from ..planner.problems import Problem, format_problems
+from ..planner.results import Plan
 from ..render import labels as lbl
 from .progress import Observed, router_progress
 from .rollout import ROLL_ORDER, Rollout
@@ -54,6 +54,23 @@ def _condition(  # noqa: PLR0917 - a condition is exactly these six things
         "lastTransitionTime": since,
         "observedGeneration": generation,
     }
+
+
+VALID_WITH_WARNINGS = "ValidWithWarnings"
+"""The Validated condition's reason when the plan carries warnings (each also an Event)."""
+
+
+def _validated(
+    plan: Plan, generation: int | None, prev: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    if not plan.warnings:
+        return _condition("Validated", True, "Valid", "the spec is valid", generation, prev)
+    count = len(plan.warnings)
+    message = (
+        f"the spec is valid, with {count} warning{'s' if count != 1 else ''}:\n"
+        + format_problems(plan.warnings)
+    )
+    return _condition("Validated", True, VALID_WITH_WARNINGS, message, generation, prev)
 
 
 def invalid_status(
@@ -204,7 +221,7 @@ def aggregate(
     )
     rollout_message = _rollout_message(plan, rollout, router_rolling)
     conditions = [
-        _condition("Validated", True, "Valid", "the spec is valid", generation, prev),
+        _validated(plan, generation, prev),
         _condition(
             "Reconciled",
             apply_error is None,

@@ -36,6 +36,9 @@ def pdb(deployment: str, component: str) -> str:
     return f"{deployment}-{component}"
 
 
+MODEL_MOUNT = "/models"
+"""Where engine pods mount the model (a PVC or a hostPath directory)."""
+
 CONFIG_DIR = "/etc/ascend-serve"
 """Where engine and router pods mount their configuration."""
 

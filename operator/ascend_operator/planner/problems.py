@@ -25,6 +25,15 @@ class Problem:
         return f"{self.path}: {self.message}. Fix: {self.fix}"
 
 
+@dataclass(frozen=True)
+class PlanWarning(Problem):
+    """Something the spec may run with but that a user should know: a value outside what
+    upstream advises, or a choice the planner made for them (a fallback)."""
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}. Consider: {self.fix}"
+
+
 class PlanError(ValueError):
     """A spec that cannot be planned; carries every problem found, not just the first."""
 
@@ -34,7 +43,8 @@ class PlanError(ValueError):
 
 
 def format_problems(problems: Iterable[Problem]) -> str:
-    """All problems, one per line, numbered (the text of the Validated condition and CLI)."""
+    """All problems (or warnings), one per line, numbered (the text of the Validated condition
+    and of the CLI)."""
     lines = [f"{i}. {p}" for i, p in enumerate(problems, 1)]
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from ascend_runtime.config import SimSettings
+from ascend_runtime.roles import Role
 
 from ..api.spec import ModelDeploymentSpec, RoleSpec
 from .architectures import Architecture
@@ -76,6 +77,6 @@ def sim_settings(
         fixed_itl_seconds=None if sim.fixed_itl_ms is None else sim.fixed_itl_ms / 1000,
         kv_transfer_timeout_seconds=sim.kv_transfer_timeout_seconds,
         # PD roles move real KV bytes between simulated ranks: the rank map needs the heads.
-        kv_heads=arch.num_kv_heads if role.name != "unified" else None,
-        kv_mla=arch.mla if role.name != "unified" and arch.num_kv_heads else None,
+        kv_heads=arch.num_kv_heads if role.name != Role.UNIFIED else None,
+        kv_mla=arch.mla if role.name != Role.UNIFIED and arch.num_kv_heads else None,
     )

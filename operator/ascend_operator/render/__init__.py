@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from ..planner.plan import Plan
+from ..planner.results import Plan
 from .engine import role_objects
 from .router import router_objects
 

@@ -10,9 +10,10 @@ from typing import Any
 
 from ascend_runtime.config import PodIdentity
 from ascend_runtime.engine_command import engine_command
+from ascend_runtime.roles import ENGINE_HTTP_PORT
 
 from ..planner import names
-from ..planner.plan import HTTP_PORT, MODEL_MOUNT, Plan, RolePlan
+from ..planner.results import Plan, RolePlan
 from . import labels as lbl
 
 CONFIG_DIR = names.CONFIG_DIR
@@ -125,12 +126,12 @@ def _volumes(plan: Plan, role: RolePlan) -> tuple[list[dict[str, Any]], list[dic
                 "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True},
             }
         )
-        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+        mounts.append({"name": "model", "mountPath": names.MODEL_MOUNT, "readOnly": True})
     elif source.host_path is not None:
         volumes.append(
             {"name": "model", "hostPath": {"path": source.host_path.path, "type": "Directory"}}
         )
-        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+        mounts.append({"name": "model", "mountPath": names.MODEL_MOUNT, "readOnly": True})
     elif source.hugging_face is not None:
         cache = source.hugging_face.cache
         if cache.claim_name:
@@ -242,7 +243,7 @@ def pod_template(
         "imagePullPolicy": spec.runtime.image_pull_policy,
         "command": ["ascend-serve", "launch", "--config", RUNTIME_JSON],
         "env": env,
-        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "http", "containerPort": ENGINE_HTTP_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
     }
     resources = _resources(plan, role)
@@ -352,7 +353,7 @@ def headless_service(plan: Plan, role: RolePlan) -> dict[str, Any]:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": lbl.selector(plan.name, role.name),
-            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http"}],
+            "ports": [{"name": "http", "port": ENGINE_HTTP_PORT, "targetPort": "http"}],
         },
     }
 
@@ -371,7 +372,9 @@ def role_service(plan: Plan, role: RolePlan) -> dict[str, Any]:
         "spec": {
             "type": "ClusterIP",
             "selector": lbl.selector(plan.name, role.name) | leader,
-            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [
+                {"name": "http", "port": ENGINE_HTTP_PORT, "targetPort": "http", "protocol": "TCP"}
+            ],
         },
     }
 

@@ -8,7 +8,7 @@ from typing import Any
 from ascend_runtime.engine_command import router_command
 
 from ..planner import names
-from ..planner.plan import Plan
+from ..planner.results import Plan
 from . import labels as lbl
 from .engine import CONFIG_DIR, meta, pod_disruption_budget, template_hash
 

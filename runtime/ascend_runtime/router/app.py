@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..config import RouterConfig
 from ..openai import ClientClosedError, OpenAIError, parse_json_object, read_body
+from ..roles import PD_ROLES, Role
 from .admin import add_admin_routes, bearer_matches, load_keys
 from .forward import Forwarder
 from .health import HealthChecker
@@ -87,7 +88,7 @@ class Router:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return ("prefill", "decode") if self.config.mode == "pd" else ("unified",)
+        return PD_ROLES if self.config.mode == "pd" else (Role.UNIFIED,)
 
     # ------------------------------------------------------------------ request handling
 
@@ -190,11 +191,11 @@ class Router:
                     "embeddings; deploy the embedding model with task: embed and one "
                     "unified role",
                 )
-            return await self.forwarder.forward("unified", route, raw, False, request_id)
+            return await self.forwarder.forward(Role.UNIFIED, route, raw, False, request_id)
         if self.config.mode == "pd":
             return await self.pd.route(route, body, request_id, stream)
         # Unified: the client's bytes go upstream untouched (no re-serialisation).
-        return await self.forwarder.forward("unified", route, raw, stream, request_id)
+        return await self.forwarder.forward(Role.UNIFIED, route, raw, stream, request_id)
 
     # ------------------------------------------------------------------ PD
 

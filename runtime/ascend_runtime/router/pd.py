@@ -13,6 +13,7 @@ import aiohttp
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..openai import OpenAIError
+from ..roles import Role
 from . import checks
 from .forward import Forwarder
 from .pool import Backend
@@ -95,7 +96,7 @@ class PdRouting:
             payload = dumps({**body, "kv_transfer_params": params})
             try:
                 response = await self.forwarder.forward(
-                    "decode", route, payload, stream, request_id, attempts=1, tried=decoders
+                    Role.DECODE, route, payload, stream, request_id, attempts=1, tried=decoders
                 )
             except OpenAIError as exc:
                 if attempt or exc.status != 503:
@@ -105,7 +106,7 @@ class PdRouting:
                     request_id,
                     exc.message,
                 )
-                self.metrics.retries.labels("decode").inc()
+                self.metrics.retries.labels(Role.DECODE).inc()
                 continue
             if attempt == 0 and _kv_pull_failed(response):
                 log.warning(
@@ -114,7 +115,7 @@ class PdRouting:
                     request_id,
                     prefill.url,
                 )
-                self.metrics.retries.labels("prefill").inc()
+                self.metrics.retries.labels(Role.PREFILL).inc()
                 self.failures.failed(prefill, "its KV could not be pulled")
                 avoid.add(prefill.url)
                 continue
@@ -139,7 +140,7 @@ class PdRouting:
     async def _max_model_len(self) -> int | None:
         """From the plan, else from a decode instance's /v1/models (vLLM reports it)."""
         if self.model_len is None:
-            backend = self.pool.pick("decode")
+            backend = self.pool.pick(Role.DECODE)
             if backend is not None:
                 data = await self._get_json(backend, "/v1/models")
                 with contextlib.suppress(TypeError, KeyError, IndexError, ValueError):
@@ -149,7 +150,7 @@ class PdRouting:
     async def _count_tokens(self, route: str, body: dict[str, Any]) -> int | None:
         """The prompt's length as a decode instance tokenizes it (None: it cannot say)."""
         request = checks.tokenize_body(route, body)
-        backend = self.pool.pick("decode")
+        backend = self.pool.pick(Role.DECODE)
         if request is None or backend is None:
             return None
         data = await self._get_json(backend, "/tokenize", {**request, "model": body.get("model")})
@@ -184,11 +185,11 @@ class PdRouting:
         tried = set(avoid)
         last_error = "no prefill instance is available"
         for attempt in range(self.config.prefill_retries + 1):
-            backend = self.pool.pick("prefill", tried) or self.pool.pick("prefill")
+            backend = self.pool.pick(Role.PREFILL, tried) or self.pool.pick(Role.PREFILL)
             if backend is None:
                 break
             if attempt:
-                self.metrics.retries.labels("prefill").inc()
+                self.metrics.retries.labels(Role.PREFILL).inc()
             tried.add(backend.url)
             try:
                 status, _, content = await self.forwarder.exchange(
@@ -197,12 +198,12 @@ class PdRouting:
                 )  # fmt: skip
             except UpstreamError as exc:
                 last_error = str(exc)
-                self.metrics.errors.labels(exc.kind, "prefill").inc()
+                self.metrics.errors.labels(exc.kind, Role.PREFILL).inc()
                 self.failures.failed(backend, last_error, definitive=exc.definitive)
                 continue
             if status >= 500:
                 last_error = f"prefill instance {backend.url} answered {status}"
-                self.metrics.errors.labels("status", "prefill").inc()
+                self.metrics.errors.labels("status", Role.PREFILL).inc()
                 continue
             if status != 200:
                 raise _upstream_error(status, content)

@@ -23,6 +23,7 @@ from ..openai import (
     now,
     parse_body,
 )
+from ..roles import Role
 from . import embeddings, model, pd
 from .engine import Sequence, SimEngine
 from .generate import MAX_BODY_BYTES, GenerateApi
@@ -51,12 +52,12 @@ class SimServer:
         self.engine = SimEngine(self.settings, self.metrics)
         self.exporter: pd.KvExporter | None = None
         self.importer: pd.KvImporter | None = None
-        if config.role == "prefill":
+        if config.role == Role.PREFILL:
             port = kv_port or (config.kv_transfer.kv_port if config.kv_transfer else 0)
             self.exporter = pd.KvExporter(
                 self.engine, config, self.engine_id, host_ip, port, bind_host
             )
-        elif config.role == "decode":
+        elif config.role == Role.DECODE:
             self.importer = pd.KvImporter(self.engine, config)
         self.api = self._api_app()
 
@@ -143,12 +144,12 @@ class SimServer:
             stop=stop,
         )
         params = req.kv_transfer_params or {}
-        if self.config.role == "prefill" and params.get("do_remote_decode"):
+        if self.config.role == Role.PREFILL and params.get("do_remote_decode"):
             seq.hold_blocks = True
             seq.max_tokens = 1
         elif self.importer is not None and params.get("do_remote_prefill"):
             seq.imported_states, seq.blocks = await self.importer.pull(params, len(prompt))
-        elif self.config.role == "decode" and params:
+        elif self.config.role == Role.DECODE and params:
             raise OpenAIError(
                 400,
                 "a decode instance needs kv_transfer_params from a prefill "
