@@ -76,3 +76,16 @@ RULE_OF: dict[str, str] = {
     "long-name": "metadata.name must be at most 39 characters",
 }
 """The message of the one rule each case breaks."""
+
+
+TYPE_CASES = {
+    # YAML that a lax parser would coerce: the API server refuses each, and so must the planner
+    "bool-as-int": (manifest(runtime={"maxNumSeqs": True}), "spec.runtime.maxNumSeqs"),
+    "string-as-int": (
+        manifest(roles=[{"name": "unified", "parallelism": {"tensor": "8"}}]),
+        "spec.roles[0].parallelism.tensor",
+    ),
+    "int-as-string": (manifest(runtime={"env": {"OMP_NUM_THREADS": 1}}), "spec.runtime.env"),
+    "string-as-bool": (manifest(model={"trustRemoteCode": "yes"}), "spec.model.trustRemoteCode"),
+}
+"""Values of the wrong type -> the field path both the planner and the API server name."""

@@ -25,10 +25,17 @@ def _load_documents(path: str) -> list[dict[str, Any]]:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+            "save it as UTF-8"
+        ) from exc
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise UsageError(f"{path} is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise UsageError(f"{path} nests too deeply to read; no ModelDeployment does") from None
     found = [d for d in docs if isinstance(d, dict) and d.get("kind") == "ModelDeployment"]
     if not found:
         raise UsageError(f"{path} holds no ModelDeployment (kind: ModelDeployment)")
@@ -61,7 +68,8 @@ def _plans(args: argparse.Namespace, out: TextIO, err: TextIO) -> list[Any] | No
     plans, failed = [], False
     for doc in _load_documents(args.file):
         _set_namespace(doc, args.namespace, args.file)
-        name = (doc.get("metadata") or {}).get("name", "<unnamed>")
+        meta = doc.get("metadata")
+        name = meta.get("name", "<unnamed>") if isinstance(meta, dict) else "<unnamed>"
         try:
             plans.append(plan_manifest(doc, cluster))
         except PlanError as exc:

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from apiserver.conftest import run_tool
-from cel_cases import CEL_CASES, RULE_OF
+from ascend_operator.planner import PlanError, plan_manifest
+from cel_cases import CEL_CASES, RULE_OF, TYPE_CASES
 from envtest import eventually
 from helpers import ROOT, example_paths
 from kube import ApiError, Kube
@@ -57,6 +58,19 @@ def test_each_cel_rule_rejects_its_case(kube: Kube, crd, namespace, case):
     assert info.value.status == 422, info.value
     causes = [c.get("message", "") for c in info.value.body["details"]["causes"]]
     assert len(causes) == 1 and RULE_OF[case] in causes[0], causes
+
+
+@pytest.mark.parametrize("case", sorted(TYPE_CASES))
+def test_wrong_types_are_refused_as_the_planner_refuses_them(kube: Kube, crd, namespace, case):
+    doc, path = TYPE_CASES[case]
+    with pytest.raises(ApiError) as info:
+        _dry_run_create(kube, doc, namespace)
+    assert info.value.status == 422, info.value
+    fields = [c.get("field", "") for c in info.value.body["details"]["causes"]]
+    assert any(f.startswith(path) for f in fields), fields
+    with pytest.raises(PlanError) as refused:
+        plan_manifest(doc)
+    assert any(p.path.startswith(path) for p in refused.value.problems), refused.value
 
 
 def test_scale_subresource_and_printer_columns(plane, kube: Kube, crd, namespace):

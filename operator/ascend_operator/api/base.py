@@ -17,6 +17,9 @@ class ApiModel(BaseModel):
         extra="forbid",
         validate_default=True,
         use_attribute_docstrings=True,
+        # As strict as the CRD: `maxNumSeqs: true` or `tensor: "8"` is refused here as the
+        # API server refuses it, instead of becoming 1 or 8 on the CLI only.
+        strict=True,
     )
 
     def wire(self) -> dict[str, Any]:

@@ -69,6 +69,20 @@ def _schema_at(schema: dict[str, Any], loc: Sequence[str | int]) -> dict[str, An
     return node
 
 
+_TYPE_FIXES = {
+    "int_type": "write a whole number without quotes (YAML reads true/false as booleans, "
+    '"8" as a string); the API server refuses these too',
+    "float_type": "write a number without quotes",
+    "string_type": 'quote the value (for example "1" or "true"): YAML reads 1 as a number and '
+    "true as a boolean",
+    "bool_type": "write true or false without quotes",
+    "list_type": "write a YAML list",
+    "dict_type": "write a YAML mapping",
+    "model_type": "write a YAML mapping with this object's fields",
+}
+"""How to fix a value of the wrong type: the planner is as strict as the CRD's schema."""
+
+
 def _fix_for(error: dict[str, Any], schema: dict[str, Any] | None) -> tuple[str, str]:
     kind = error["type"]
     loc = error["loc"]
@@ -85,7 +99,8 @@ def _fix_for(error: dict[str, Any], schema: dict[str, Any] | None) -> tuple[str,
     if kind in ("literal_error", "enum"):
         expected = error.get("ctx", {}).get("expected", "")
         return f"{error['msg']} (got {error.get('input')!r})", f"use one of {expected}"
-    return f"{error['msg']} (got {error.get('input')!r})", "correct the value"
+    fix = _TYPE_FIXES.get(kind, "correct the value")
+    return f"{error['msg']} (got {error.get('input')!r})", fix
 
 
 def problems_from_validation(
