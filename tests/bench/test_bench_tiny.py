@@ -50,7 +50,8 @@ def test_router_tiny(tmp_path):
     out = tmp_path / "router.json"
     result = _run(
         "router.py",
-        "--seconds", "0.5", "--engines", "1", "--concurrency", "2", "--output", str(out),
+        "--seconds", "0.5", "--rounds", "1", "--engines", "1", "--concurrency", "2",
+        "--output", str(out),
     )  # fmt: skip
     assert result["results"], result
     assert "device" in result
