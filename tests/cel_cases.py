@@ -39,14 +39,6 @@ CEL_CASES = {
             }
         }
     ),
-    "mc2-mtp": manifest(
-        model={"architecture": {"preset": "deepseek-v3"}, "quantization": "w8a8"},
-        runtime={
-            "fusedMc2": True,
-            "maxNumBatchedTokens": 1024,
-            "speculative": {"numSpeculativeTokens": 1},
-        },
-    ),
     "vllm-without-hardware": manifest(hardware=None),
     "padded-drafter": manifest(
         model={"architecture": {"preset": "deepseek-v3"}},
@@ -70,7 +62,6 @@ RULE_OF: dict[str, str] = {
     "datalocal-not-dividing": "dataLocal must divide data",
     "decode-replicas": "replicas is for the prefill role only",
     "capture-multiples": "multiples of numSpeculativeTokens + 1",
-    "mc2-mtp": "fusedMc2 (dispatch_ffn_combine) does not support MTP",
     "vllm-without-hardware": "spec.hardware is required with engine vllm",
     "padded-drafter": "disablePaddedDrafterBatch needs asyncScheduling: false",
     "long-name": "metadata.name must be at most 39 characters",
@@ -89,3 +80,26 @@ TYPE_CASES = {
     "string-as-bool": (manifest(model={"trustRemoteCode": "yes"}), "spec.model.trustRemoteCode"),
 }
 """Values of the wrong type -> the field path both the planner and the API server name."""
+
+
+UPSTREAM_ACCEPTED = {
+    # vllm-ascend runs these; the API server and the planner must take them (with warnings)
+    "mc2-mtp": manifest(
+        model={"architecture": {"preset": "deepseek-v3"}, "quantization": "w8a8"},
+        runtime={
+            "fusedMc2": True,
+            "maxNumBatchedTokens": 1024,
+            "speculative": {"numSpeculativeTokens": 1},
+        },
+    ),
+    "mc2-bf16-pd-decode-kernel": manifest(
+        runtime={
+            "fusedMc2": True,
+            "fusedMc2Kernel": "dispatch_gmm_combine_decode",
+            "maxNumSeqs": 64,
+            "maxNumBatchedTokens": 8192,
+        },
+        roles=pd_roles({"kvPort": 30000}, {"kvPort": 30100}),
+    ),
+}
+"""Specs shaped like vllm-ascend's own CI deployments, once refused here."""

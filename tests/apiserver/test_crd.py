@@ -10,7 +10,7 @@ import yaml
 
 from apiserver.conftest import run_tool
 from ascend_operator.planner import PlanError, plan_manifest
-from cel_cases import CEL_CASES, RULE_OF, TYPE_CASES
+from cel_cases import CEL_CASES, RULE_OF, TYPE_CASES, UPSTREAM_ACCEPTED
 from envtest import eventually
 from helpers import ROOT, example_paths
 from kube import ApiError, Kube
@@ -91,3 +91,9 @@ def test_one_message_per_problem(kube: Kube, crd, namespace):
         _dry_run_create(kube, doc, namespace)
     causes = info.value.body["details"]["causes"]
     assert len(causes) == 1 and "replicas" in causes[0]["field"], causes
+
+
+@pytest.mark.parametrize("case", sorted(UPSTREAM_ACCEPTED))
+def test_what_upstream_runs_is_accepted_by_server_and_planner(kube: Kube, crd, namespace, case):
+    _dry_run_create(kube, UPSTREAM_ACCEPTED[case], namespace)
+    plan_manifest(UPSTREAM_ACCEPTED[case])

@@ -230,8 +230,15 @@ class RuntimeSpec(ApiModel):
     PCP/DCP-aware rank map, host-staged cross-layer transfer over Mooncake's engine; not yet
     measured on NPUs)."""
     fused_mc2: bool = False
-    """Fused MoE dispatch/combine (`dispatch_ffn_combine`): W8A8 weights, expert parallel with
-    at most 32 ranks, no MTP. Sizes HCCL_BUFFSIZE for it."""
+    """Fused MoE dispatch/combine (`VLLM_ASCEND_ENABLE_FUSED_MC2`). vllm-ascend uses it on A3
+    nodes with expert parallelism and falls back to unfused MC2 elsewhere; the planner warns
+    where it would fall back, and sizes HCCL_BUFFSIZE for `dispatch_ffn_combine`."""
+    fused_mc2_kernel: Literal["dispatch_ffn_combine", "dispatch_gmm_combine_decode"] = (
+        "dispatch_ffn_combine"
+    )
+    """Which fused kernel: `dispatch_ffn_combine` (1: W8A8 dynamic weights, at most 32
+    expert-parallel ranks) or `dispatch_gmm_combine_decode` (2: decode steps only, off on
+    prefill roles; BF16 weights too)."""
     hccl_buffer_size_mb: int | None = Field(default=None, ge=1, le=65536)
     """HCCL_BUFFSIZE in MB; computed by the planner when unset (at least 200, or what fused
     MC2 needs)."""
@@ -268,10 +275,6 @@ class RuntimeSpec(ApiModel):
                 " || self.captureSizes.all(s, s % (self.speculative.numSpeculativeTokens + 1)"
                 " == 0)",
                 "captureSizes must all be multiples of numSpeculativeTokens + 1 with full graphs",
-            ),
-            cel(
-                "!self.fusedMc2 || !has(self.speculative)",
-                "fusedMc2 (dispatch_ffn_combine) does not support MTP: remove one of them",
             ),
         )
     }

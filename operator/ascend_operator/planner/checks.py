@@ -257,41 +257,14 @@ def check_model(
                         "captureSizes out to get them planned",
                     )
                 )
-    if runtime.fused_mc2:
-        if not caps.fused_mc2:
-            problems.append(
-                Problem(
-                    "spec.runtime.fusedMc2",
-                    f"fused MC2 is not available in vllm-ascend {caps.line}",
-                    "set fusedMc2: false, or run v0.13.x or later",
-                )
+    if runtime.fused_mc2 and not caps.fused_mc2:
+        problems.append(
+            Problem(
+                "spec.runtime.fusedMc2",
+                f"fused MC2 is not available in vllm-ascend {caps.line}",
+                "set fusedMc2: false, or run v0.13.x or later",
             )
-        if model.quantization not in ("w8a8", "w8a8-dynamic"):
-            problems.append(
-                Problem(
-                    "spec.runtime.fusedMc2",
-                    f"fused MC2 (dispatch_ffn_combine) needs W8A8 weights; quantization is "
-                    f"{model.quantization}",
-                    "set spec.model.quantization: w8a8 (msModelSlim weights), or fusedMc2: false",
-                )
-            )
-        if spec_dec is not None:
-            problems.append(
-                Problem(
-                    "spec.runtime.fusedMc2",
-                    "fused MC2 does not support MTP speculative decoding",
-                    "remove spec.runtime.speculative, or set fusedMc2: false",
-                )
-            )
-        if not arch.is_moe:
-            problems.append(
-                Problem(
-                    "spec.runtime.fusedMc2",
-                    "fused MC2 applies to MoE models, and this one has "
-                    "no experts (architecture.numExperts)",
-                    "set fusedMc2: false, or describe the architecture (preset or numExperts)",
-                )
-            )
+        )
     if runtime.kv_offload is not None and not caps.kv_offload:
         problems.append(
             Problem(

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 
 from ..api.spec import ModelDeploymentSpec, RoleSpec
+from . import fused_mc2
 from .architectures import Architecture
 from .capabilities import RuntimeCapabilities
 
@@ -163,8 +164,9 @@ def role_environment(
         }
         if arch.is_moe and role.parallelism.tensor > 1:
             env["VLLM_ASCEND_ENABLE_FLASHCOMM1"] = "1"
-        if spec.runtime.fused_mc2:
-            env["VLLM_ASCEND_ENABLE_FUSED_MC2"] = "1"
+        mc2 = fused_mc2.env_value(spec, role)
+        if mc2 is not None:
+            env[fused_mc2.ENV] = mc2
         if spec.hardware is not None:
             nic = spec.hardware.network_interface
             env |= {"GLOO_SOCKET_IFNAME": nic, "TP_SOCKET_IFNAME": nic, "HCCL_SOCKET_IFNAME": nic}

@@ -16,7 +16,9 @@ from ascend_kernels.hccl import (
 from ascend_runtime.roles import Role
 
 from ..api.spec import ModelDeploymentSpec, RoleSpec
+from . import fused_mc2
 from .architectures import Architecture
+from .hardware import HardwareProfile
 from .problems import Problem
 
 MOE_EP_DEFAULT_MB = 512
@@ -36,6 +38,7 @@ __all__ = [
 def plan_buffer(
     spec: ModelDeploymentSpec,
     arch: Architecture,
+    hw: HardwareProfile,
     problems: list[Problem],
     *,
     path: str,
@@ -50,27 +53,8 @@ def plan_buffer(
         f"{path}.hcclBufferSizeMb" if role.hccl_buffer_size_mb else "spec.runtime.hcclBufferSizeMb"
     )
     base = MOE_EP_DEFAULT_MB if (arch.is_moe and role.parallelism.expert) else (HCCL_DEFAULT_MB)
-    if not runtime.fused_mc2:
+    if not fused_mc2.sizes_buffer(spec, role, arch, hw):
         return explicit or base
-    par = role.parallelism
-    ep = par.tensor * par.data
-    if not par.expert:
-        problems.append(
-            Problem(
-                f"{path}.parallelism.expert",
-                "fused MC2 runs the MoE layers expert-parallel",
-                "set parallelism.expert: true, or spec.runtime.fusedMc2: false",
-            )
-        )
-    elif ep > FUSED_MC2_MAX_EP:
-        problems.append(
-            Problem(
-                f"{path}.parallelism",
-                f"fused MC2 supports at most {FUSED_MC2_MAX_EP} expert-parallel ranks; tensor "
-                f"{par.tensor} x data {par.data} = {ep}",
-                f"keep tensor x data <= {FUSED_MC2_MAX_EP}, or set spec.runtime.fusedMc2: false",
-            )
-        )
     tokens_field = "maxNumSeqs" if role.name == Role.DECODE else "maxNumBatchedTokens"
     tokens = max_num_seqs if role.name == Role.DECODE else max_num_batched_tokens
     if not tokens:

@@ -12,7 +12,7 @@ from ascend_runtime.roles import DP_RPC_PORT, ENGINE_HTTP_PORT, PD_ROLES, Role
 from .. import images
 from ..api.resource import ModelDeployment
 from ..api.spec import ModelDeploymentSpec, RoleSpec
-from . import graphs, hccl, names
+from . import fused_mc2, graphs, hccl, names
 from .architectures import Architecture
 from .capabilities import RuntimeCapabilities
 from .engine_args import RoleEngineSettings, role_environment, vllm_args
@@ -219,8 +219,13 @@ def plan_role(ctx: RoleContext, idx: int, role: RoleSpec) -> RolePlan | None:
         )
     max_num_seqs = role.max_num_seqs or spec.runtime.max_num_seqs
     max_batched = role.max_num_batched_tokens or spec.runtime.max_num_batched_tokens
+    mc2_fallback = fused_mc2.fallback(spec, role, arch, hw)
+    if mc2_fallback is not None:
+        warnings.append(
+            PlanWarning("spec.runtime.fusedMc2", f"{role.name}: {mc2_fallback[0]}", mc2_fallback[1])
+        )
     buffer_mb = hccl.plan_buffer(
-        spec, arch, problems, path=path, role=role, max_num_seqs=max_num_seqs,
+        spec, arch, hw, problems, path=path, role=role, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_batched,
     )  # fmt: skip
     kv = kv_transfer(ctx, idx, role) if pd else None
