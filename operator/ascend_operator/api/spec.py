@@ -198,6 +198,13 @@ class SimSpec(ApiModel):
     """How long a prefill instance keeps a request's blocks for decode to pull."""
 
 
+CudagraphMode = Literal["FULL_DECODE_ONLY", "PIECEWISE", "FULL_AND_PIECEWISE", "FULL"]
+"""ACLGraph capture modes (vLLM's CUDAGraphMode names)."""
+
+VLLM_DEFAULT_CUDAGRAPH_MODE = "FULL_AND_PIECEWISE"
+"""vLLM's own default since 0.11 (every supported line)."""
+
+
 class RuntimeSpec(ApiModel):
     """Engine and runtime settings shared by every role (roles may override some)."""
 
@@ -212,10 +219,10 @@ class RuntimeSpec(ApiModel):
     """vllm-ascend release the image carries; decides which flags and features exist."""
     graph_mode: Literal["aclgraph", "torchair", "eager"] = "aclgraph"
     """`aclgraph` (graph capture, default), `torchair` (releases before v0.13 only), `eager`."""
-    cudagraph_mode: Literal["FULL_DECODE_ONLY", "PIECEWISE", "FULL_AND_PIECEWISE"] = (
-        "FULL_DECODE_ONLY"
-    )
-    """ACLGraph capture mode."""
+    cudagraph_mode: CudagraphMode = "FULL_DECODE_ONLY"
+    """ACLGraph capture mode (vLLM's `compilation_config.cudagraph_mode`); roles may override
+    it. At vLLM's own default (FULL_AND_PIECEWISE) with no capture sizes to pass, no
+    `--compilation-config` is rendered."""
     capture_sizes: list[int] | None = Field(default=None, min_length=1, max_length=512)
     """Batch sizes to capture graphs for; the planner's defaults when unset."""
     async_scheduling: bool = True
@@ -387,6 +394,9 @@ class RoleSpec(ApiModel):
     """How one instance is split over devices and pods."""
     graph_mode: Literal["aclgraph", "torchair", "eager"] | None = None
     """Overrides spec.runtime.graphMode (prefill instances commonly run eager)."""
+    cudagraph_mode: CudagraphMode | None = None
+    """Overrides spec.runtime.cudagraphMode (vllm-ascend's PD configs keep vLLM's default on
+    prefill and FULL_DECODE_ONLY on decode)."""
     max_num_seqs: int | None = Field(default=None, ge=1, le=65536)
     """Overrides spec.runtime.maxNumSeqs."""
     max_num_batched_tokens: int | None = Field(default=None, ge=1, le=1_048_576)

@@ -171,11 +171,16 @@ def _check_embed(spec: ModelDeploymentSpec, problems: list[Problem]) -> None:
                 )
             )
     modes = {role.graph_mode or runtime.graph_mode for role in spec.roles}
-    if "aclgraph" in modes and runtime.cudagraph_mode != "PIECEWISE":
+    full = {
+        role.cudagraph_mode or runtime.cudagraph_mode
+        for role in spec.roles
+        if (role.graph_mode or runtime.graph_mode) == "aclgraph"
+    } - {"PIECEWISE"}
+    if full:
         problems.append(
             Problem(
                 "spec.runtime.cudagraphMode",
-                f"{runtime.cudagraph_mode} captures decode batches, and an embedding model "
+                f"{', '.join(sorted(full))} captures decode batches, and an embedding model "
                 "never decodes",
                 "set spec.runtime.cudagraphMode: PIECEWISE (graphs over encoder batch token "
                 "counts), or graphMode: eager",
@@ -233,7 +238,13 @@ def check_model(
                     "weights do carry MTP layers",
                 )
             )
-        full = runtime.graph_mode == "aclgraph" and runtime.cudagraph_mode != "PIECEWISE"
+        # the runtime's own setting (as the CRD's rule reads it), or any role's override
+        roles = spec.roles
+        full = any(
+            (graph or runtime.graph_mode) == "aclgraph"
+            and (mode or runtime.cudagraph_mode) != "PIECEWISE"
+            for graph, mode in [(None, None), *((r.graph_mode, r.cudagraph_mode) for r in roles)]
+        )
         if spec_dec.disable_padded_drafter_batch and (full or runtime.async_scheduling):
             problems.append(
                 Problem(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..api.spec import ModelDeploymentSpec, RoleSpec
+from ..api.spec import VLLM_DEFAULT_CUDAGRAPH_MODE, ModelDeploymentSpec, RoleSpec
 from . import fused_mc2
 from .architectures import Architecture
 from .capabilities import RuntimeCapabilities
@@ -21,6 +21,8 @@ class RoleEngineSettings:
     """Role-level decisions the flags are built from."""
 
     graph_mode: str
+    cudagraph_mode: str
+    """The role's, else spec.runtime's."""
     capture_sizes: tuple[int, ...] | None
     """Passed explicitly only when set by the user or required by MTP."""
     num_speculative_tokens: int | None
@@ -92,7 +94,7 @@ def vllm_args(
     if model.task == "embed":
         # Pooling runner with the embedding conversion (vLLM >= 0.10.2; `--task embed` before).
         args += ["--runner", "pooling", "--convert", "embed"]
-    args += graph_args(runtime.cudagraph_mode, settings)
+    args += graph_args(settings)
     if runtime.async_scheduling and settings.graph_mode != "eager" and model.task != "embed":
         args += ["--async-scheduling"]
     if settings.num_speculative_tokens:
@@ -130,8 +132,9 @@ def offload_connector(cpu_bytes: int, cross_layer: bool = False) -> dict[str, ob
     }
 
 
-def graph_args(cudagraph_mode: str, settings: RoleEngineSettings) -> list[str]:
-    """Graph-mode flags: eager, ACLGraph (compilation config) or TorchAir (additional config)."""
+def graph_args(settings: RoleEngineSettings) -> list[str]:
+    """Graph-mode flags: eager, ACLGraph (compilation config, left out at vLLM's defaults) or
+    TorchAir (additional config)."""
     if settings.graph_mode == "eager":
         return ["--enforce-eager"]
     if settings.graph_mode == "torchair":
@@ -139,10 +142,12 @@ def graph_args(cudagraph_mode: str, settings: RoleEngineSettings) -> list[str]:
         if settings.capture_sizes:
             torchair["graph_batch_sizes"] = list(settings.capture_sizes)
         return ["--additional-config", _json({"torchair_graph_config": torchair})]
-    compilation: dict[str, object] = {"cudagraph_mode": cudagraph_mode}
+    compilation: dict[str, object] = {}
+    if settings.cudagraph_mode != VLLM_DEFAULT_CUDAGRAPH_MODE:
+        compilation["cudagraph_mode"] = settings.cudagraph_mode
     if settings.capture_sizes:
         compilation["cudagraph_capture_sizes"] = list(settings.capture_sizes)
-    return ["--compilation-config", _json(compilation)]
+    return ["--compilation-config", _json(compilation)] if compilation else []
 
 
 def role_environment(

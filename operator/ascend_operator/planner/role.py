@@ -54,6 +54,11 @@ def default_kv_port(devices_per_node: int) -> int:
     return max(30000, kv_port_floor(devices_per_node))
 
 
+def cudagraph_mode(spec: ModelDeploymentSpec, role: RoleSpec) -> str:
+    """The role's ACLGraph capture mode: its own, else spec.runtime's."""
+    return role.cudagraph_mode or spec.runtime.cudagraph_mode
+
+
 def graph_settings(
     ctx: RoleContext, path: str, role: RoleSpec
 ) -> tuple[str, tuple[int, ...] | None, bool, int | None]:
@@ -86,7 +91,7 @@ def graph_settings(
         )
         return graph_mode, tuple(graphs.encoder_capture_sizes(tokens)), True, None
     max_seqs = role.max_num_seqs or runtime.max_num_seqs or graphs.DEFAULT_MAX_NUM_SEQS
-    full = graph_mode == "aclgraph" and runtime.cudagraph_mode != "PIECEWISE"
+    full = graph_mode == "aclgraph" and cudagraph_mode(spec, role) != "PIECEWISE"
     if n and n + 1 > 2 and full:
         requests = max_seqs
         if pd and role.name == Role.DECODE:
@@ -239,6 +244,7 @@ def plan_role(ctx: RoleContext, idx: int, role: RoleSpec) -> RolePlan | None:
             offload = 0
     settings = RoleEngineSettings(
         graph_mode=graph_mode,
+        cudagraph_mode=cudagraph_mode(spec, role),
         capture_sizes=capture if explicit else None,
         num_speculative_tokens=n_spec,
         max_num_seqs=max_num_seqs,
