@@ -1,4 +1,4 @@
-"""Per-role ACLGraph capture modes, and vLLM's default left to vLLM."""
+"""Per-role ACLGraph capture modes (vLLM's default left to vLLM) and the prefix-caching field."""
 
 from __future__ import annotations
 
@@ -58,3 +58,14 @@ def test_a_role_with_full_graphs_refuses_an_unpadded_drafter():
     assert any(
         p.path == "spec.runtime.speculative.disablePaddedDrafterBatch" for p in err.value.problems
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "flag"),
+    [(None, None), (False, "--no-enable-prefix-caching"), (True, "--enable-prefix-caching")],
+)
+def test_prefix_caching_field(value, flag):
+    runtime = {} if value is None else {"prefixCaching": value}
+    args = plan_manifest(manifest(runtime=runtime)).role("unified").runtime_config.engine_args
+    found = [a for a in args if a.endswith("enable-prefix-caching")]
+    assert found == ([flag] if flag else [])

@@ -225,6 +225,10 @@ class RuntimeSpec(ApiModel):
     `--compilation-config` is rendered."""
     capture_sizes: list[int] | None = Field(default=None, min_length=1, max_length=512)
     """Batch sizes to capture graphs for; the planner's defaults when unset."""
+    prefix_caching: bool | None = None
+    """vLLM's automatic prefix caching: unset keeps vLLM's default (on); false renders
+    `--no-enable-prefix-caching` (as most of vllm-ascend's benchmark configs run), true
+    `--enable-prefix-caching`."""
     async_scheduling: bool = True
     """Overlap scheduling with execution (`--async-scheduling`), on roles that capture graphs."""
     speculative: SpeculativeDecoding | None = None

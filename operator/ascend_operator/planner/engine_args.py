@@ -94,6 +94,10 @@ def vllm_args(
     if model.task == "embed":
         # Pooling runner with the embedding conversion (vLLM >= 0.10.2; `--task embed` before).
         args += ["--runner", "pooling", "--convert", "embed"]
+    if runtime.prefix_caching is not None:
+        args += [
+            "--enable-prefix-caching" if runtime.prefix_caching else "--no-enable-prefix-caching"
+        ]
     args += graph_args(settings)
     if runtime.async_scheduling and settings.graph_mode != "eager" and model.task != "embed":
         args += ["--async-scheduling"]
