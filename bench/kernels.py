@@ -36,6 +36,7 @@ from triton.testing import do_bench  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT / "bench")]
 
+import vllm_ref  # noqa: E402
 from _common import write_result  # noqa: E402
 
 from ascend_kernels import block_copy, causal_conv1d, gdn, moe_permute, reshape_and_cache  # noqa: E402
@@ -101,6 +102,26 @@ TOY = Shapes(
 )
 SHAPES = TOY if TINY else FULL
 CACHE_SHAPES = SHAPES.cache
+
+
+VLLM: dict[str, Any] = {}
+"""vLLM's kernels (bench/vllm_ref.py), when --vllm names where they were copied."""
+
+
+def against_vllm(r: dict[str, Any], ours_ms: float, pair: Any, ours_out: Any) -> dict[str, Any]:
+    """Time vLLM's kernel on the same data and compare its output with ours (in `r`)."""
+    if not pair:  # no vLLM kernels loaded, or none to compare with
+        return r
+    run, to_ours = pair
+    theirs = to_ours(run()).clone()  # before timing: in-place kernels reuse their buffers
+    t = ms(run)
+    diff = float((ours_out.float() - theirs.float()).abs().max())
+    top = float(ours_out.float().abs().max())
+    r.update(vllm_ms=round(t, 4), speed_vs_vllm=round(t / ours_ms, 3),
+             max_abs_diff_vs_vllm=diff, max_abs_output=top)  # fmt: skip
+    print(f"{'':28s} vLLM {t:9.4f} ms   ours/vLLM speed x{t / ours_ms:5.2f}   "
+          f"max |ours - vLLM| {diff:.2e} (outputs up to {top:.3g})", flush=True)  # fmt: skip
+    return r
 
 
 def ms(fn: Callable[[], Any], rep: int = 200, untimed: int = 20) -> float:
@@ -194,10 +215,12 @@ def bench_conv(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
             [0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev
         )
         slots = len(lens)
-        states = torch.randn(slots, width - 1, dim, device=dev, dtype=BF16).transpose(1, 2)
-        idx = torch.arange(slots, dtype=torch.int32, device=dev)
+        # slot 0 is vLLM's null block (its kernels skip it): sequences use slots 1..
+        states = torch.randn(slots + 1, width - 1, dim, device=dev, dtype=BF16).transpose(1, 2)
+        idx = torch.arange(1, slots + 1, dtype=torch.int32, device=dev)
         init = torch.ones(slots, dtype=torch.bool, device=dev)
         out = torch.empty_like(x)
+        pristine = states.clone()
         kw = {
             "bias": b if with_bias else None,
             "conv_states": states,
@@ -213,23 +236,29 @@ def bench_conv(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
             rep=50,
         )
         nbytes = 2 * x.numel() * 2 + 2 * states.numel() * 2
-        rows.append(
-            row(
-                "causal_conv1d_prefill",
-                f"{len(lens)}x{lens[0]} tok, dim {dim}, w {width}, "
-                + ("bias" if with_bias else "no bias"),
-                t,
-                nbytes,
-                copy_bw,
-                ref,
-            )
+        r = row(
+            "causal_conv1d_prefill",
+            f"{len(lens)}x{lens[0]} tok, dim {dim}, w {width}, "
+            + ("bias" if with_bias else "no bias"),
+            t,
+            nbytes,
+            copy_bw,
+            ref,
         )
+        ours = causal_conv1d.causal_conv1d_prefill(
+            x, w, cu, **{**kw, "conv_states": pristine.clone()}
+        )
+        pair = VLLM and vllm_ref.conv_prefill(
+            VLLM, x=x, w=w, bias=kw["bias"], cu=cu, states=pristine.clone(), idx=idx, init=init
+        )
+        rows.append(against_vllm(r, t, pair, ours))
     for batch, steps in SHAPES.conv_update:
         x = torch.randn(batch, steps, dim, device=dev, dtype=BF16)
         w = torch.randn(dim, width, device=dev, dtype=BF16)
-        states = torch.randn(batch, width - 1, dim, device=dev, dtype=BF16).transpose(1, 2)
-        idx = torch.arange(batch, dtype=torch.int32, device=dev)
+        states = torch.randn(batch + 1, width - 1, dim, device=dev, dtype=BF16).transpose(1, 2)
+        idx = torch.arange(1, batch + 1, dtype=torch.int32, device=dev)  # slot 0: null block
         out = torch.empty_like(x)
+        pristine = states.clone()
         t = ms(
             lambda: causal_conv1d.causal_conv1d_update(
                 x, states, w, idx, activation="silu", out=out
@@ -246,16 +275,17 @@ def bench_conv(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
             else None
         )
         nbytes = 2 * x.numel() * 2 + 2 * states.numel() * 2
-        rows.append(
-            row(
-                "causal_conv1d_update",
-                f"batch {batch}, {steps} tok, dim {dim}, w {width}",
-                t,
-                nbytes,
-                copy_bw,
-                ref,
-            )
+        r = row(
+            "causal_conv1d_update",
+            f"batch {batch}, {steps} tok, dim {dim}, w {width}",
+            t,
+            nbytes,
+            copy_bw,
+            ref,
         )
+        ours = causal_conv1d.causal_conv1d_update(x, pristine.clone(), w, idx, activation="silu")
+        pair = VLLM and vllm_ref.conv_update(VLLM, x=x, states=pristine.clone(), w=w, idx=idx)
+        rows.append(against_vllm(r, t, pair, ours))
     return rows
 
 
@@ -303,20 +333,22 @@ def bench_gdn(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
         )
         r["max_abs_error_vs_reference"] = err
         r["meets_goal"] = ref is not None and ref / t >= GOAL_GDN_SPEEDUP
-        rows.append(r)
+        pair = VLLM and vllm_ref.gdn_prefill(VLLM, q=q, k=k, v=v, g=g, beta=beta, cu=cu, h0=h0)
+        rows.append(against_vllm(r, t, pair, o))
     for batch in SHAPES.gdn_decode:
         q = F.normalize(torch.randn(batch, hk, d, device=dev), dim=-1).to(BF16)
         k = F.normalize(torch.randn(batch, hk, d, device=dev), dim=-1).to(BF16)
         v = torch.randn(batch, hv, d, device=dev, dtype=BF16)
         g = F.logsigmoid(torch.randn(batch, hv, device=dev))
         beta = torch.rand(batch, hv, device=dev)
-        states = torch.randn(batch, hv, d, d, device=dev) * 0.01
-        idx = torch.arange(batch, dtype=torch.int32, device=dev)
+        states = torch.randn(batch + 1, hv, d, d, device=dev) * 0.01
+        idx = torch.arange(1, batch + 1, dtype=torch.int32, device=dev)  # slot 0: null block
         cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+        pristine = states.clone()
         t = ms(lambda: gdn.gated_delta_rule_decode(q, k, v, g, beta, states, idx))
         ref = (
             ms(
-                lambda: gdn.gated_delta_rule_ref(q, k, v, g, beta, cu, initial_state=states),
+                lambda: gdn.gated_delta_rule_ref(q, k, v, g, beta, cu, initial_state=states[1:]),
                 rep=1,
                 untimed=0,
             )
@@ -324,9 +356,12 @@ def bench_gdn(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
             else None
         )
         nbytes = 2 * states.numel() * 4 + (q.numel() + k.numel() + 2 * v.numel()) * 2
-        rows.append(
-            row("gdn_decode", f"batch {batch}, Hk {hk} Hv {hv} d {d}", t, nbytes, copy_bw, ref)
+        r = row("gdn_decode", f"batch {batch}, Hk {hk} Hv {hv} d {d}", t, nbytes, copy_bw, ref)
+        ours = gdn.gated_delta_rule_decode(q, k, v, g, beta, pristine.clone(), idx)
+        pair = VLLM and vllm_ref.gdn_decode(
+            VLLM, q=q, k=k, v=v, g=g, beta=beta, states=pristine.clone(), idx=idx
         )
+        rows.append(against_vllm(r, t, pair, ours))
     return rows
 
 
@@ -344,16 +379,23 @@ def bench_cache(dev: str, copy_bw: float, pinned_bw: float) -> list[dict[str, An
         t = ms(lambda: reshape_and_cache.reshape_and_cache(key, value, kc, vc, slots))
         ref = ms(lambda: reshape_and_cache.reshape_and_cache_ref(key, value, kc, vc, slots))
         nbytes = 2 * (key.numel() + value.numel()) * 2
-        rows.append(
-            row(
-                "reshape_and_cache",
-                f"{tokens} tok, {label}, cross-layer view",
-                t,
-                nbytes,
-                copy_bw,
-                ref,
-            )
+        r = row(
+            "reshape_and_cache",
+            f"{tokens} tok, {label}, cross-layer view",
+            t,
+            nbytes,
+            copy_bw,
+            ref,
         )
+        pair = None
+        if VLLM and ks == vs:  # vLLM's own layout: one contiguous cache per layer (MLA caches
+            # go through another vLLM op, concat_and_cache_mla, which is CUDA C++)
+            theirs_k, theirs_v = torch.zeros_like(kc), torch.zeros_like(vc)
+            run = vllm_ref.reshape_and_cache(
+                VLLM, key=key, value=value, key_cache=theirs_k, value_cache=theirs_v, slots=slots
+            )
+            pair = (run, lambda _: torch.cat([theirs_k.flatten(), theirs_v.flatten()]))
+        rows.append(against_vllm(r, t, pair, torch.cat([kc.flatten(), vc.flatten()])))
         del kbuf, vbuf
     # Block copies: Qwen3-Next's 12 full-attention layers, 2 KV heads x 256, 128-token blocks.
     layers, heads, d, pairs, blocks = SHAPES.copy
@@ -465,7 +507,12 @@ def main() -> int:
     parser.add_argument(
         "--tiny", action="store_true", help="toy shapes on the CPU (Triton's interpreter), for CI"
     )
+    parser.add_argument(
+        "--vllm", type=Path, help="vLLM's kernels copied by bench/vllm_ref.py: time them too"
+    )
     args = parser.parse_args()
+    if args.vllm:
+        VLLM.update(vllm_ref.load(args.vllm))
     if not TINY and not torch.cuda.is_available():
         print(
             "bench/kernels.py needs an NVIDIA GPU (run it through the device tool), "
@@ -492,6 +539,7 @@ def main() -> int:
             "benchmark": "kernels",
             "device": device_line(),
             "tiny": TINY,
+            "vllm": vllm_ref.version_of(args.vllm) if args.vllm else None,
             "copy_gb_per_s": round(copy_bw, 1),
             "pinned_d2h_gb_per_s": round(pinned_bw, 1),
             "goals": (

@@ -306,6 +306,23 @@ def _check_conv(weight: torch.Tensor, dim: int, bias: torch.Tensor | None) -> in
     return width
 
 
+_ZERO_BIAS: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
+
+
+def _bias_or_zeros(bias: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """The bias, or a cached zero bias. Measured on an H200 (Triton 3.6): the prefill kernel
+    compiled without a bias ran 18-27% slower than with one (the zero-initialised accumulator
+    changes how Triton schedules the loads); loading zeros costs nothing measurable. The
+    update kernel is the other way round (10% faster without), so it keeps HAS_BIAS=False."""
+    if bias is not None:
+        return bias
+    key = (str(weight.device), weight.shape[0], weight.dtype)
+    zeros = _ZERO_BIAS.get(key)
+    if zeros is None:
+        zeros = _ZERO_BIAS[key] = torch.zeros(key[1], dtype=weight.dtype, device=weight.device)
+    return zeros
+
+
 def causal_conv1d_prefill(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -326,6 +343,7 @@ def causal_conv1d_prefill(
     """
     num_tokens, dim = x.shape
     width = _check_conv(weight, dim, bias)
+    bias = _bias_or_zeros(bias, weight)
     batch = cu_seqlens.numel() - 1
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")

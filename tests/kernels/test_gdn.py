@@ -52,6 +52,7 @@ def test_chunk_metadata_from_cu_seqlens():
         ([70, 3, 130], (2, 4), (16, 24)),  # value heads share key heads; V not a power of two
         ([CHUNK, CHUNK + 1], (2, 2), (32, 32)),  # exact chunk boundary, then one over
         ([1, 1, 1, 1], (1, 2), (16, 16)),
+        ([17, 33, 49, 200], (1, 2), (128, 128)),  # last chunks end inside each 16-row block
     ],
 )
 @pytest.mark.parametrize("with_state", [False, True])
