@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from .planner.explain import chosen_defaults
 from .planner.results import Plan, RolePlan
 
 
@@ -120,6 +121,13 @@ def plan_table(plan: Plan) -> str:
             _table(["WORKER", "ROLE", "DP RANKS", "START RANK", "DEVICES", "KV PORTS"], pod_rows)
         )
         out += [f"  {f}" for f in _key_flags(r)]
+        role_spec = next(x for x in spec.roles if x.name == r.name)
+        chosen = chosen_defaults(spec, role_spec, r.runtime_config.env, r.graph_mode)
+        if chosen:
+            out.append(
+                "  chosen here where vLLM's default differs (unsetEnv or the field changes each):"
+            )
+            out += [f"    {c}" for c in chosen]
         out.append("")
     out.append(
         f"router: {plan.router.replicas} replica(s), mode {plan.router.config.mode}, "

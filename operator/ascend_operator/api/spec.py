@@ -8,7 +8,7 @@ capability table or arithmetic over the whole deployment lives in the planner.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -198,6 +198,9 @@ class SimSpec(ApiModel):
     """How long a prefill instance keeps a request's blocks for decode to pull."""
 
 
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+"""An environment variable's name."""
+
 CudagraphMode = Literal["FULL_DECODE_ONLY", "PIECEWISE", "FULL_AND_PIECEWISE", "FULL"]
 """ACLGraph capture modes (vLLM's CUDAGraphMode names)."""
 
@@ -269,6 +272,10 @@ class RuntimeSpec(ApiModel):
     """Extra engine arguments, appended last (escape hatch)."""
     env: dict[str, str] = Field(default_factory=dict, max_length=128)
     """Extra environment variables of the engine container (escape hatch; wins over ours)."""
+    unset_env: list[EnvName] = Field(default_factory=list, max_length=128)
+    """Names of environment variables the planner would set that the engine container must not
+    get, e.g. `HCCL_OP_EXPANSION_MODE` or `VLLM_ASCEND_ENABLE_FLASHCOMM1` (`plan` lists them
+    all)."""
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": cel_rules(
@@ -416,6 +423,9 @@ class RoleSpec(ApiModel):
     """Extra engine arguments for this role, after spec.runtime.extraArgs."""
     env: dict[str, str] = Field(default_factory=dict, max_length=128)
     """Extra environment for this role, over spec.runtime.env."""
+    unset_env: list[EnvName] = Field(default_factory=list, max_length=128)
+    """Environment variables removed from this role's engine container, after
+    spec.runtime.unsetEnv."""
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": cel_rules(

@@ -307,3 +307,18 @@ def check_quantities(spec: ModelDeploymentSpec, problems: list[Problem]) -> None
             parse_quantity(value)
         except ValueError as exc:
             problems.append(Problem(path, str(exc), "write a quantity such as 64Gi, 500m or 8"))
+
+
+def check_env(spec: ModelDeploymentSpec, problems: list[Problem]) -> None:
+    """A name both removed and set is a contradiction the user must resolve."""
+    levels = [("spec.runtime", spec.runtime.env, spec.runtime.unset_env)]
+    levels += [(f"spec.roles[{i}]", r.env, r.unset_env) for i, r in enumerate(spec.roles)]
+    for path, env, unset in levels:
+        for name in sorted(set(env) & set(unset)):
+            problems.append(
+                Problem(
+                    f"{path}.unsetEnv",
+                    f"{name} is removed here and set in {path}.env",
+                    "keep it in only one of env and unsetEnv",
+                )
+            )

@@ -160,7 +160,8 @@ def role_environment(
     settings: RoleEngineSettings,
     arch: Architecture,
 ) -> dict[str, str]:
-    """Static environment of the role's engine pods (user env last, so it wins)."""
+    """Static environment of the role's engine pods: ours less the user's unsetEnv names, then
+    the user's env (it wins)."""
     env: dict[str, str] = {}
     if spec.runtime.engine == "vllm":
         env |= {
@@ -181,6 +182,8 @@ def role_environment(
             env |= {"GLOO_SOCKET_IFNAME": nic, "TP_SOCKET_IFNAME": nic, "HCCL_SOCKET_IFNAME": nic}
     if spec.model.source.hugging_face is not None:
         env |= {"HF_HOME": "/hf-cache", "HF_HUB_OFFLINE": "1"}
+    for name in (*spec.runtime.unset_env, *role.unset_env):
+        env.pop(name, None)
     env |= spec.runtime.env
     env |= role.env
     return env

@@ -77,6 +77,7 @@ def plan(md: ModelDeployment, cluster: ClusterInfo | None = None) -> Plan:
     arch = resolve_architecture(spec.model.architecture)
     checks.check_model(spec, arch, caps, problems)
     checks.check_quantities(spec, problems)
+    checks.check_env(spec, problems)
     warnings: list[PlanWarning] = []
 
     kind, fallback = _workload_kind(
