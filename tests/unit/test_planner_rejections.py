@@ -296,3 +296,19 @@ def test_embed_renders_the_pooling_runner_and_encoder_graphs():
         compilation
     )
     assert plan.role("unified").runtime_config.task == "embed"
+
+
+def test_tensor_that_does_not_split_the_heads():
+    # Qwen3-235B-A22B: 64 attention heads, 4 KV heads
+    p = only(
+        manifest(roles=[{"name": "unified", "parallelism": {"tensor": 3}}]),
+        "spec.roles[0].parallelism.tensor",
+    )
+    assert "does not divide the model's 64 attention heads" in p.message
+    assert "[1, 2, 4, 8, 16, 32, 64]" in p.fix
+    doc = manifest(
+        model={"architecture": {"preset": "qwen3-8b", "numAttentionHeads": 24, "numKvHeads": 6}},
+        roles=[{"name": "unified", "parallelism": {"tensor": 4}}],
+    )
+    p = only(doc, "spec.roles[0].parallelism.tensor")
+    assert "6 KV heads" in p.message and "[1, 2, 3, 6, 12, 24]" in p.fix

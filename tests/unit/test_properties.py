@@ -150,8 +150,16 @@ def plausible_manifests(draw):
     preset = draw(st.sampled_from(sorted(PRESETS)))
     moe = bool(PRESETS[preset].num_experts)
 
+    arch = PRESETS[preset]
+    kv = None if arch.mla else arch.num_kv_heads
+
+    def splits_heads(t: int) -> bool:  # vLLM's rule: TP divides the heads; KV heads and TP nest
+        nested = not kv or (t % kv if t >= kv else kv % t) == 0
+        return arch.num_attention_heads % t == 0 and nested
+
     def par(max_tp):
-        tp = draw(st.sampled_from([t for t in (1, 2, 4, 8, 16) if t <= min(per_node, max_tp)]))
+        sizes = [t for t in (1, 2, 4, 8, 16) if t <= min(per_node, max_tp) and splits_heads(t)]
+        tp = draw(st.sampled_from(sizes))
         return {
             "tensor": tp,
             "data": draw(st.integers(1, 8)),

@@ -115,6 +115,8 @@ class ModelArchitecture(ApiModel):
     """Hidden size (4096 for Qwen3-235B-A22B)."""
     num_layers: int | None = Field(default=None, ge=1)
     """Number of transformer layers."""
+    num_attention_heads: int | None = Field(default=None, ge=1)
+    """Attention (query) heads; vLLM needs the tensor-parallel size to divide them."""
     num_kv_heads: int | None = Field(default=None, ge=1)
     """Key/value heads (GQA). Not used for MLA models."""
     head_dim: int | None = Field(default=None, ge=1)

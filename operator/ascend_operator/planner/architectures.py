@@ -13,6 +13,7 @@ class Architecture:
 
     hidden_size: int | None = None
     num_layers: int | None = None
+    num_attention_heads: int | None = None
     num_kv_heads: int | None = None
     head_dim: int | None = None
     num_experts: int | None = None
@@ -33,6 +34,7 @@ PRESETS: dict[str, Architecture] = {
     "qwen3-235b-a22b": Architecture(
         hidden_size=4096,
         num_layers=94,
+        num_attention_heads=64,
         num_kv_heads=4,
         head_dim=128,
         num_experts=128,
@@ -46,6 +48,7 @@ PRESETS: dict[str, Architecture] = {
     "qwen3-30b-a3b": Architecture(
         hidden_size=2048,
         num_layers=48,
+        num_attention_heads=32,
         num_kv_heads=4,
         head_dim=128,
         num_experts=128,
@@ -59,6 +62,7 @@ PRESETS: dict[str, Architecture] = {
     "qwen3-8b": Architecture(
         hidden_size=4096,
         num_layers=36,
+        num_attention_heads=32,
         num_kv_heads=8,
         head_dim=128,
         num_experts=0,
@@ -71,6 +75,7 @@ PRESETS: dict[str, Architecture] = {
     "deepseek-v3": Architecture(
         hidden_size=7168,
         num_layers=61,
+        num_attention_heads=128,
         num_kv_heads=1,
         head_dim=576,
         num_experts=256,
@@ -84,6 +89,7 @@ PRESETS: dict[str, Architecture] = {
     "tiny": Architecture(
         hidden_size=256,
         num_layers=4,
+        num_attention_heads=4,
         num_kv_heads=2,
         head_dim=64,
         num_experts=0,

@@ -322,3 +322,38 @@ def check_env(spec: ModelDeploymentSpec, problems: list[Problem]) -> None:
                     "keep it in only one of env and unsetEnv",
                 )
             )
+
+
+def check_heads(spec: ModelDeploymentSpec, arch: Architecture, problems: list[Problem]) -> None:
+    """vLLM splits attention heads over tensor-parallel ranks: TP must divide the query heads,
+    and the KV heads must divide TP (each replicated) or be divisible by it. Otherwise every
+    engine pod exits at start."""
+    heads, kv = arch.num_attention_heads, None if arch.mla else arch.num_kv_heads
+    for i, role in enumerate(spec.roles):
+        tp = role.parallelism.tensor
+        path = f"spec.roles[{i}].parallelism.tensor"
+        fits = [d for d in range(1, 65) if _tp_fits(d, heads, kv)]
+        if heads and heads % tp:
+            problems.append(
+                Problem(
+                    path,
+                    f"tensor {tp} does not divide the model's {heads} attention heads (vLLM "
+                    "refuses to start)",
+                    f"use a tensor size among {fits}",
+                )
+            )
+        elif kv and (tp % kv if tp >= kv else kv % tp):
+            problems.append(
+                Problem(
+                    path,
+                    f"tensor {tp} and the model's {kv} KV heads: vLLM needs one to divide the "
+                    "other (KV heads split over ranks, or each replicated)",
+                    f"use a tensor size among {fits}",
+                )
+            )
+
+
+def _tp_fits(tp: int, heads: int | None, kv: int | None) -> bool:
+    if heads and heads % tp:
+        return False
+    return not kv or not (tp % kv if tp >= kv else kv % tp)

@@ -76,6 +76,7 @@ def plan(md: ModelDeployment, cluster: ClusterInfo | None = None) -> Plan:
     hw = resolve_profile(spec.hardware)
     arch = resolve_architecture(spec.model.architecture)
     checks.check_model(spec, arch, caps, problems)
+    checks.check_heads(spec, arch, problems)
     checks.check_quantities(spec, problems)
     checks.check_env(spec, problems)
     warnings: list[PlanWarning] = []
