@@ -121,6 +121,8 @@ def plan_table(plan: Plan) -> str:
             _table(["WORKER", "ROLE", "DP RANKS", "START RANK", "DEVICES", "KV PORTS"], pod_rows)
         )
         out += [f"  {f}" for f in _key_flags(r)]
+        if r.memory is not None:
+            out.append(f"  {r.memory.summary()}")
         role_spec = next(x for x in spec.roles if x.name == r.name)
         chosen = chosen_defaults(spec, role_spec, r.runtime_config.env, r.graph_mode)
         if chosen:

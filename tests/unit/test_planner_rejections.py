@@ -250,7 +250,8 @@ def test_long_name():
 
 def _embed(**spec_patch):
     base = {
-        "model": {"task": "embed", "maxModelLen": 8192},
+        # an embedding model of bge-m3's size, not the base manifest's Qwen3-235B
+        "model": {"task": "embed", "maxModelLen": 8192, "architecture": {"preset": "tiny"}},
         "runtime": {"cudagraphMode": "PIECEWISE", "maxNumBatchedTokens": 8192},
     }
     return manifest(**{**base, **spec_patch})
@@ -312,3 +313,25 @@ def test_tensor_that_does_not_split_the_heads():
     )
     p = only(doc, "spec.roles[0].parallelism.tensor")
     assert "6 KV heads" in p.message and "[1, 2, 3, 6, 12, 24]" in p.fix
+
+
+def test_weights_that_do_not_fit_are_refused_with_the_arithmetic():
+    # Qwen3-235B BF16 on 4 x 32 GB A2 devices: about 110 GiB of weights per device
+    doc = manifest(
+        hardware={"profile": "A2", "memoryPerDeviceGib": 32},
+        model={"maxModelLen": 32768},
+        roles=[{"name": "unified", "parallelism": {"tensor": 4}}],
+    )
+    p = only(doc, "spec.roles[0].parallelism")
+    assert "does not fit in memory per device" in p.message and "28.8 GiB" in p.message
+    assert "W8A8" in p.fix
+
+
+def test_memory_budget_is_in_the_plan():
+    from ascend_operator.plan_table import plan_table
+
+    plan = plan_manifest(manifest(model={"maxModelLen": 32768}))
+    mem = plan.role("unified").memory
+    # TP4 x DP4 with expert parallelism: dense / 4 + experts / 16, 2 bytes each
+    assert 28 < mem.weights < 32 and mem.sequences_at_full_length > 1
+    assert "memory per device: 57.6 GiB budget" in plan_table(plan)

@@ -13,6 +13,7 @@ from ..api.spec import ModelDeploymentSpec
 from .architectures import Architecture
 from .capabilities import RuntimeCapabilities
 from .hardware import HardwareProfile
+from .memory import MemoryBudget
 from .problems import PlanWarning
 
 
@@ -59,6 +60,8 @@ class RolePlan:
     workload_name: str
     service_name: str
     configmap_name: str
+    memory: MemoryBudget | None = None
+    """Estimated memory per device (engine vllm on NPUs, architecture known)."""
 
     @property
     def total_pods(self) -> int:

@@ -12,7 +12,7 @@ from ascend_runtime.roles import DP_RPC_PORT, ENGINE_HTTP_PORT, PD_ROLES, Role
 from .. import images
 from ..api.resource import ModelDeployment
 from ..api.spec import ModelDeploymentSpec, RoleSpec
-from . import fused_mc2, graphs, hccl, names
+from . import fused_mc2, graphs, hccl, memory, names
 from .architectures import Architecture
 from .capabilities import RuntimeCapabilities
 from .engine_args import RoleEngineSettings, role_environment, vllm_args
@@ -234,6 +234,14 @@ def plan_role(ctx: RoleContext, idx: int, role: RoleSpec) -> RolePlan | None:
         max_num_batched_tokens=max_batched,
     )  # fmt: skip
     kv = kv_transfer(ctx, idx, role) if pd else None
+    mem = None
+    if spec.runtime.engine == "vllm" and spec.hardware is not None:
+        mem = memory.budget(spec, role, arch, hw, buffer_mb)
+        verdict = mem and memory.check(mem, path, spec.model.max_model_len or 0)
+        if verdict:
+            message, fix, error = verdict
+            report = Problem if error else PlanWarning
+            (problems if error else warnings).append(report(f"{path}.parallelism", message, fix))
     if layout is None:
         return None
     offload = 0
@@ -336,4 +344,5 @@ def plan_role(ctx: RoleContext, idx: int, role: RoleSpec) -> RolePlan | None:
         workload_name=workload,
         service_name=names.role_service(name, role.name),
         configmap_name=names.runtime_configmap(name, role.name),
+        memory=mem,
     )
