@@ -132,6 +132,19 @@ def _store_rows(ptr, x, rows, ok, col, ncols, s_t, head_off):
 
 
 @triton.jit
+def _apply_t(t0, t1, t2, t3, t10, t20, t21, t30, t31, t32, x0, x1, x2, x3, PREC: tl.constexpr):
+    """T x for the block lower-triangular T (diagonal blocks t0..t3, t_ij below) and x in four
+    16-row pieces."""
+    y0 = tl.dot(t0, x0, input_precision=PREC)
+    y1 = tl.dot(t10, x0, input_precision=PREC) + tl.dot(t1, x1, input_precision=PREC)
+    y2 = tl.dot(t20, x0, input_precision=PREC) + tl.dot(t21, x1, input_precision=PREC)
+    y2 += tl.dot(t2, x2, input_precision=PREC)
+    y3 = tl.dot(t30, x0, input_precision=PREC) + tl.dot(t31, x1, input_precision=PREC)
+    y3 += tl.dot(t32, x2, input_precision=PREC) + tl.dot(t3, x3, input_precision=PREC)
+    return y0, y1, y2, y3
+
+
+@triton.jit
 def _wy_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr, cu_ptr, idx_ptr, w_ptr, u_ptr, gc_ptr,
     num_chunks, hv_heads, group,
@@ -193,33 +206,39 @@ def _wy_kernel(
         k1 = k1 * (b1 * tl.exp(g1))[:, None]
         k2 = k2 * (b2 * tl.exp(g2))[:, None]
         k3 = k3 * (b3 * tl.exp(g3))[:, None]
+        w0, w1, w2, w3 = _apply_t(
+            t0, t1, t2, t3, t10, t20, t21, t30, t31, t32, k0, k1, k2, k3, PREC
+        )
         wh = h * sw_h
-        _store_rows(w_ptr, tl.dot(t0, k0, input_precision=PREC), rows0, ok0, ck, K, sw_t, wh)
-        w1 = tl.dot(t10, k0, input_precision=PREC) + tl.dot(t1, k1, input_precision=PREC)
+        _store_rows(w_ptr, w0, rows0, ok0, ck, K, sw_t, wh)
         _store_rows(w_ptr, w1, rows1, ok1, ck, K, sw_t, wh)
-        w2 = tl.dot(t20, k0, input_precision=PREC) + tl.dot(t21, k1, input_precision=PREC)
-        w2 += tl.dot(t2, k2, input_precision=PREC)
         _store_rows(w_ptr, w2, rows2, ok2, ck, K, sw_t, wh)
-        w3 = tl.dot(t30, k0, input_precision=PREC) + tl.dot(t31, k1, input_precision=PREC)
-        w3 += tl.dot(t32, k2, input_precision=PREC) + tl.dot(t3, k3, input_precision=PREC)
         _store_rows(w_ptr, w3, rows3, ok3, ck, K, sw_t, wh)
         # u = T (beta v), one value tile at a time
         vh = h * sv_h
         uh = h * su_h
         for v0 in range(0, V, BV):
             col = v0 + cv
-            v0_ = _load_rows(v_ptr, rows0, ok0, col, V, sv_t, vh) * b0[:, None]
-            v1_ = _load_rows(v_ptr, rows1, ok1, col, V, sv_t, vh) * b1[:, None]
-            v2_ = _load_rows(v_ptr, rows2, ok2, col, V, sv_t, vh) * b2[:, None]
-            v3_ = _load_rows(v_ptr, rows3, ok3, col, V, sv_t, vh) * b3[:, None]
-            _store_rows(u_ptr, tl.dot(t0, v0_, input_precision=PREC), rows0, ok0, col, V, su_t, uh)
-            u1 = tl.dot(t10, v0_, input_precision=PREC) + tl.dot(t1, v1_, input_precision=PREC)
+            u0, u1, u2, u3 = _apply_t(
+                t0,
+                t1,
+                t2,
+                t3,
+                t10,
+                t20,
+                t21,
+                t30,
+                t31,
+                t32,
+                _load_rows(v_ptr, rows0, ok0, col, V, sv_t, vh) * b0[:, None],
+                _load_rows(v_ptr, rows1, ok1, col, V, sv_t, vh) * b1[:, None],
+                _load_rows(v_ptr, rows2, ok2, col, V, sv_t, vh) * b2[:, None],
+                _load_rows(v_ptr, rows3, ok3, col, V, sv_t, vh) * b3[:, None],
+                PREC,
+            )
+            _store_rows(u_ptr, u0, rows0, ok0, col, V, su_t, uh)
             _store_rows(u_ptr, u1, rows1, ok1, col, V, su_t, uh)
-            u2 = tl.dot(t20, v0_, input_precision=PREC) + tl.dot(t21, v1_, input_precision=PREC)
-            u2 += tl.dot(t2, v2_, input_precision=PREC)
             _store_rows(u_ptr, u2, rows2, ok2, col, V, su_t, uh)
-            u3 = tl.dot(t30, v0_, input_precision=PREC) + tl.dot(t31, v1_, input_precision=PREC)
-            u3 += tl.dot(t32, v2_, input_precision=PREC) + tl.dot(t3, v3_, input_precision=PREC)
             _store_rows(u_ptr, u3, rows3, ok3, col, V, su_t, uh)
         tl.store(gc_ptr + rows0 * sgc_t + h * sgc_h, g0, mask=ok0)
         tl.store(gc_ptr + rows1 * sgc_t + h * sgc_h, g1, mask=ok1)
