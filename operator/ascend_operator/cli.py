@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,8 +62,18 @@ def _set_namespace(doc: dict[str, Any], flag: str | None, path: str) -> None:
         meta["namespace"] = flag or current_namespace() or "default"
 
 
+def _local_model_config(doc: Any) -> Any:
+    """The config.json of a hostPath model that exists on this machine, else None."""
+    try:
+        path = Path(doc["spec"]["model"]["source"]["hostPath"]["path"]) / "config.json"
+        return json.loads(path.read_text())
+    except (KeyError, TypeError, OSError, ValueError, RecursionError):
+        return None
+
+
 def _plans(args: argparse.Namespace, out: TextIO, err: TextIO) -> list[Any] | None:
     from .planner import ClusterInfo, PlanError, plan_manifest
+    from .planner.hf_config import with_model_config
 
     cluster = ClusterInfo(lws_available=args.lws, image_registry=args.image_registry)
     plans, failed = [], False
@@ -70,8 +81,9 @@ def _plans(args: argparse.Namespace, out: TextIO, err: TextIO) -> list[Any] | No
         _set_namespace(doc, args.namespace, args.file)
         meta = doc.get("metadata")
         name = meta.get("name", "<unnamed>") if isinstance(meta, dict) else "<unnamed>"
+        completed = with_model_config(doc, _local_model_config(doc))
         try:
-            plans.append(plan_manifest(doc, cluster))
+            plans.append(plan_manifest(completed, cluster))
         except PlanError as exc:
             failed = True
             err.write(
