@@ -8,7 +8,8 @@ blocks of 128 tokens.
     python bench/kernels.py [--output bench/results/kernels.json] [--quick]
     python bench/kernels.py --tiny     # toy shapes on the CPU under Triton's interpreter (CI)
 
-Times are medians (CUDA events, L2 flushed between runs by do_bench).
+Times are medians (CUDA events, L2 flushed between runs by do_bench). Decode kernels (conv
+update, GDN decode) are timed replayed from CUDA graphs, as they run in serving.
 """
 
 from __future__ import annotations
@@ -108,13 +109,16 @@ VLLM: dict[str, Any] = {}
 """vLLM's kernels (bench/vllm_ref.py), when --vllm names where they were copied."""
 
 
-def against_vllm(r: dict[str, Any], ours_ms: float, pair: Any, ours_out: Any) -> dict[str, Any]:
-    """Time vLLM's kernel on the same data and compare its output with ours (in `r`)."""
+def against_vllm(
+    r: dict[str, Any], ours_ms: float, pair: Any, ours_out: Any, graphed: bool = False
+) -> dict[str, Any]:
+    """Time vLLM's kernel on the same data, the same way as ours (`graphed`: from a CUDA
+    graph), and compare its output with ours (in `r`)."""
     if not pair:  # no vLLM kernels loaded, or none to compare with
         return r
     run, to_ours = pair
     theirs = to_ours(run()).clone()  # before timing: in-place kernels reuse their buffers
-    t = ms(run)
+    t = ms_graph(run) if graphed else ms(run)
     diff = float((ours_out.float() - theirs.float()).abs().max())
     top = float(ours_out.float().abs().max())
     r.update(vllm_ms=round(t, 4), speed_vs_vllm=round(t / ours_ms, 3),
@@ -140,6 +144,43 @@ def ms(fn: Callable[[], Any], rep: int = 200, untimed: int = 20) -> float:
         fn()
     torch.cuda.synchronize()
     return float(do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+
+
+def ms_graph(fn: Callable[[], Any], calls: int = 50, replays: int = 21) -> float:
+    """Median milliseconds of one call replayed from a CUDA graph, as decode kernels run in
+    serving (vLLM's CUDA graphs, vllm-ascend's ACLGraph): no host launch time, which at a few
+    microseconds per kernel would otherwise dominate and jitter. Each call follows an L2 flush;
+    the flushes are timed alone in a second graph and subtracted."""
+    if DEV == "cpu":
+        return ms(fn)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (and compile) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs = []
+    for with_fn in (True, False):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                flush.zero_()
+                if with_fn:
+                    fn()
+        graphs.append(graph)
+    samples = []
+    for _ in range(replays):
+        times = []
+        for graph in graphs:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        samples.append((times[0] - times[1]) / calls)
+    return max(statistics.median(samples), 1e-4)
 
 
 def copy_bandwidth(dev: str) -> float:
@@ -259,7 +300,7 @@ def bench_conv(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
         idx = torch.arange(1, batch + 1, dtype=torch.int32, device=dev)  # slot 0: null block
         out = torch.empty_like(x)
         pristine = states.clone()
-        t = ms(
+        t = ms_graph(
             lambda: causal_conv1d.causal_conv1d_update(
                 x, states, w, idx, activation="silu", out=out
             )
@@ -285,7 +326,7 @@ def bench_conv(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
         )
         ours = causal_conv1d.causal_conv1d_update(x, pristine.clone(), w, idx, activation="silu")
         pair = VLLM and vllm_ref.conv_update(VLLM, x=x, states=pristine.clone(), w=w, idx=idx)
-        rows.append(against_vllm(r, t, pair, ours))
+        rows.append(against_vllm(r, t, pair, ours, graphed=True))
     return rows
 
 
@@ -345,7 +386,7 @@ def bench_gdn(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
         idx = torch.arange(1, batch + 1, dtype=torch.int32, device=dev)  # slot 0: null block
         cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
         pristine = states.clone()
-        t = ms(lambda: gdn.gated_delta_rule_decode(q, k, v, g, beta, states, idx))
+        t = ms_graph(lambda: gdn.gated_delta_rule_decode(q, k, v, g, beta, states, idx))
         ref = (
             ms(
                 lambda: gdn.gated_delta_rule_ref(q, k, v, g, beta, cu, initial_state=states[1:]),
@@ -361,7 +402,7 @@ def bench_gdn(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
         pair = VLLM and vllm_ref.gdn_decode(
             VLLM, q=q, k=k, v=v, g=g, beta=beta, states=pristine.clone(), idx=idx
         )
-        rows.append(against_vllm(r, t, pair, ours))
+        rows.append(against_vllm(r, t, pair, ours, graphed=True))
     return rows
 
 
@@ -510,6 +551,7 @@ def main() -> int:
     parser.add_argument(
         "--vllm", type=Path, help="vLLM's kernels copied by bench/vllm_ref.py: time them too"
     )
+    parser.add_argument("--only", help="comma-separated groups: conv,gdn,cache,moe (default all)")
     args = parser.parse_args()
     if args.vllm:
         VLLM.update(vllm_ref.load(args.vllm))
@@ -526,12 +568,18 @@ def main() -> int:
     pinned_bw = pinned_bandwidth(dev) if dev == "cuda" else 0.0
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter)"
     print(f"{name}: d2d copy {copy_bw:.0f} GB/s, d2h pinned {pinned_bw:.1f} GB/s", flush=True)
-    rows = (
-        bench_conv(dev, copy_bw, args.quick)
-        + bench_gdn(dev, copy_bw, args.quick)
-        + bench_cache(dev, copy_bw, pinned_bw)
-        + bench_moe(dev, copy_bw)
-    )
+    groups = {
+        "conv": lambda: bench_conv(dev, copy_bw, args.quick),
+        "gdn": lambda: bench_gdn(dev, copy_bw, args.quick),
+        "cache": lambda: bench_cache(dev, copy_bw, pinned_bw),
+        "moe": lambda: bench_moe(dev, copy_bw),
+    }
+    only = args.only.split(",") if args.only else list(groups)
+    unknown = set(only) - set(groups)
+    if unknown:
+        print(f"--only: unknown groups {sorted(unknown)}; use {','.join(groups)}", file=sys.stderr)
+        return 2
+    rows = [r for name in only for r in groups[name]()]
     summary = goal_summary(rows)
     write_result(
         args.output,

@@ -44,6 +44,9 @@ CEL_CASES = {
         model={"architecture": {"preset": "deepseek-v3"}},
         runtime={"speculative": {"numSpeculativeTokens": 1, "disablePaddedDrafterBatch": True}},
     ),
+    "eagle3-without-draft": manifest(
+        runtime={"speculative": {"method": "eagle3", "numSpeculativeTokens": 3}}
+    ),
 }
 
 LONG_NAME = manifest()
@@ -65,6 +68,7 @@ RULE_OF: dict[str, str] = {
     "vllm-without-hardware": "spec.hardware is required with engine vllm",
     "padded-drafter": "disablePaddedDrafterBatch needs asyncScheduling: false",
     "long-name": "metadata.name must be at most 39 characters",
+    "eagle3-without-draft": "method eagle3 needs draftModel",
 }
 """The message of the one rule each case breaks."""
 

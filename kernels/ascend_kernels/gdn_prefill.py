@@ -29,11 +29,11 @@ import triton.language as tl
 from ascend_kernels.device import grid_size, pow2_ceil
 
 CHUNK = 64
-WY_LAUNCH = {"num_warps": 4, "num_stages": 1}
+WY_LAUNCH = {"num_warps": 2, "num_stages": 1}
 STATE_LAUNCH = {"num_warps": 4, "num_stages": 2}
-OUTPUT_LAUNCH = {"num_warps": 8, "num_stages": 1}
+OUTPUT_LAUNCH = {"num_warps": 4, "num_stages": 1}
 WY_BV = 64
-STATE_BV = 32
+STATE_BV = 64
 OUTPUT_BV = 64
 """Launch options and value tiles, fixed (no autotuning on the first call). The state tile
 (K x STATE_BV fp32) and the 64 x K operands of one chunk stay within the 32 KB tile budget per
@@ -78,12 +78,16 @@ def chunk_metadata(
 
 @triton.jit
 def _inv_unit_lower(a, r):
-    """(I + a)^-1 for a strictly lower-triangular 16 x 16 block, row by row."""
-    t = (r[:, None] == r[None, :]).to(tl.float32)
-    for i in range(1, 16):
-        a_i = tl.sum(tl.where(r[:, None] == i, a, 0.0), axis=0)
-        t = tl.where(r[:, None] == i, t - tl.sum(a_i[:, None] * t, axis=0)[None, :], t)
-    return t
+    """(I + a)^-1 for a strictly lower-triangular 16 x 16 block: a is nilpotent (a^16 = 0), so
+    the inverse is the sum of (-a)^k, which factors as (I - a)(I + a^2)(I + a^4)(I + a^8):
+    six small products instead of 15 dependent row steps."""
+    p2 = _dot(a, a)
+    p4 = _dot(p2, p2)
+    p8 = _dot(p4, p4)
+    t = (r[:, None] == r[None, :]).to(tl.float32) - a
+    t += _dot(t, p2)
+    t += _dot(t, p4)
+    return t + _dot(t, p8)
 
 
 @triton.jit

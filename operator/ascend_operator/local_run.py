@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ from ascend_runtime.config import PodIdentity, RouterBackends, RuntimeConfig
 from ascend_runtime.engine_command import Listen, engine_command, router_command
 from ascend_runtime.roles import Role
 
+from .planner.names import MODEL_MOUNT
 from .planner.results import Plan
 
 LOOPBACK = "127.0.0.1"
@@ -117,7 +119,10 @@ def engine_has_mooncake(vllm: str) -> bool:
 def _local_vllm_config(
     config: RuntimeConfig, model_path: str, kv_port: int | None, transport: str
 ) -> RuntimeConfig:
-    update: dict[str, object] = {"model_path": model_path}
+    update: dict[str, object] = {
+        "model_path": model_path,
+        "engine_args": _local_draft(config.engine_args, model_path),
+    }
     if config.kv_transfer is not None and kv_port is not None:
         extra = dict(config.kv_transfer.extra_config)
         if config.kv_transfer.module_path:  # ascend-serve's connector takes a transport
@@ -126,6 +131,22 @@ def _local_vllm_config(
             update={"kv_port": kv_port, "extra_config": extra}
         )
     return config.model_copy(update=update)
+
+
+def _local_draft(args: list[str], model_path: str, draft_path: str | None = None) -> list[str]:
+    """Engine args with an Eagle3 draft under the pod's model mount moved to this machine's
+    model directory (the hostPath the pod would mount there), or to `draft_path`."""
+    out = list(args)
+    for i, arg in enumerate(out[:-1]):
+        if arg != "--speculative-config":
+            continue
+        config = json.loads(out[i + 1])
+        draft = config.get("model")
+        if isinstance(draft, str) and draft.startswith(f"{MODEL_MOUNT}/"):
+            local = Path(model_path) / draft[len(MODEL_MOUNT) + 1 :]
+            config["model"] = draft_path or str(local)
+            out[i + 1] = json.dumps(config, separators=(",", ":"))
+    return out
 
 
 @dataclasses.dataclass

@@ -16,6 +16,9 @@ from helpers import ROOT, example_paths
 from kube import ApiError, Kube
 
 MD_CRD = "modeldeployments.ascendserve.dev"
+UPSTREAM_DEPLOYMENTS = yaml.safe_load(
+    (ROOT / "tests/fixtures/upstream_deployments.yaml").read_text()
+)
 
 
 def test_kubectl_server_side_apply_of_crds_folder(plane, kube: Kube):
@@ -97,3 +100,18 @@ def test_one_message_per_problem(kube: Kube, crd, namespace):
 def test_what_upstream_runs_is_accepted_by_server_and_planner(kube: Kube, crd, namespace, case):
     _dry_run_create(kube, UPSTREAM_ACCEPTED[case], namespace)
     plan_manifest(UPSTREAM_ACCEPTED[case])
+
+
+@pytest.mark.parametrize("case", sorted(UPSTREAM_DEPLOYMENTS["cases"]))
+def test_upstream_deployments_are_accepted_and_kept_whole(kube: Kube, crd, namespace, case):
+    """vllm-ascend's own deployments (tests/fixtures/upstream_deployments.yaml): the server takes
+    them, and the additional config's free-form keys survive (not pruned) as written."""
+    doc = copy.deepcopy(UPSTREAM_DEPLOYMENTS["cases"][case]["manifest"])
+    doc["metadata"]["namespace"] = namespace
+    stored = _dry_run_create(kube, doc, namespace)
+    sent = [doc["spec"]["runtime"], *doc["spec"]["roles"]]
+    kept = [stored["spec"]["runtime"], *stored["spec"]["roles"]]
+    for before, after in zip(sent, kept, strict=True):
+        assert after.get("additionalConfig", {}).get("extra") == before.get(
+            "additionalConfig", {}
+        ).get("extra")

@@ -106,18 +106,27 @@ def test_capture_sizes_not_multiple_of_n_plus_1():
 def test_fused_mc2_buffer_too_small_says_by_how_much():
     doc = manifest(
         model={"quantization": "w8a8"},
-        runtime={"fusedMc2": True, "hcclBufferSizeMb": 512, "maxNumBatchedTokens": 8192},
+        runtime={"fusedMc2": True, "hcclBufferSizeMb": 512, "maxNumBatchedTokens": 32768},
     )
     p = only(doc, "spec.runtime.hcclBufferSizeMb")
-    # 8192 x 8 x 4096 x 3 B = 768 MiB, + 10 MB = 778 MB; 512 is 266 short.
+    # 32768 tokens over TP 4 = 8192 per rank; x 8 x 4096 x 3 B = 768 MiB, + 10 MB = 778 MB.
     assert "266 MB short" in p.message and "778 MB" in p.message
+    assert "8192 per rank" in p.message
     assert "at least 778" in p.fix and "maxNumBatchedTokens to at most" in p.fix
+    # vllm-ascend's own high-throughput recipe (TP 4, 16384 tokens, HCCL_BUFFSIZE 1024) fits.
+    plan_manifest(
+        manifest(
+            model={"quantization": "w8a8"},
+            runtime={"fusedMc2": True, "hcclBufferSizeMb": 1024, "maxNumBatchedTokens": 16384},
+        )
+    )
 
 
 def test_fused_mc2_buffer_planned_when_unset():
     plan = plan_manifest(
         manifest(
-            model={"quantization": "w8a8"}, runtime={"fusedMc2": True, "maxNumBatchedTokens": 8192}
+            model={"quantization": "w8a8"},
+            runtime={"fusedMc2": True, "maxNumBatchedTokens": 32768},
         )
     )
     role = plan.role("unified")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, JsonValue, WithJsonSchema
 
 from ascend_runtime.roles import ROUTER_PORT, RoleName
 
@@ -163,14 +163,76 @@ class ModelSpec(ApiModel):
 
 
 class SpeculativeDecoding(ApiModel):
-    """Multi-token prediction (MTP) speculative decoding, for models with MTP layers."""
+    """Speculative decoding: multi-token prediction (MTP, models with MTP layers) or an Eagle3
+    draft model."""
 
-    method: Literal["mtp"] = "mtp"
-    """Speculative method."""
+    method: Literal["mtp", "eagle3"] = "mtp"
+    """`mtp` drafts with the model's own MTP layers; `eagle3` with the weights in
+    `draftModel`."""
+    draft_model: str | None = Field(
+        default=None, min_length=1, max_length=1024, pattern=r"^[\w.-][\w./-]*$"
+    )
+    """Eagle3 draft weights: a path relative to the model volume's root (the PVC's root, or
+    the hostPath directory), or a Hugging Face id with a huggingFace source."""
     num_speculative_tokens: int = Field(ge=1, le=15)
     """Draft tokens per step (N); N + 1 must not exceed 16."""
     disable_padded_drafter_batch: bool = False
     """Run the drafter on an unpadded batch. Not allowed with full graphs or async scheduling."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel_rules(
+            cel(
+                "self.method == 'eagle3' ? has(self.draftModel) : !has(self.draftModel)",
+                "method eagle3 needs draftModel (the draft weights); mtp takes none",
+            )
+        )
+    }
+
+
+class Eplb(ApiModel):
+    """vllm-ascend's expert load balancer (`additional_config.eplb_config`): experts move
+    between ranks as their load changes (dynamic), or follow a recorded map (static)."""
+
+    dynamic: bool | None = None
+    """Rebalance experts while serving (`dynamic_eplb`; the planner also sets the
+    `DYNAMIC_EPLB=true` guard vllm-ascend asserts)."""
+    expert_map_path: str | None = Field(default=None, max_length=1024, pattern=r"^/.*\.json$")
+    """A recorded expert map (JSON file inside the pod) to place experts statically."""
+    num_redundant_experts: int | None = Field(default=None, ge=0, le=1024)
+    """Extra expert replicas spread over the ranks for hot experts."""
+    expert_heat_collection_interval: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Steps between expert-load measurements."""
+    algorithm_execution_interval: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Steps between runs of the placement algorithm."""
+    policy_type: int | None = Field(default=None, ge=0, le=3)
+    """vllm-ascend's placement policy (0-3)."""
+    heat_collection_stage: Literal["all", "prefill", "decode"] | None = None
+    """Which steps the load is measured on (v0.23 and later)."""
+
+
+AdditionalValue = Annotated[
+    dict[str, JsonValue],
+    WithJsonSchema(
+        {"type": "object", "maxProperties": 64, "x-kubernetes-preserve-unknown-fields": True}
+    ),
+]
+
+
+class AdditionalConfig(ApiModel):
+    """vllm-ascend's `--additional-config`: typed keys the planner renders per runtime line,
+    plus `extra` for the rest."""
+
+    eplb: Eplb | None = None
+    """Expert load balancing (MoE models)."""
+    cpu_binding: bool | None = None
+    """Pin engine processes to the NPU's CPU cores (`enable_cpu_binding`); unset keeps the
+    line's default (off before v0.18, on from v0.18)."""
+    npugraph_ex: bool | None = None
+    """The npugraph_ex graph backend (`enable_npugraph_ex`, from v0.13; on by default from
+    v0.18)."""
+    extra: AdditionalValue = Field(default_factory=dict, max_length=64)
+    """Other additional-config keys, passed through as written. Keys the typed fields own are
+    refused; keys the runtime line does not read are reported as warnings."""
 
 
 class KvOffload(ApiModel):
@@ -270,6 +332,8 @@ class RuntimeSpec(ApiModel):
     """Sampling seed for reproducible outputs."""
     sim: SimSpec = Field(default_factory=SimSpec, json_schema_extra={"default": {}})
     """Settings of the sim engine."""
+    additional_config: AdditionalConfig | None = None
+    """vllm-ascend's `--additional-config` (EPLB, CPU binding, npugraph_ex, other keys)."""
     extra_args: list[str] = Field(default_factory=list, max_length=128)
     """Extra engine arguments, appended last (escape hatch)."""
     env: dict[str, str] = Field(default_factory=dict, max_length=128)
@@ -423,6 +487,9 @@ class RoleSpec(ApiModel):
     """CPU and memory of this role's pods."""
     extra_args: list[str] = Field(default_factory=list, max_length=128)
     """Extra engine arguments for this role, after spec.runtime.extraArgs."""
+    additional_config: AdditionalConfig | None = None
+    """Over spec.runtime.additionalConfig for this role: each typed field set here wins, and
+    `extra` keys are merged (this role's win)."""
     env: dict[str, str] = Field(default_factory=dict, max_length=128)
     """Extra environment for this role, over spec.runtime.env."""
     unset_env: list[EnvName] = Field(default_factory=list, max_length=128)

@@ -7,8 +7,10 @@ crash-loops. Sources: vllm-ascend release notes and docs (see docs/capabilities.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from .additional_keys import READ_KEYS
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,15 @@ class RuntimeCapabilities:
     """OffloadingConnector with `cpu_bytes_to_use`."""
     graph_limit: Literal["capped", "error"]
     """Too many capture sizes: v0.13 silently caps the graph count, later lines raise."""
+    eplb_form: Literal["flat", "nested"]
+    """EPLB keys at the top of the additional config (v0.11) or in `eplb_config`."""
+    eplb_heat_stage: bool
+    """`eplb_config.eplb_heat_collection_stage` exists (v0.23)."""
+    npugraph_ex: Literal["none", "top-level", "compilation-config"]
+    """Where `enable_npugraph_ex` lives: absent (v0.11), top level (v0.13), or in
+    `ascend_compilation_config` (v0.18 on)."""
+    additional_config_keys: frozenset[str] = field(repr=False)
+    """Top-level additional-config keys the line reads (`additional_keys`)."""
 
 
 RUNTIME_LINES: dict[str, RuntimeCapabilities] = {
@@ -46,6 +57,10 @@ RUNTIME_LINES: dict[str, RuntimeCapabilities] = {
         fused_mc2=False,
         kv_offload=False,
         graph_limit="capped",
+        eplb_form="flat",
+        eplb_heat_stage=False,
+        npugraph_ex="none",
+        additional_config_keys=READ_KEYS["v0.11"],
     ),
     "v0.13": RuntimeCapabilities(
         line="v0.13",
@@ -57,6 +72,10 @@ RUNTIME_LINES: dict[str, RuntimeCapabilities] = {
         fused_mc2=True,
         kv_offload=False,
         graph_limit="capped",
+        eplb_form="nested",
+        eplb_heat_stage=False,
+        npugraph_ex="top-level",
+        additional_config_keys=READ_KEYS["v0.13"],
     ),
     "v0.18": RuntimeCapabilities(
         line="v0.18",
@@ -68,6 +87,10 @@ RUNTIME_LINES: dict[str, RuntimeCapabilities] = {
         fused_mc2=True,
         kv_offload=False,
         graph_limit="error",
+        eplb_form="nested",
+        eplb_heat_stage=False,
+        npugraph_ex="compilation-config",
+        additional_config_keys=READ_KEYS["v0.18"],
     ),
     "v0.23": RuntimeCapabilities(
         line="v0.23",
@@ -79,6 +102,10 @@ RUNTIME_LINES: dict[str, RuntimeCapabilities] = {
         fused_mc2=True,
         kv_offload=True,
         graph_limit="error",
+        eplb_form="nested",
+        eplb_heat_stage=True,
+        npugraph_ex="compilation-config",
+        additional_config_keys=READ_KEYS["v0.23"],
     ),
 }
 

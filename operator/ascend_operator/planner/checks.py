@@ -229,13 +229,14 @@ def check_model(
             )
     spec_dec = runtime.speculative
     if spec_dec is not None:
-        if arch.mtp_layers == 0:
+        _check_draft(spec, problems)
+        if spec_dec.method == "mtp" and arch.mtp_layers == 0:
             problems.append(
                 Problem(
                     "spec.runtime.speculative",
                     "MTP needs weights with MTP layers, and the model's architecture has none",
-                    "remove spec.runtime.speculative, or set architecture.mtpLayers if the "
-                    "weights do carry MTP layers",
+                    "use method eagle3 with a draft model, or set architecture.mtpLayers if "
+                    "the weights do carry MTP layers",
                 )
             )
         # the runtime's own setting (as the CRD's rule reads it), or any role's override
@@ -357,3 +358,37 @@ def _tp_fits(tp: int, heads: int | None, kv: int | None) -> bool:
     if heads and heads % tp:
         return False
     return not kv or not (tp % kv if tp >= kv else kv % tp)
+
+
+def _check_draft(spec: ModelDeploymentSpec, problems: list[Problem]) -> None:
+    """An Eagle3 draft model is named, and named the way the model source can reach it."""
+    spec_dec = spec.runtime.speculative
+    assert spec_dec is not None
+    path = "spec.runtime.speculative.draftModel"
+    draft = spec_dec.draft_model
+    if (spec_dec.method == "eagle3") != (draft is not None):
+        problems.append(
+            Problem(
+                path,
+                "method eagle3 needs draftModel" if draft is None else "method mtp takes no draft",
+                "name the Eagle3 draft weights in draftModel"
+                if draft is None
+                else "remove draftModel, or set method: eagle3",
+            )
+        )
+        return
+    if draft is None:
+        return
+    if spec.model.source.hugging_face is not None:
+        if draft.count("/") != 1 or draft.startswith("."):
+            problems.append(
+                Problem(path, f"{draft!r} is not a Hugging Face id", "write it as owner/name")
+            )
+    elif ".." in draft.split("/"):
+        problems.append(
+            Problem(
+                path,
+                f"{draft!r} leaves the model volume",
+                "give a path inside the volume, relative to its root",
+            )
+        )

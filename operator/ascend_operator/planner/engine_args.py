@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass
 
 from ..api.spec import VLLM_DEFAULT_CUDAGRAPH_MODE, ModelDeploymentSpec, RoleSpec
-from . import fused_mc2
+from . import additional_config, fused_mc2
 from .architectures import Architecture
 from .capabilities import RuntimeCapabilities
+from .names import MODEL_MOUNT
 
 
 def _json(value: object) -> str:
@@ -99,13 +100,16 @@ def vllm_args(
             "--enable-prefix-caching" if runtime.prefix_caching else "--no-enable-prefix-caching"
         ]
     args += graph_args(settings)
+    extra_config = additional_config.render(spec, role, caps, torchair_config(settings))
+    if extra_config:
+        args += ["--additional-config", _json(extra_config)]
     if runtime.async_scheduling and settings.graph_mode != "eager" and model.task != "embed":
         args += ["--async-scheduling"]
-    if settings.num_speculative_tokens:
-        speculative: dict[str, object] = {
-            "method": "mtp",
-            "num_speculative_tokens": settings.num_speculative_tokens,
-        }
+    if settings.num_speculative_tokens and runtime.speculative:
+        speculative: dict[str, object] = {"method": runtime.speculative.method}
+        if runtime.speculative.draft_model:
+            speculative["model"] = draft_model_path(spec)
+        speculative["num_speculative_tokens"] = settings.num_speculative_tokens
         if runtime.speculative and runtime.speculative.disable_padded_drafter_batch:
             speculative["disable_padded_drafter_batch"] = True
         args += ["--speculative-config", _json(speculative)]
@@ -115,6 +119,15 @@ def vllm_args(
         args += ["--kv-transfer-config", _json(connector)]
     args += list(runtime.extra_args) + list(role.extra_args)
     return args
+
+
+def draft_model_path(spec: ModelDeploymentSpec) -> str | None:
+    """Where the engine finds the Eagle3 draft: under the model volume's mount, or the
+    Hugging Face id as written."""
+    draft = spec.runtime.speculative.draft_model if spec.runtime.speculative else None
+    if draft is None or spec.model.source.hugging_face is not None:
+        return draft
+    return f"{MODEL_MOUNT}/{draft.strip('/')}"
 
 
 def offload_connector(cpu_bytes: int, cross_layer: bool = False) -> dict[str, object]:
@@ -136,16 +149,23 @@ def offload_connector(cpu_bytes: int, cross_layer: bool = False) -> dict[str, ob
     }
 
 
+def torchair_config(settings: RoleEngineSettings) -> dict[str, object] | None:
+    """`torchair_graph_config` of a TorchAir role (part of its additional config), else None."""
+    if settings.graph_mode != "torchair":
+        return None
+    torchair: dict[str, object] = {"enabled": True}
+    if settings.capture_sizes:
+        torchair["graph_batch_sizes"] = list(settings.capture_sizes)
+    return torchair
+
+
 def graph_args(settings: RoleEngineSettings) -> list[str]:
-    """Graph-mode flags: eager, ACLGraph (compilation config, left out at vLLM's defaults) or
-    TorchAir (additional config)."""
+    """Graph-mode flags: eager, or ACLGraph's compilation config (left out at vLLM's
+    defaults); TorchAir's settings go in the additional config."""
     if settings.graph_mode == "eager":
         return ["--enforce-eager"]
     if settings.graph_mode == "torchair":
-        torchair: dict[str, object] = {"enabled": True}
-        if settings.capture_sizes:
-            torchair["graph_batch_sizes"] = list(settings.capture_sizes)
-        return ["--additional-config", _json({"torchair_graph_config": torchair})]
+        return []
     compilation: dict[str, object] = {}
     if settings.cudagraph_mode != VLLM_DEFAULT_CUDAGRAPH_MODE:
         compilation["cudagraph_mode"] = settings.cudagraph_mode
@@ -174,6 +194,7 @@ def role_environment(
         }
         if arch.is_moe and role.parallelism.tensor > 1:
             env["VLLM_ASCEND_ENABLE_FLASHCOMM1"] = "1"
+        env |= additional_config.environment(spec, role)
         mc2 = fused_mc2.env_value(spec, role)
         if mc2 is not None:
             env[fused_mc2.ENV] = mc2

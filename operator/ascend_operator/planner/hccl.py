@@ -76,17 +76,21 @@ def plan_buffer(
             )
         )
         return explicit or base
-    need = fused_mc2_required_mb(tokens, arch.experts_per_token, arch.hidden_size)
+    # vllm-ascend splits a step's tokens over the tensor-parallel ranks before the MoE
+    # dispatch (num_tokens_per_tp_rank), so each rank's window holds its share.
+    tp = role.parallelism.tensor
+    per_rank = -(-tokens // tp)
+    need = fused_mc2_required_mb(per_rank, arch.experts_per_token, arch.hidden_size)
     if explicit is None:
         return max(base, need)
     if explicit < need:
-        fit = fused_mc2_max_tokens(explicit, arch.experts_per_token, arch.hidden_size)
+        fit = fused_mc2_max_tokens(explicit, arch.experts_per_token, arch.hidden_size) * tp
         problems.append(
             Problem(
                 field_path,
                 f"HCCL_BUFFSIZE {explicit} MB is {need - explicit} MB short of what fused MC2 "
-                "needs: "
-                f"{tokens} tokens x top-{arch.experts_per_token} x hidden {arch.hidden_size} x 3 B "
+                f"needs: {tokens} tokens / TP {tp} = {per_rank} per rank x "
+                f"top-{arch.experts_per_token} x hidden {arch.hidden_size} x 3 B "
                 f"+ {FUSED_MC2_OVERHEAD_MB} MB = {need} MB",
                 f"raise it to at least {need}, or lower {tokens_field} to at most {fit}",
             )

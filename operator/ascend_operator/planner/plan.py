@@ -15,7 +15,7 @@ from ascend_runtime.roles import Role
 from ..api.crd import structural_schema
 from ..api.resource import ModelDeployment
 from ..api.spec import ModelDeploymentSpec
-from . import checks
+from . import additional_config, checks
 from .architectures import resolve_architecture
 from .capabilities import capabilities_for, supported_lines
 from .hardware import resolve_profile
@@ -80,6 +80,7 @@ def plan(md: ModelDeployment, cluster: ClusterInfo | None = None) -> Plan:
     checks.check_quantities(spec, problems)
     checks.check_env(spec, problems)
     warnings: list[PlanWarning] = []
+    additional_config.check(spec, arch, caps, problems, warnings)
 
     kind, fallback = _workload_kind(
         spec.workload.kind, cluster.lws_available, cluster.recorded_workload
