@@ -310,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the known model architectures")
     p.set_defaults(func=cmd_presets)
 
+    from .simulate import add_parser as add_simulate
+
+    add_simulate(sub, with_file)
+
     p = sub.add_parser("up", help="run a deployment on this machine (router on localhost)")
     with_file(p)
     p.add_argument(

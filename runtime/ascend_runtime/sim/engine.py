@@ -14,6 +14,7 @@ import contextlib
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -59,9 +60,10 @@ class Event:
     """The state the token was drawn from (its logprobs derive from it)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """One request inside the engine."""
+    """One request inside the engine (compared and hashed by identity: the scheduler looks
+    sequences up in O(1) every step)."""
 
     request_id: str
     prompt: list[int]
@@ -76,6 +78,9 @@ class Sequence:
     """PD consumer: the prompt's KV pulled from a prefill instance (no prefill compute)."""
     pooling: bool = False
     """An embedding input: it finishes once its prompt is prefilled, sampling nothing."""
+    timing_only: bool = False
+    """Virtual benchmarks: keep the scheduling and timing, skip token values, text and events
+    (nobody reads them; per-token hashing would dominate the run)."""
     output: list[int] = field(default_factory=list)
     states: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
@@ -94,11 +99,33 @@ class Sequence:
 
     @property
     def tokens(self) -> list[int]:
+        """Prompt and output (a copy: the scheduler's hot path uses num_tokens instead)."""
         return self.prompt + self.output
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def token_range(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the rest."""
+        n = len(self.prompt)
+        if end <= n:
+            return self.prompt[start:end]
+        return self.prompt[start:n] + self.output[max(0, start - n) : end - n]
+
+    @property
     def prefilled(self) -> bool:
-        return self.computed >= len(self.tokens)
+        return self.computed >= self.num_tokens
+
+
+@dataclass
+class Step:
+    """One scheduled step: prefill chunks, decoding sequences, and its duration."""
+
+    prefills: list[tuple[Sequence, int]]
+    decodes: list[Sequence]
+    prefill_tokens: int
+    seconds: float
 
 
 class EngineObserver:
@@ -108,17 +135,26 @@ class EngineObserver:
     def on_token(self, seq: Sequence, itl: float | None) -> None: ...
     def on_finish(self, seq: Sequence) -> None: ...
     def on_preempt(self, seq: Sequence) -> None: ...
+    def on_error(self, seq: Sequence) -> None: ...
     def on_step(self, prefill_tokens: int, decode_tokens: int) -> None: ...
 
 
 class SimEngine:
     """Continuous batching over a block-based KV cache."""
 
-    def __init__(self, settings: SimSettings, observer: EngineObserver | None = None):
+    def __init__(
+        self,
+        settings: SimSettings,
+        observer: EngineObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.settings = settings
         self.pool = BlockPool(settings.num_blocks)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: dict[Sequence, None] = {}
+        """Running sequences in admission order (a dict: O(1) membership and removal)."""
+        self.clock = clock
+        """Seconds; time.monotonic when serving, a virtual clock under `simulate`."""
         self.observer = observer or EngineObserver()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -159,8 +195,7 @@ class SimEngine:
             return
         if seq in self.waiting:
             self.waiting.remove(seq)
-        if seq in self.running:
-            self.running.remove(seq)
+        self.running.pop(seq, None)
         self._release(seq)
         seq.finished, seq.finish_reason = True, "abort"
 
@@ -181,7 +216,7 @@ class SimEngine:
         if not victims:
             return False
         victim = max(victims, key=lambda s: s.arrival)
-        self.running.remove(victim)
+        del self.running[victim]
         self._release(victim)
         victim.computed, victim.states = 0, []
         victim.imported_states = None
@@ -210,9 +245,9 @@ class SimEngine:
                 continue
             if budget <= 0:
                 break
-            if not self._ensure_blocks(seq, len(seq.tokens) + 1):
+            if not self._ensure_blocks(seq, seq.num_tokens + 1):
                 # Nothing left to preempt: this sequence alone overflows the cache.
-                self.running.remove(seq)
+                del self.running[seq]
                 self._fail(seq, "the KV cache cannot hold this sequence")
                 continue
             decodes.append(seq)
@@ -220,13 +255,13 @@ class SimEngine:
         prefills: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
             if seq in self.running and not seq.prefilled and budget > 0:
-                chunk = min(len(seq.tokens) - seq.computed, budget)
+                chunk = min(seq.num_tokens - seq.computed, budget)
                 if self._ensure_blocks(seq, seq.computed + chunk):
                     prefills.append((seq, chunk))
                     budget -= chunk
         while self.waiting and budget > 0 and len(self.running) < self.settings.max_num_seqs:
             seq = self.waiting[0]
-            remaining = len(seq.tokens) - seq.computed
+            remaining = seq.num_tokens - seq.computed
             chunk = min(remaining, budget)
             need = self.blocks_needed(seq.computed + max(chunk, 1)) - len(seq.blocks)
             if need > 0:
@@ -235,7 +270,7 @@ class SimEngine:
                     break  # wait for blocks to free up; never preempt to admit
                 seq.blocks += got
             self.waiting.popleft()
-            self.running.append(seq)
+            self.running[seq] = None
             if remaining > 0:
                 prefills.append((seq, chunk))
                 budget -= chunk
@@ -256,39 +291,54 @@ class SimEngine:
             if s.fixed_itl_seconds is not None:
                 seconds += s.fixed_itl_seconds
             else:
-                kv_tokens = sum(len(seq.tokens) for seq in decodes)
+                kv_tokens = sum(seq.num_tokens for seq in decodes)
                 seconds += s.decode_step_seconds + kv_tokens * s.decode_seconds_per_kv_token
         return seconds
+
+    def begin_step(self) -> Step | None:
+        """Schedule one step: what it computes and how long it takes (None: nothing to run)."""
+        prefills, decodes = self._schedule()
+        if not prefills and not decodes:
+            return None
+        prefill_tokens = sum(chunk for _, chunk in prefills)
+        return Step(prefills, decodes, prefill_tokens, self.step_seconds(prefill_tokens, decodes))
+
+    def end_step(self, step: Step) -> None:
+        """The step's time has passed: advance prefills and emit the tokens."""
+        self.steps += 1
+        self.observer.on_step(step.prefill_tokens, len(step.decodes))
+        for seq, chunk in step.prefills:
+            self._advance_prefill(seq, chunk)
+        for seq in step.decodes:
+            if not seq.finished:
+                self._emit(seq)
 
     async def _loop(self) -> None:
         while True:
             if not self.waiting and not self.running:
                 self._wake.clear()
                 await self._wake.wait()
-            prefills, decodes = self._schedule()
-            if not prefills and not decodes:
+            step = self.begin_step()
+            if step is None:
                 self._wake.clear()
                 # Blocked on KV space held by PD transfers: poll until blocks free up.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.05)
                 continue
-            prefill_tokens = sum(chunk for _, chunk in prefills)
-            await asyncio.sleep(self.step_seconds(prefill_tokens, decodes))
-            self.steps += 1
-            self.observer.on_step(prefill_tokens, len(decodes))
-            for seq, chunk in prefills:
-                self._advance_prefill(seq, chunk)
-            for seq in decodes:
-                if not seq.finished:
-                    self._emit(seq)
+            await asyncio.sleep(step.seconds)
+            self.end_step(step)
 
     def _advance_prefill(self, seq: Sequence, chunk: int) -> None:
         if seq.finished:
             return
         start = seq.computed
-        tokens = seq.tokens
+        if seq.timing_only:
+            seq.computed += chunk
+            if seq.prefilled:
+                self._emit(seq)
+            return
         state = seq.states[-1] if seq.states else model.initial_state(seq.seed)
-        for token in tokens[start : start + chunk]:
+        for token in seq.token_range(start, start + chunk):
             state = model.advance(state, token)
             seq.states.append(state)
         seq.computed += chunk
@@ -300,12 +350,14 @@ class SimEngine:
 
     def _emit(self, seq: Sequence) -> None:
         """Sample the next token from the current state and hand it to the consumer."""
-        position = len(seq.output)
-        state = seq.states[-1]
-        token = model.next_token(state, seq.temperature, seq.sample_seed, position)
-        now = time.monotonic()
+        now = self.clock()
+        if seq.timing_only:
+            token = state = 0
+        else:
+            state = seq.states[-1]
+            token = model.next_token(state, seq.temperature, seq.sample_seed, len(seq.output))
+            seq.states.append(model.advance(state, token))
         seq.output.append(token)
-        seq.states.append(model.advance(seq.states[-1], token))
         seq.computed += 1
         if seq.first_token_at is None:
             seq.first_token_at = now
@@ -314,6 +366,10 @@ class SimEngine:
         else:
             self.observer.on_token(seq, now - (seq.last_token_at or now))
         seq.last_token_at = now
+        if seq.timing_only:
+            if len(seq.output) >= seq.max_tokens:
+                self._finish(seq, "length")
+            return
         delta, stopped = seq.text.push(model.detokenize(token))
         finish = "stop" if stopped else "length" if len(seq.output) >= seq.max_tokens else None
         if finish == "length":
@@ -324,15 +380,16 @@ class SimEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finished, seq.finish_reason = True, reason
-        if seq in self.running:
-            self.running.remove(seq)
+        self.running.pop(seq, None)
         if not seq.hold_blocks:
             self._release(seq)
         self.observer.on_finish(seq)
-        seq.events.put_nowait(Event("finish", reason=reason))
+        if not seq.timing_only:
+            seq.events.put_nowait(Event("finish", reason=reason))
         self._wake.set()
 
     def _fail(self, seq: Sequence, message: str) -> None:
         self._release(seq)
         seq.finished, seq.finish_reason = True, "error"
+        self.observer.on_error(seq)
         seq.events.put_nowait(Event("error", reason=message))

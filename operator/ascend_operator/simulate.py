@@ -1,0 +1,140 @@
+"""`ascend-serve simulate`: a ModelDeployment's planned instances on the sim engine's virtual
+clock, under a `vllm bench serve`-shaped load, printed as that benchmark prints it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from ascend_runtime.roles import Role
+from ascend_runtime.sim.virtual import VirtualRun, Workload, summarize
+
+from .planner.results import Plan
+
+ROWS = [
+    ("Successful requests", "completed", "{:.0f}"),
+    ("Benchmark duration (s)", "duration", "{:.2f}"),
+    ("Total input tokens", "total_input_tokens", "{:.0f}"),
+    ("Total generated tokens", "total_output_tokens", "{:.0f}"),
+    ("Request throughput (req/s)", "request_throughput", "{:.2f}"),
+    ("Output token throughput (tok/s)", "output_throughput", "{:.2f}"),
+    ("Total token throughput (tok/s)", "total_token_throughput", "{:.2f}"),
+    *(
+        (f"{stat.capitalize()} {metric.upper()} (ms)", f"{stat}_{metric}_ms", "{:.2f}")
+        for metric in ("ttft", "tpot", "itl")
+        for stat in ("mean", "median", "p99")
+    ),
+    ("Mean KV cache usage", "mean_kv_cache_usage", "{:.1%}"),
+    ("Peak KV cache usage", "max_kv_cache_usage", "{:.1%}"),
+    ("Preemptions", "preemptions", "{:.0f}"),
+]
+
+
+def add_parser(sub: Any, with_file: Any) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="predict vllm bench serve's numbers for a spec on the sim engine's virtual clock",
+    )
+    with_file(p)
+    p.add_argument(
+        "--workload",
+        default="random:3584:1536",
+        help="random:IN:OUT[:RANGE_RATIO] (vLLM's random dataset) or fixed:IN:OUT",
+    )
+    p.add_argument("--requests", type=int, default=720, help="number of requests (num-prompts)")
+    p.add_argument("--concurrency", type=int, help="most requests in flight (max-concurrency)")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="requests per second, Poisson arrivals (default: all at once)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_path", help="write the result with vllm bench's keys")
+    p.set_defaults(func=cmd_simulate)
+
+
+def roles_of(plan: Plan) -> dict[str, tuple[Any, int]]:
+    """Role -> (sim settings of one instance, instance count), as `simulate` runs them."""
+    return {
+        r.name: (r.runtime_config.sim, r.instances)
+        for r in sorted(plan.roles, key=lambda r: r.name != Role.PREFILL)
+        if r.instances > 0
+    }
+
+
+def simulate_plan(
+    plan: Plan,
+    workload: Workload,
+    requests: int,
+    concurrency: int | None,
+    *,
+    request_rate: float = math.inf,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the benchmark on the plan's instances; vllm bench's result keys."""
+    import random
+
+    roles = roles_of(plan)
+    if not roles:
+        raise ValueError("the deployment has no instances to simulate (replicas: 0)")
+    lengths = workload.draw(random.Random(seed), requests)
+    run = VirtualRun(roles)
+    done = run.run(lengths, concurrency, request_rate, seed)
+    return summarize(run, done)
+
+
+def cmd_simulate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .cli import UsageError, _plans
+
+    try:
+        workload = Workload.parse(args.workload)
+    except ValueError as exc:
+        raise UsageError(f"--workload: {exc}") from None
+    if args.requests < 1:
+        raise UsageError("--requests must be at least 1")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+    if not args.request_rate > 0:
+        raise UsageError("--request-rate must be above 0 (inf: all at once)")
+    plans = _plans(args, out, err)
+    if plans is None:
+        return 1
+    results = []
+    for plan in plans:
+        started = time.perf_counter()
+        try:
+            result = simulate_plan(
+                plan,
+                workload,
+                args.requests,
+                args.concurrency,
+                request_rate=args.request_rate,
+                seed=args.seed,
+            )
+        except (ValueError, RuntimeError) as exc:
+            err.write(f"error: {plan.name}: {exc}\n")
+            return 1
+        wall = time.perf_counter() - started
+        result |= {
+            "model_id": plan.spec.model.name,
+            "num_prompts": args.requests,
+            "max_concurrency": args.concurrency,
+            "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
+            "workload": args.workload,
+            "simulated_in_seconds": round(wall, 2),
+        }
+        out.write(f"{'=' * 14} Simulated serving benchmark: {plan.namespace}/{plan.name} ")
+        out.write(f"{'=' * 14}\n")
+        for label, key, fmt in ROWS:
+            out.write(f"{label + ':':<40}{fmt.format(result[key]):>12}\n")
+        out.write(f"(simulated {args.requests} requests in {wall:.1f} s of wall time)\n")
+        results.append(result)
+    if args.json_path:
+        payload = results[0] if len(results) == 1 else results
+        Path(args.json_path).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0

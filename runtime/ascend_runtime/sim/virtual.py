@@ -1,0 +1,283 @@
+"""The sim engine on a virtual clock: the same scheduler, block pool and latency model as
+`ascend-serve sim`, driven step by step without sleeps or sockets, so a benchmark of hundreds
+of requests over many simulated NPUs runs in seconds. A client issues requests like `vllm bench
+serve` (all at once or Poisson at a rate, at most `concurrency` in flight, output lengths
+forced as with `--ignore-eos`); a router sends each to the instance with the fewest outstanding
+requests; in PD, prefill instances hold the KV until a decode instance takes it over.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import statistics
+from dataclasses import dataclass, field
+
+from ..config import SimSettings
+from .engine import EngineObserver, Sequence, SimEngine, Step
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Prompt and output lengths, as vLLM's random dataset draws them: uniform integers within
+    `range_ratio` of each length (0: fixed)."""
+
+    input_len: int
+    output_len: int
+    range_ratio: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Workload:
+        """`random:IN:OUT[:RATIO]` or `fixed:IN:OUT`."""
+        kind, *parts = text.split(":")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        ok = kind in ("random", "fixed") and len(numbers) in ((2, 3) if kind == "random" else (2,))
+        if not ok or any(n < 0 for n in numbers) or min(numbers[:2] or [0]) < 1:
+            raise ValueError(
+                f"workload {text!r}: write random:IN:OUT[:RATIO] or fixed:IN:OUT, lengths >= 1"
+            )
+        ratio = numbers[2] if len(numbers) == 3 else 0.0
+        if ratio >= 1:
+            raise ValueError(f"workload {text!r}: the range ratio must be below 1")
+        return cls(int(numbers[0]), int(numbers[1]), ratio)
+
+    def draw(self, rng: random.Random, n: int) -> list[tuple[int, int]]:
+        def one(length: int) -> int:
+            low = max(1, math.floor(length * (1 - self.range_ratio)))
+            return rng.randint(low, max(low, math.ceil(length * (1 + self.range_ratio))))
+
+        return [(one(self.input_len), one(self.output_len)) for _ in range(n)]
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    output_len: int
+    issued: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+    done: bool = False
+    failed: bool = False
+
+
+class _Recorder(EngineObserver):
+    """Token times of the sequences the client sees (unified or decode engines)."""
+
+    def __init__(self, sim: VirtualRun, engine_index: int):
+        self.sim, self.engine_index = sim, engine_index
+
+    def on_token(self, seq: Sequence, itl: float | None) -> None:
+        request = self.sim.owner.get(seq)
+        if request is not None and self.sim.engines[self.engine_index][0] != "prefill":
+            request.token_times.append(self.sim.now)
+
+    def on_finish(self, seq: Sequence) -> None:
+        self.sim.finished.append((self.engine_index, seq))
+
+    def on_preempt(self, seq: Sequence) -> None:
+        self.sim.preemptions += 1
+
+    def on_error(self, seq: Sequence) -> None:
+        request = self.sim.owner.get(seq)
+        if request is not None:
+            request.failed = True
+            self.sim.finished.append((self.engine_index, seq))
+
+
+class VirtualRun:
+    """One simulated benchmark over a deployment's instances."""
+
+    def __init__(
+        self,
+        roles: dict[str, tuple[SimSettings, int]],
+        kv_transfer_seconds: float = 0.0,
+    ):
+        """`roles`: role name -> (settings of one instance, instance count); `unified`, or
+        `prefill` and `decode`. `kv_transfer_seconds`: from a prefill's end to decode taking
+        over (per request)."""
+        self.now = 0.0
+        self.pd = "prefill" in roles
+        self.kv_transfer_seconds = kv_transfer_seconds
+        self.engines: list[tuple[str, SimEngine]] = []
+        for role, (settings, count) in roles.items():
+            for _ in range(count):
+                index = len(self.engines)
+                engine = SimEngine(settings, _Recorder(self, index), clock=lambda: self.now)
+                self.engines.append((role, engine))
+        self.owner: dict[Sequence, _Request] = {}
+        self.finished: list[tuple[int, Sequence]] = []
+        self.preemptions = 0
+        self.kv_samples: list[float] = []
+        self._steps: dict[int, tuple[float, Step]] = {}
+        self._transfers: list[tuple[float, int, _Request, Sequence, int]] = []
+        self._order = itertools.count()
+
+    def _least_loaded(self, role: str) -> int:
+        candidates = [i for i, (r, _) in enumerate(self.engines) if r == role]
+        return min(candidates, key=lambda i: len(self.engines[i][1].running) + len(
+            self.engines[i][1].waiting))  # fmt: skip
+
+    def _submit(self, request: _Request) -> None:
+        role = "prefill" if self.pd else "unified"
+        index = self._least_loaded(role)
+        seq = Sequence(
+            request_id=str(request.index),
+            prompt=request.prompt,
+            max_tokens=1 if self.pd else request.output_len,
+            temperature=0.0,
+            sample_seed=request.index,
+            seed=0,
+            hold_blocks=self.pd,
+            arrival=self.now,
+            timing_only=True,
+        )
+        self.owner[seq] = request
+        self.engines[index][1].add(seq)
+
+    def _handle_finished(self) -> list[_Request]:
+        """Prefill ends start KV transfers; decode/unified ends complete requests."""
+        completed = []
+        for index, seq in self.finished:
+            request = self.owner.pop(seq, None)
+            if request is None:
+                continue
+            if self.engines[index][0] == "prefill" and not request.failed:
+                due = self.now + self.kv_transfer_seconds
+                heapq.heappush(self._transfers, (due, next(self._order), request, seq, index))
+            else:
+                request.done = True
+                completed.append(request)
+        self.finished.clear()
+        return completed
+
+    def _land_transfers(self) -> None:
+        while self._transfers and self._transfers[0][0] <= self.now:
+            _, _, request, held, source = heapq.heappop(self._transfers)
+            index = self._least_loaded("decode")
+            seq = Sequence(
+                request_id=str(request.index),
+                prompt=request.prompt,
+                max_tokens=request.output_len,
+                temperature=0.0,
+                sample_seed=request.index,
+                seed=0,
+                imported_states=[],
+                arrival=request.issued,
+                timing_only=True,
+            )
+            self.owner[seq] = request
+            self.engines[index][1].add(seq)
+            self.engines[source][1].release_held(held)
+
+    def run(
+        self,
+        lengths: list[tuple[int, int]],
+        concurrency: int | None,
+        request_rate: float,
+        seed: int = 0,
+    ) -> list[_Request]:
+        """Issue every request and run until all have finished; returns them with their
+        token times."""
+        rng = random.Random(seed)
+        issue_at, t = [], 0.0
+        for _ in lengths:
+            issue_at.append(t)
+            if math.isfinite(request_rate) and request_rate > 0:
+                t += rng.expovariate(request_rate)
+        # Token values are never read in timing-only runs; only the lengths matter.
+        requests = [_Request(i, [0] * n_in, n_out) for i, (n_in, n_out) in enumerate(lengths)]
+        limit = concurrency or len(requests)
+        issued = in_flight = 0
+        done: list[_Request] = []
+        while len(done) < len(requests):
+            while issued < len(requests) and issue_at[issued] <= self.now and in_flight < limit:
+                requests[issued].issued = self.now
+                self._submit(requests[issued])
+                issued, in_flight = issued + 1, in_flight + 1
+            for index, (_, engine) in enumerate(self.engines):
+                if index not in self._steps:
+                    step = engine.begin_step()
+                    if step is not None:
+                        self._steps[index] = (self.now + step.seconds, step)
+            failed = self._handle_finished()  # scheduling can fail a sequence the cache can't hold
+            if failed:
+                in_flight -= len(failed)
+                done += failed
+                continue
+            events = [until for until, _ in self._steps.values()]
+            events += [due for due, *_ in self._transfers[:1]]
+            if issued < len(requests) and in_flight < limit:
+                events.append(max(self.now, issue_at[issued]))
+            if not events:
+                raise RuntimeError(
+                    "the simulated deployment stalled: no step can run (KV cache too small "
+                    "for one request?)"
+                )
+            self.now = max(self.now, min(events))
+            for index in [i for i, (until, _) in self._steps.items() if until <= self.now]:
+                _, step = self._steps.pop(index)
+                self.engines[index][1].end_step(step)
+                self.kv_samples.append(self.engines[index][1].kv_usage)
+            finished = self._handle_finished()
+            in_flight -= len(finished)
+            done += finished
+            self._land_transfers()
+        return requests
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _stats(name: str, seconds: list[float]) -> dict[str, float]:
+    ms = [1000 * s for s in seconds]
+    return {
+        f"mean_{name}_ms": statistics.fmean(ms) if ms else 0.0,
+        f"median_{name}_ms": _percentile(ms, 50),
+        f"std_{name}_ms": statistics.pstdev(ms) if ms else 0.0,
+        f"p99_{name}_ms": _percentile(ms, 99),
+    }
+
+
+def summarize(run: VirtualRun, requests: list[_Request]) -> dict[str, float]:
+    """`vllm bench serve`'s result keys (durations in seconds, latencies in ms), plus KV usage
+    and preemptions."""
+    duration = max((r.token_times[-1] for r in requests if r.token_times), default=0.0)
+    outputs = sum(len(r.token_times) for r in requests)
+    inputs = sum(len(r.prompt) for r in requests)
+    ttft = [r.token_times[0] - r.issued for r in requests if r.token_times]
+    tpot = [
+        (r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1)
+        for r in requests
+        if len(r.token_times) > 1
+    ]
+    itl = [b - a for r in requests for a, b in itertools.pairwise(r.token_times)]
+    per_second = 1 / duration if duration > 0 else 0.0
+    return {
+        "duration": duration,
+        "completed": sum(r.done and not r.failed for r in requests),
+        "failed": sum(r.failed for r in requests),
+        "total_input_tokens": inputs,
+        "total_output_tokens": outputs,
+        "request_throughput": len(requests) * per_second,
+        "output_throughput": outputs * per_second,
+        "total_token_throughput": (inputs + outputs) * per_second,
+        **_stats("ttft", ttft),
+        **_stats("tpot", tpot),
+        **_stats("itl", itl),
+        "mean_kv_cache_usage": statistics.fmean(run.kv_samples) if run.kv_samples else 0.0,
+        "max_kv_cache_usage": max(run.kv_samples, default=0.0),
+        "preemptions": run.preemptions,
+    }
