@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ascend_runtime.roles import Role
+from ascend_runtime.sim.latency import kv_transfer_seconds
 from ascend_runtime.sim.virtual import VirtualRun, Workload, summarize
 
 from .planner.results import Plan
@@ -83,7 +84,10 @@ def simulate_plan(
     if not roles:
         raise ValueError("the deployment has no instances to simulate (replicas: 0)")
     lengths = workload.draw(random.Random(seed), requests)
-    run = VirtualRun(roles)
+    prefill = roles.get(Role.PREFILL)
+    model = prefill[0].step_model if prefill else None
+    transfer = (lambda tokens: kv_transfer_seconds(model, tokens)) if model else 0.0
+    run = VirtualRun(roles, kv_transfer_seconds=transfer)
     done = run.run(lengths, concurrency, request_rate, seed)
     return summarize(run, done)
 

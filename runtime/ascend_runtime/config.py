@@ -76,6 +76,52 @@ class LeaderDiscovery(_Config):
 DEFAULT_EMBEDDING_DIM = 1024
 
 
+class StepModel(_Config):
+    """Per-device costs of one engine step, computed by the planner from the model's
+    architecture and the hardware's published figures (planner/sim_model.py); the sim engine
+    turns a step's tokens into seconds with them (sim/latency.py). Every data-parallel rank of
+    an instance steps in lockstep (MoE layers synchronise them), so one rank's share of the
+    step's tokens sets the time."""
+
+    data_parallel: int = Field(ge=1)
+    layers: int = Field(ge=1)
+    dense_weight_bytes: float = Field(ge=0)
+    """Non-expert weights one device reads every step (its tensor-parallel share)."""
+    expert_weight_bytes: float = Field(ge=0)
+    """One expert's weights (all layers) on one device: whole under expert parallelism, a
+    tensor-parallel share without it."""
+    local_experts: float = Field(ge=0)
+    """Experts whose weights one device holds (0: a dense model)."""
+    experts: int = Field(ge=0)
+    experts_per_token: int = Field(ge=0)
+    expert_parallel: bool
+    flops_per_token: float = Field(ge=0)
+    """Matmul FLOPs one device spends per token of its data-parallel rank (dense share plus
+    its share of the token's experts)."""
+    attention_flops_per_context_token: float = Field(ge=0)
+    """Attention FLOPs one device spends per (query token, context token) pair."""
+    kv_bytes_per_token: float = Field(ge=0)
+    """KV-cache bytes of one token one device reads (all layers; heads split or replicated)."""
+    hbm_bytes_per_second: float = Field(gt=0)
+    matmul_flops_per_second: float = Field(gt=0)
+    """Peak for the weights' matmuls (INT8 for W8A8)."""
+    attention_flops_per_second: float = Field(gt=0)
+    tp_size: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    tp_link_bytes_per_second: float = Field(gt=0)
+    allreduces_per_layer: int = Field(ge=0)
+    """Tensor-parallel all-reduces per layer (attention; the MLP too without expert
+    parallelism)."""
+    moe_floor_seconds_per_layer: float = Field(ge=0)
+    """Dispatch + combine of one MoE layer at decode sizes (published low-latency kernel
+    time): no MoE step is faster."""
+    moe_dispatch_bytes_per_second: float = Field(gt=0)
+    moe_combine_bytes_per_second: float = Field(gt=0)
+    kv_transfer_bytes_per_token: float = Field(default=0.0, ge=0)
+    """PD: KV bytes per prompt token one prefill device sends to decode."""
+    kv_link_bytes_per_second: float = Field(default=1.0, gt=0)
+
+
 class SimSettings(_Config):
     """The sim engine's capacity and latency model (filled by the planner from the plan)."""
 
@@ -110,11 +156,14 @@ class SimSettings(_Config):
     """The model's KV heads, for the rank map of PD transfers (None: one head on every rank)."""
     kv_mla: bool | None = None
     """MLA cache (one latent head on every TP rank, K and V of different sizes)."""
+    step_model: StepModel | None = None
+    """Physical per-step costs; when set it replaces the linear model above (fixed times still
+    win)."""
 
     @model_serializer(mode="wrap")
     def _drop_unset_optionals(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
-        for key in ("embedding_dim", "kv_heads", "kv_mla"):
+        for key in ("embedding_dim", "kv_heads", "kv_mla", "step_model"):
             if data.get(key) is None:
                 data.pop(key, None)
         return data

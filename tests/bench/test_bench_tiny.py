@@ -99,3 +99,13 @@ def test_kernel_tiles_tiny(tmp_path):
     result = _run("kernel_tiles.py", "--tiny", "--output", str(out))
     assert len(result["results"]) == 3  # one configuration of each sweep
     assert all(r["correct"] for r in result["results"])
+
+
+def test_sim_published_tiny(tmp_path):
+    out = tmp_path / "sim_published.json"
+    result = _run("sim_published.py", "--tiny", "--output", str(out))
+    assert [r["requests"] for r in result["results"]] == [24, 24]
+    for row in result["results"]:
+        for key in ("output_throughput", "mean_ttft_ms", "mean_tpot_ms"):
+            assert row[key]["simulated"] > 0 and row[key]["published"] > 0
+    assert "no NPU" in result["device"]

@@ -1,18 +1,20 @@
-"""The sim engine's capacity and latency, derived from the plan: prefill is compute-bound,
-decode is bandwidth-bound. Approximate by design: it gives the sim realistic shapes (TTFT
-grows with prompt length, ITL with batch and context), not predictions."""
+"""The sim engine's capacity and latency, derived from the plan. With a known architecture the
+engine gets a StepModel: per-device weight bytes actually touched, KV read, FLOPs against the
+peak (INT8 for W8A8), and the collectives of every layer, from the published figures in
+`hardware`; the KV capacity counts heads replicated over tensor-parallel ranks. Otherwise a
+linear model (prefill compute-bound, decode bandwidth-bound) keeps realistic shapes."""
 
 from __future__ import annotations
 
 import math
 
-from ascend_runtime.config import SimSettings
+from ascend_runtime.config import SimSettings, StepModel
 from ascend_runtime.roles import Role
 
 from ..api.spec import ModelDeploymentSpec, RoleSpec
 from .architectures import Architecture
 from .graphs import DEFAULT_MAX_NUM_SEQS
-from .hardware import HardwareProfile
+from .hardware import INT8_PER_BF16, INTERNODE_GBPS, HardwareProfile
 
 PREFILL_MFU = 0.35
 """Fraction of peak compute a prefill step reaches."""
@@ -56,7 +58,15 @@ def sim_settings(
     if kv_token:
         per_kv_token = kv_token / (hw.hbm_gbps * 1e9 * devices * DECODE_BW_EFFICIENCY)
     blocks = 8192
-    if kv_token and arch.total_params_b:
+    step = step_model(spec, role, arch, hw)
+    if step is not None and step.kv_bytes_per_token:
+        # Per device: what weights leave, over the KV one token takes there (replicated heads
+        # count on every device that holds them); every data-parallel rank has its own cache.
+        weights = step.dense_weight_bytes + step.local_experts * step.expert_weight_bytes
+        free = hw.memory_per_device_gib * GIB * runtime.gpu_memory_utilization - weights
+        tokens = free / step.kv_bytes_per_token * par.data
+        blocks = max(16, math.floor(tokens / runtime.block_size))
+    elif kv_token and arch.total_params_b:
         weights = arch.total_params_b * 1e9 * per_param
         free = hw.memory_per_device_gib * GIB * devices * runtime.gpu_memory_utilization - weights
         blocks = max(16, math.floor(free / (kv_token * runtime.block_size)))
@@ -79,4 +89,62 @@ def sim_settings(
         # PD roles move real KV bytes between simulated ranks: the rank map needs the heads.
         kv_heads=arch.num_kv_heads if role.name != Role.UNIFIED else None,
         kv_mla=arch.mla if role.name != Role.UNIFIED and arch.num_kv_heads else None,
+        step_model=step,
+    )
+
+
+def step_model(
+    spec: ModelDeploymentSpec, role: RoleSpec, arch: Architecture, hw: HardwareProfile
+) -> StepModel | None:
+    """Per-device step costs of one instance of `role`, or None when the architecture lacks
+    the sizes they need."""
+    if not (
+        arch.total_params_b and arch.active_params_b and arch.num_layers and arch.hidden_size
+        and arch.num_attention_heads and arch.num_kv_heads and arch.head_dim
+    ):  # fmt: skip
+        return None
+    par = role.parallelism
+    tp, dp = par.tensor * par.prefill_context, par.data
+    total, active = arch.total_params_b * 1e9, arch.active_params_b * 1e9
+    experts, k = arch.num_experts or 0, arch.experts_per_token or 0
+    per_expert = (total - active) / (experts - k) if experts > k else 0.0
+    dense = active - k * per_expert
+    per_param = bytes_per_param(spec.model.quantization)
+    ep = par.expert and experts > 0
+    layers = arch.num_layers
+    if arch.mla:  # absorbed MLA: one latent row of head_dim (512 + 64 rope) per token
+        kv_device = layers * arch.head_dim * 2 / par.decode_context
+        attention = 2 * arch.num_attention_heads * (2 * arch.head_dim - 64) * layers / tp
+    else:
+        heads = max(arch.num_kv_heads / tp, 1.0)  # fewer KV heads than ranks: replicated
+        kv_device = layers * 2 * heads * arch.head_dim * 2 / par.decode_context
+        attention = 4 * arch.num_attention_heads * arch.head_dim * layers / tp
+    bf16 = hw.peak_tflops_bf16 * 1e12
+    int8 = spec.model.quantization != "none"
+    dispatch, combine = hw.moe_bandwidth(tp * dp)
+    kv_token = kv_bytes_per_token(arch) or 0
+    return StepModel(
+        data_parallel=dp,
+        layers=layers,
+        dense_weight_bytes=dense * per_param / tp,
+        expert_weight_bytes=per_expert * per_param / (1 if ep else tp),
+        local_experts=experts / (tp * dp) if ep else float(experts),
+        experts=experts,
+        experts_per_token=k,
+        expert_parallel=ep,
+        flops_per_token=2 * (dense + k * per_expert) / tp,
+        attention_flops_per_context_token=attention,
+        kv_bytes_per_token=kv_device,
+        hbm_bytes_per_second=hw.hbm_gbps * 1e9,
+        matmul_flops_per_second=bf16 * (INT8_PER_BF16 if int8 else 1.0),
+        attention_flops_per_second=bf16,
+        tp_size=tp,
+        hidden_size=arch.hidden_size,
+        tp_link_bytes_per_second=hw.tp_link_bytes_per_second,
+        allreduces_per_layer=1 if ep else 2,
+        moe_floor_seconds_per_layer=hw.moe_floor_seconds(tp * dp) if ep else 0.0,
+        moe_dispatch_bytes_per_second=dispatch,
+        moe_combine_bytes_per_second=combine,
+        kv_transfer_bytes_per_token=kv_token / tp,
+        kv_link_bytes_per_second=INTERNODE_GBPS * 1e9,
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import SimSettings
-from . import model
+from . import latency, model
 from .outputs import StopText
 
 
@@ -279,8 +279,17 @@ class SimEngine:
                 budget -= 1
         return prefills, decodes
 
-    def step_seconds(self, prefill_tokens: int, decodes: list[Sequence]) -> float:
+    def step_seconds(
+        self,
+        prefill_tokens: int,
+        decodes: list[Sequence],
+        prefills: list[tuple[Sequence, int]] | None = None,
+    ) -> float:
         s = self.settings
+        fixed = s.fixed_ttft_seconds is not None or s.fixed_itl_seconds is not None
+        if s.step_model is not None and not fixed:
+            chunks = [(seq.computed, chunk) for seq, chunk in prefills or []]
+            return latency.step_seconds(s.step_model, chunks, (q.num_tokens for q in decodes))
         seconds = 0.0
         if prefill_tokens:
             if s.fixed_ttft_seconds is not None:
@@ -301,7 +310,8 @@ class SimEngine:
         if not prefills and not decodes:
             return None
         prefill_tokens = sum(chunk for _, chunk in prefills)
-        return Step(prefills, decodes, prefill_tokens, self.step_seconds(prefill_tokens, decodes))
+        seconds = self.step_seconds(prefill_tokens, decodes, prefills)
+        return Step(prefills, decodes, prefill_tokens, seconds)
 
     def end_step(self, step: Step) -> None:
         """The step's time has passed: advance prefills and emit the tokens."""

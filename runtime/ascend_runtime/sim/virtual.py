@@ -13,6 +13,7 @@ import itertools
 import math
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import SimSettings
@@ -95,11 +96,11 @@ class VirtualRun:
     def __init__(
         self,
         roles: dict[str, tuple[SimSettings, int]],
-        kv_transfer_seconds: float = 0.0,
+        kv_transfer_seconds: float | Callable[[int], float] = 0.0,
     ):
         """`roles`: role name -> (settings of one instance, instance count); `unified`, or
         `prefill` and `decode`. `kv_transfer_seconds`: from a prefill's end to decode taking
-        over (per request)."""
+        over: seconds per request, or a function of its prompt length."""
         self.now = 0.0
         self.pd = "prefill" in roles
         self.kv_transfer_seconds = kv_transfer_seconds
@@ -147,7 +148,8 @@ class VirtualRun:
             if request is None:
                 continue
             if self.engines[index][0] == "prefill" and not request.failed:
-                due = self.now + self.kv_transfer_seconds
+                transfer = self.kv_transfer_seconds
+                due = self.now + (transfer(len(request.prompt)) if callable(transfer) else transfer)
                 heapq.heappush(self._transfers, (due, next(self._order), request, seq, index))
             else:
                 request.done = True

@@ -1,0 +1,123 @@
+"""`ascend-serve simulate` against vllm-ascend's published Qwen3-235B-A22B figures
+(shared/FACTS.md: v0.13.0, W8A8, random 3584 in / 1536 out), side by side, with the wall time
+each simulation took. The latency model has no constant fitted to these figures
+(docs/sim.md); the ratios say how far its physics lands.
+
+    python bench/sim_published.py [--output bench/results/sim_published.json]
+    python bench/sim_published.py --tiny     # 24 requests, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import cpu_device, write_result  # noqa: E402
+
+from ascend_operator.planner import plan_manifest  # noqa: E402
+from ascend_operator.simulate import simulate_plan  # noqa: E402
+from ascend_runtime.sim.virtual import Workload  # noqa: E402
+
+MODEL = {
+    "name": "qwen3-235b-a22b",
+    "source": {"pvc": {"claimName": "models", "path": "Qwen3-235B-A22B-W8A8"}},
+    "quantization": "w8a8",
+    "maxModelLen": 40960,
+    "architecture": {"preset": "qwen3-235b-a22b"},
+}
+EP = {"expert": True}
+SETUPS = [
+    {
+        "name": "1 x A3, TP4 x DP4, fused MC2, c=144",
+        "spec": {
+            "model": MODEL,
+            "runtime": {"engine": "sim", "fusedMc2": True, "maxNumSeqs": 128,
+                        "maxNumBatchedTokens": 16384},
+            "hardware": {"profile": "A3"},
+            "roles": [{"name": "unified",
+                       "parallelism": {"tensor": 4, "data": 4, "dataLocal": 4, **EP}}],
+        },
+        "load": {"requests": 720, "concurrency": 144, "rate": math.inf},
+        "published": {"output_throughput": 2761.7, "mean_ttft_ms": 4717, "mean_tpot_ms": 48.69},
+    },
+    {
+        "name": "3 x A3 PD: prefill DP2 TP8 eager, decode DP8 TP4, c=576 at 8 req/s",
+        "spec": {
+            "model": MODEL,
+            "runtime": {"engine": "sim"},
+            "hardware": {"profile": "A3"},
+            "roles": [
+                {"name": "prefill", "replicas": 1, "graphMode": "eager", "maxNumSeqs": 24,
+                 "maxNumBatchedTokens": 16384, "parallelism": {"tensor": 8, "data": 2, **EP}},
+                {"name": "decode", "maxNumSeqs": 128, "maxNumBatchedTokens": 256,
+                 "parallelism": {"tensor": 4, "data": 8, "dataLocal": 4, **EP}},
+            ],
+        },
+        "load": {"requests": 576, "concurrency": 576, "rate": 8.0},
+        "published": {"output_throughput": 8593.4, "mean_ttft_ms": 3736, "mean_tpot_ms": 52.07},
+    },
+]  # fmt: skip
+
+
+def manifest(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "ascendserve.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "published", "namespace": "bench"},
+        "spec": copy.deepcopy(spec),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "sim_published.json"))
+    parser.add_argument("--tiny", action="store_true", help="24 requests per setup (CI)")
+    args = parser.parse_args()
+    workload = Workload(3584, 1536)
+    rows = []
+    for setup in SETUPS:
+        load = setup["load"]
+        requests = 24 if args.tiny else load["requests"]
+        started = time.perf_counter()
+        result = simulate_plan(
+            plan_manifest(manifest(setup["spec"])), workload, requests,
+            min(load["concurrency"], requests), request_rate=load["rate"],
+        )  # fmt: skip
+        wall = time.perf_counter() - started
+        row: dict[str, Any] = {"setup": setup["name"], "requests": requests,
+                               "simulated_in_seconds": round(wall, 2)}  # fmt: skip
+        print(f"{setup['name']}  ({requests} requests simulated in {wall:.1f} s)")
+        for key, published in setup["published"].items():
+            ratio = result[key] / published
+            row[key] = {
+                "published": published,
+                "simulated": round(result[key], 2),
+                "ratio": round(ratio, 3),
+                "within_25_percent": abs(ratio - 1) <= 0.25,
+            }
+            print(f"  {key:20s} published {published:9.2f}  simulated {result[key]:9.2f}  "
+                  f"x{ratio:5.2f}")  # fmt: skip
+        rows.append(row)
+    write_result(
+        args.output,
+        {
+            "benchmark": "sim_published",
+            "device": cpu_device("the sim's virtual clock; no NPU"),
+            "tiny": args.tiny,
+            "workload": "random 3584 in / 1536 out",
+            "results": rows,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
