@@ -311,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_presets)
 
     from .simulate import add_parser as add_simulate
+    from .tune import add_parser as add_tune
 
     add_simulate(sub, with_file)
+    add_tune(sub)
 
     p = sub.add_parser("up", help="run a deployment on this machine (router on localhost)")
     with_file(p)
