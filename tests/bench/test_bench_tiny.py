@@ -111,3 +111,11 @@ def test_sim_published_tiny(tmp_path):
         for key in compared:
             assert row[key]["simulated"] > 0 and row[key]["published"] > 0
     assert "no NPU" in result["device"]
+
+
+def test_sim_scale_tiny(tmp_path):
+    out = tmp_path / "sim_scale.json"
+    result = _run("sim_scale.py", "--tiny", "--output", str(out))
+    assert [r["running_sequences"] for r in result["results"]] == [16, 64]
+    assert all(r["us_per_sequence_step"] > 0 and r["steps"] > 0 for r in result["results"])
+    assert result["largest_over_smallest"] > 0
