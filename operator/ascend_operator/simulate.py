@@ -16,6 +16,10 @@ from ascend_runtime.sim.virtual import VirtualRun, Workload, summarize
 
 from .planner.results import Plan
 
+MAX_REQUESTS = 100_000
+"""More requests than any benchmark needs; each costs memory and time even on the virtual
+clock."""
+
 ROWS = [
     ("Successful requests", "completed", "{:.0f}"),
     ("Benchmark duration (s)", "duration", "{:.2f}"),
@@ -83,6 +87,14 @@ def simulate_plan(
     roles = roles_of(plan)
     if not roles:
         raise ValueError("the deployment has no instances to simulate (replicas: 0)")
+    longest = max(settings.max_model_len for settings, _ in roles.values())
+    top = workload.longest
+    if top > longest:
+        raise ValueError(
+            f"--workload reaches {top} tokens (prompt + output) and the model's length is "
+            f"{longest}: vLLM would refuse those requests; shorten the workload or raise "
+            "spec.model.maxModelLen"
+        )
     lengths = workload.draw(random.Random(seed), requests)
     prefill = roles.get(Role.PREFILL)
     model = prefill[0].step_model if prefill else None
@@ -99,8 +111,8 @@ def cmd_simulate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         workload = Workload.parse(args.workload)
     except ValueError as exc:
         raise UsageError(f"--workload: {exc}") from None
-    if args.requests < 1:
-        raise UsageError("--requests must be at least 1")
+    if not 1 <= args.requests <= MAX_REQUESTS:
+        raise UsageError(f"--requests must be between 1 and {MAX_REQUESTS}")
     if args.concurrency is not None and args.concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
     if not args.request_rate > 0:

@@ -174,8 +174,16 @@ def test_simulate_command_prints_and_writes_vllm_bench_keys(tmp_path):
         (["--requests", "0"], "--requests"),
         (["--concurrency", "0"], "--concurrency"),
         (["--request-rate", "0"], "--request-rate"),
+        (["--requests", "1000000000"], "--requests"),
     ],
 )
 def test_simulate_refuses_bad_arguments(args, message):
     code, _, err = _simulate("-f", str(EXAMPLES / "tiny-sim.yaml"), *args)
     assert code == 2 and message in err
+
+
+def test_requests_longer_than_the_model_are_refused_before_running():
+    code, _, err = _simulate(
+        "-f", str(EXAMPLES / "tiny-sim.yaml"), "--workload", "random:100000000:10"
+    )  # fmt: skip
+    assert code == 1 and "maxModelLen" in err and "100000010 tokens" in err

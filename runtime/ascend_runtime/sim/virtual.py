@@ -47,6 +47,15 @@ class Workload:
             raise ValueError(f"workload {text!r}: the range ratio must be below 1")
         return cls(int(numbers[0]), int(numbers[1]), ratio)
 
+    @property
+    def longest(self) -> int:
+        """The most tokens (prompt + output) one request can reach."""
+
+        def top(length: int) -> int:
+            return max(1, math.ceil(length * (1 + self.range_ratio)))
+
+        return top(self.input_len) + top(self.output_len)
+
     def draw(self, rng: random.Random, n: int) -> list[tuple[int, int]]:
         def one(length: int) -> int:
             low = max(1, math.floor(length * (1 - self.range_ratio)))
@@ -191,8 +200,13 @@ class VirtualRun:
             issue_at.append(t)
             if math.isfinite(request_rate) and request_rate > 0:
                 t += rng.expovariate(request_rate)
-        # Token values are never read in timing-only runs; only the lengths matter.
-        requests = [_Request(i, [0] * n_in, n_out) for i, (n_in, n_out) in enumerate(lengths)]
+        # Token values are never read in timing-only runs: requests of one length share a
+        # prompt list, so memory grows with the distinct lengths, not with the requests.
+        prompts: dict[int, list[int]] = {}
+        requests = [
+            _Request(i, prompts.setdefault(n_in, [0] * n_in), n_out)
+            for i, (n_in, n_out) in enumerate(lengths)
+        ]
         limit = concurrency or len(requests)
         issued = in_flight = 0
         done: list[_Request] = []
