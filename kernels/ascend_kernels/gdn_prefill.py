@@ -33,6 +33,12 @@ WY_LAUNCH = {"num_warps": 2, "num_stages": 1}
 STATE_LAUNCH = {"num_warps": 4, "num_stages": 2}
 OUTPUT_LAUNCH = {"num_warps": 4, "num_stages": 1}
 WY_BV = 64
+WY_SPLIT = False
+"""The WY step as two kernels (T per chunk, then w and u as whole 64-row products) instead of
+one working in 16-row pieces."""
+T_LAUNCH = {"num_warps": 4, "num_stages": 1}
+WU_LAUNCH = {"num_warps": 4, "num_stages": 2}
+WU_BV = 64
 STATE_BV = 64
 OUTPUT_BV = 64
 """Launch options and value tiles, fixed (no autotuning on the first call). The state tile
@@ -251,6 +257,125 @@ def _wy_kernel(
 
 
 @triton.jit
+def _store_block(t_ptr, base, x, bi: tl.constexpr, bj: tl.constexpr, r):
+    tl.store(t_ptr + base + (16 * bi + r)[:, None] * 64 + (16 * bj + r)[None, :], x)
+
+
+@triton.jit
+def _t_kernel(
+    k_ptr, g_ptr, beta_ptr, cu_ptr, idx_ptr, t_ptr, gc_ptr,
+    num_chunks, hv_heads, group,
+    sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, sgc_t, sgc_h,
+    K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """T = (I + A)^-1 of every (chunk, value head) as a dense 64 x 64 block (zeros above the
+    diagonal blocks), and the chunk-local cumulative gates."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    r = tl.arange(0, 16)
+    ck = tl.arange(0, BK)
+    strict = r[:, None] > r[None, :]
+    zero = tl.zeros((16, 16), dtype=tl.float32)
+    for item in range(pid, num_chunks * hv_heads, nprog):
+        chunk = item // hv_heads
+        h = item % hv_heads
+        seq = tl.load(idx_ptr + 2 * chunk)
+        start = tl.load(cu_ptr + seq) + tl.load(idx_ptr + 2 * chunk + 1) * 64
+        end = tl.minimum(tl.load(cu_ptr + seq + 1), start + 64)
+        kh = (h // group) * sk_h
+        rows0, ok0 = _piece_rows(start, end, 0, r)
+        rows1, ok1 = _piece_rows(start, end, 1, r)
+        rows2, ok2 = _piece_rows(start, end, 2, r)
+        rows3, ok3 = _piece_rows(start, end, 3, r)
+        g0 = tl.cumsum(_load_vec(g_ptr, rows0, ok0, sg_t, h * sg_h), 0)
+        g1 = tl.cumsum(_load_vec(g_ptr, rows1, ok1, sg_t, h * sg_h), 0)
+        g2 = tl.cumsum(_load_vec(g_ptr, rows2, ok2, sg_t, h * sg_h), 0)
+        g3 = tl.cumsum(_load_vec(g_ptr, rows3, ok3, sg_t, h * sg_h), 0)
+        g1 += tl.sum(tl.where(r == 15, g0, 0.0), 0)
+        g2 += tl.sum(tl.where(r == 15, g1, 0.0), 0)
+        g3 += tl.sum(tl.where(r == 15, g2, 0.0), 0)
+        b0 = _load_vec(beta_ptr, rows0, ok0, sb_t, h * sb_h)
+        b1 = _load_vec(beta_ptr, rows1, ok1, sb_t, h * sb_h)
+        b2 = _load_vec(beta_ptr, rows2, ok2, sb_t, h * sb_h)
+        b3 = _load_vec(beta_ptr, rows3, ok3, sb_t, h * sb_h)
+        k0 = _load_rows(k_ptr, rows0, ok0, ck, K, sk_t, kh)
+        k1 = _load_rows(k_ptr, rows1, ok1, ck, K, sk_t, kh)
+        k2 = _load_rows(k_ptr, rows2, ok2, ck, K, sk_t, kh)
+        k3 = _load_rows(k_ptr, rows3, ok3, ck, K, sk_t, kh)
+        t0 = _inv_unit_lower(tl.where(strict, _a_block(k0, k0, g0, g0, b0, PREC), 0.0), r)
+        t1 = _inv_unit_lower(tl.where(strict, _a_block(k1, k1, g1, g1, b1, PREC), 0.0), r)
+        t2 = _inv_unit_lower(tl.where(strict, _a_block(k2, k2, g2, g2, b2, PREC), 0.0), r)
+        t3 = _inv_unit_lower(tl.where(strict, _a_block(k3, k3, g3, g3, b3, PREC), 0.0), r)
+        a10 = _a_block(k1, k0, g1, g0, b1, PREC)
+        a20 = _a_block(k2, k0, g2, g0, b2, PREC)
+        a21 = _a_block(k2, k1, g2, g1, b2, PREC)
+        a30 = _a_block(k3, k0, g3, g0, b3, PREC)
+        a31 = _a_block(k3, k1, g3, g1, b3, PREC)
+        a32 = _a_block(k3, k2, g3, g2, b3, PREC)
+        t10 = -_dot(t1, _dot(a10, t0))
+        t21 = -_dot(t2, _dot(a21, t1))
+        t20 = -_dot(t2, _dot(a20, t0) + _dot(a21, t10))
+        t32 = -_dot(t3, _dot(a32, t2))
+        t31 = -_dot(t3, _dot(a31, t1) + _dot(a32, t21))
+        t30 = -_dot(t3, _dot(a30, t0) + _dot(a31, t10) + _dot(a32, t20))
+        base = tl.cast(item, tl.int64) * 4096
+        _store_block(t_ptr, base, t0, 0, 0, r)
+        _store_block(t_ptr, base, zero, 0, 1, r)
+        _store_block(t_ptr, base, zero, 0, 2, r)
+        _store_block(t_ptr, base, zero, 0, 3, r)
+        _store_block(t_ptr, base, t10, 1, 0, r)
+        _store_block(t_ptr, base, t1, 1, 1, r)
+        _store_block(t_ptr, base, zero, 1, 2, r)
+        _store_block(t_ptr, base, zero, 1, 3, r)
+        _store_block(t_ptr, base, t20, 2, 0, r)
+        _store_block(t_ptr, base, t21, 2, 1, r)
+        _store_block(t_ptr, base, t2, 2, 2, r)
+        _store_block(t_ptr, base, zero, 2, 3, r)
+        _store_block(t_ptr, base, t30, 3, 0, r)
+        _store_block(t_ptr, base, t31, 3, 1, r)
+        _store_block(t_ptr, base, t32, 3, 2, r)
+        _store_block(t_ptr, base, t3, 3, 3, r)
+        tl.store(gc_ptr + rows0 * sgc_t + h * sgc_h, g0, mask=ok0)
+        tl.store(gc_ptr + rows1 * sgc_t + h * sgc_h, g1, mask=ok1)
+        tl.store(gc_ptr + rows2 * sgc_t + h * sgc_h, g2, mask=ok2)
+        tl.store(gc_ptr + rows3 * sgc_t + h * sgc_h, g3, mask=ok3)
+
+
+@triton.jit
+def _wu_kernel(
+    k_ptr, v_ptr, beta_ptr, cu_ptr, idx_ptr, t_ptr, gc_ptr, w_ptr, u_ptr,
+    num_chunks, hv_heads, group,
+    sk_t, sk_h, sv_t, sv_h, sb_t, sb_h, sgc_t, sgc_h, sw_t, sw_h, su_t, su_h,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """w = T (beta exp(G) k) and u = T (beta v) of every chunk as whole 64-row products."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    r = tl.arange(0, 64)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    for item in range(pid, num_chunks * hv_heads, nprog):
+        chunk = item // hv_heads
+        h = item % hv_heads
+        seq = tl.load(idx_ptr + 2 * chunk)
+        start = tl.load(cu_ptr + seq) + tl.load(idx_ptr + 2 * chunk + 1) * 64
+        rows = start + r
+        ok = rows < tl.minimum(tl.load(cu_ptr + seq + 1), start + 64)
+        t = tl.load(t_ptr + tl.cast(item, tl.int64) * 4096 + r[:, None] * 64 + r[None, :])
+        b = _load_vec(beta_ptr, rows, ok, sb_t, h * sb_h)
+        gc = tl.load(gc_ptr + rows * sgc_t + h * sgc_h, mask=ok, other=0.0)
+        kk = _load_rows(k_ptr, rows, ok, ck, K, sk_t, (h // group) * sk_h)
+        kk = kk * tl.where(ok, b * tl.exp(gc), 0.0)[:, None]
+        _store_rows(w_ptr, tl.dot(t, kk, input_precision=PREC), rows, ok, ck, K, sw_t, h * sw_h)
+        for v0 in range(0, V, BV):
+            col = v0 + cv
+            vv = _load_rows(v_ptr, rows, ok, col, V, sv_t, h * sv_h) * b[:, None]
+            _store_rows(
+                u_ptr, tl.dot(t, vv, input_precision=PREC), rows, ok, col, V, su_t, h * su_h
+            )
+
+
+@triton.jit
 def _state_kernel(
     k_ptr, w_ptr, u_ptr, gc_ptr, hs_ptr, h0_ptr, ht_ptr, cu_ptr, off_ptr,
     num_seqs, hv_heads, group,
@@ -419,7 +544,23 @@ def chunk_gated_delta_rule(
     def tile(limit: int) -> int:
         return max(16, min(limit, pow2_ceil(vdim)))
 
-    if metadata.num_chunks:
+    if metadata.num_chunks and WY_SPLIT:
+        t = torch.empty((metadata.num_chunks * hv, 64, 64), dtype=torch.float32, device=dev)
+        _t_kernel[(grid_size(dev, metadata.num_chunks * hv),)](
+            k, g, beta, cu_seqlens, metadata.indices, t, gc,
+            metadata.num_chunks, hv, group,
+            k.stride(0), k.stride(1), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1),
+            gc.stride(0), gc.stride(1),
+            K=kdim, BK=bk, PREC=prec, **T_LAUNCH,
+        )  # fmt: skip
+        _wu_kernel[(grid_size(dev, metadata.num_chunks * hv),)](
+            k, v, beta, cu_seqlens, metadata.indices, t, gc, w, u,
+            metadata.num_chunks, hv, group,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), beta.stride(0), beta.stride(1),
+            gc.stride(0), gc.stride(1), w.stride(0), w.stride(1), u.stride(0), u.stride(1),
+            K=kdim, V=vdim, BK=bk, BV=tile(WU_BV), PREC=prec, **WU_LAUNCH,
+        )  # fmt: skip
+    elif metadata.num_chunks:
         _wy_kernel[(grid_size(dev, metadata.num_chunks * hv),)](
             k, v, g, beta, cu_seqlens, metadata.indices, w, u, gc,
             metadata.num_chunks, hv, group,

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ascend_kernels import gdn_prefill
 from ascend_kernels.gdn import (
     CHUNK,
     chunk_gated_delta_rule,
@@ -56,7 +57,11 @@ def test_chunk_metadata_from_cu_seqlens():
     ],
 )
 @pytest.mark.parametrize("with_state", [False, True])
-def test_chunked_prefill_matches_recurrence(device, lens, heads, dims, with_state):
+@pytest.mark.parametrize("split_wy", [False, True], ids=["wy-pieces", "wy-split"])
+def test_chunked_prefill_matches_recurrence(
+    device, lens, heads, dims, with_state, split_wy, monkeypatch
+):
+    monkeypatch.setattr(gdn_prefill, "WY_SPLIT", split_wy)
     q, k, v, g, beta, cu = inputs(lens, *heads, *dims, device)
     h0 = torch.randn(len(lens), heads[1], *dims, device=device) * 0.1 if with_state else None
     o, ht = chunk_gated_delta_rule(
