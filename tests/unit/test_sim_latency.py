@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ascend_operator.planner import plan_manifest
-from ascend_runtime.sim.latency import kv_transfer_seconds, step_seconds
+from ascend_runtime.sim.latency import kv_transfer_seconds, spread, step_seconds
 from helpers import manifest, pd_roles
 
 GB = 1e9
@@ -52,7 +52,7 @@ def test_kv_heads_are_replicated_beyond_their_count():
 def test_a_decode_step_is_the_roofline_plus_the_collectives():
     m = _model(model={"quantization": "w8a8"}).step_model
     contexts = [4000] * 144  # 36 sequences per data-parallel rank
-    seconds = step_seconds(m, [], contexts)
+    seconds = step_seconds(m, spread(m, [], contexts))
     touched = 1 - (1 - 8 / 128) ** 144  # almost every local expert sees a token
     weights = DENSE / 4 + 8 * touched * PER_EXPERT
     kv = 94 * 2 * 128 * 2 * 36 * 4000
@@ -65,7 +65,7 @@ def test_a_decode_step_is_the_roofline_plus_the_collectives():
 
 def test_a_prefill_step_is_compute_and_moe_bandwidth():
     m = _model(model={"quantization": "w8a8"}).step_model
-    seconds = step_seconds(m, [(0, 16384)] * 4, [])
+    seconds = step_seconds(m, spread(m, [(0, 16384)] * 4, []))
     per_rank = 16384
     matmul = 2 * 22e9 / 4 * per_rank / 780e12
     attention = 4 * 64 * 128 * 94 / 4 * per_rank * (per_rank + 1) / 2 / 390e12
@@ -78,7 +78,7 @@ def test_a_prefill_step_is_compute_and_moe_bandwidth():
 def test_fewer_tokens_touch_fewer_experts():
     m = _model(roles=[{"name": "unified", "parallelism": {"tensor": 4, "data": 4}}]).step_model
     assert not m.expert_parallel and m.local_experts == 128
-    one, many = step_seconds(m, [], [100]), step_seconds(m, [], [100] * 64)
+    one, many = step_seconds(m, spread(m, [], [100])), step_seconds(m, spread(m, [], [100] * 64))
     assert one < many  # one token per rank reads 8 of 128 experts, 16 per rank read most
 
 
@@ -91,3 +91,11 @@ def test_pd_transfer_moves_the_prompts_kv_over_the_internode_link():
 def test_no_architecture_no_step_model():
     sim = _model(model={"architecture": {"preset": None, "hiddenSize": 1024}})
     assert sim.step_model is None
+
+
+def test_the_busiest_rank_sets_the_step():
+    # One 3584-token prompt lives on one data-parallel rank: the others wait for it.
+    m = _model(model={"quantization": "w8a8"}).step_model
+    alone = step_seconds(m, [([(0, 3584)], [])] + [([], [])] * 3)
+    shared = step_seconds(m, spread(m, [(0, 896)] * 4, []))
+    assert alone > 2 * shared

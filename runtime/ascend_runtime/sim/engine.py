@@ -92,6 +92,8 @@ class Sequence:
     finished: bool = False
     finish_reason: str | None = None
     preemptions: int = 0
+    rank: int = 0
+    """The data-parallel rank of the instance that runs it (set at admission)."""
     text: StopText = field(init=False)
 
     def __post_init__(self) -> None:
@@ -236,33 +238,49 @@ class SimEngine:
                 return False
         return True
 
+    @property
+    def ranks(self) -> int:
+        """Data-parallel ranks of the instance: each schedules its own sequences under its own
+        share of the batch limits (one rank without a step model)."""
+        model = self.settings.step_model
+        return model.data_parallel if model is not None else 1
+
     def _schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
-        """This step's prefill chunks and decode sequences."""
-        budget = self.settings.max_num_batched_tokens
+        """This step's prefill chunks and decode sequences, each rank within its budget."""
+        ranks = self.ranks
+        budget = [max(1, self.settings.max_num_batched_tokens // ranks)] * ranks
+        seq_cap = max(1, self.settings.max_num_seqs // ranks)
+        count = [0] * ranks
         decodes: list[Sequence] = []
         for seq in list(self.running):
-            if seq not in self.running or not seq.prefilled:
+            if seq not in self.running:
                 continue
-            if budget <= 0:
-                break
+            count[seq.rank] += 1
+            if not seq.prefilled or budget[seq.rank] <= 0:
+                continue
             if not self._ensure_blocks(seq, seq.num_tokens + 1):
                 # Nothing left to preempt: this sequence alone overflows the cache.
                 del self.running[seq]
+                count[seq.rank] -= 1
                 self._fail(seq, "the KV cache cannot hold this sequence")
                 continue
             decodes.append(seq)
-            budget -= 1
+            budget[seq.rank] -= 1
         prefills: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
-            if seq in self.running and not seq.prefilled and budget > 0:
-                chunk = min(seq.num_tokens - seq.computed, budget)
+            if seq in self.running and not seq.prefilled and budget[seq.rank] > 0:
+                chunk = min(seq.num_tokens - seq.computed, budget[seq.rank])
                 if self._ensure_blocks(seq, seq.computed + chunk):
                     prefills.append((seq, chunk))
-                    budget -= chunk
-        while self.waiting and budget > 0 and len(self.running) < self.settings.max_num_seqs:
+                    budget[seq.rank] -= chunk
+        while self.waiting:
+            open_ranks = [r for r in range(ranks) if budget[r] > 0 and count[r] < seq_cap]
+            if not open_ranks:
+                break
+            rank = min(open_ranks, key=lambda r: (count[r], -budget[r]))
             seq = self.waiting[0]
             remaining = seq.num_tokens - seq.computed
-            chunk = min(remaining, budget)
+            chunk = min(remaining, budget[rank])
             need = self.blocks_needed(seq.computed + max(chunk, 1)) - len(seq.blocks)
             if need > 0:
                 got = self.pool.allocate(need)
@@ -271,12 +289,14 @@ class SimEngine:
                 seq.blocks += got
             self.waiting.popleft()
             self.running[seq] = None
+            seq.rank = rank
+            count[rank] += 1
             if remaining > 0:
                 prefills.append((seq, chunk))
-                budget -= chunk
+                budget[rank] -= chunk
             else:
                 decodes.append(seq)  # imported KV: straight to decode
-                budget -= 1
+                budget[rank] -= 1
         return prefills, decodes
 
     def step_seconds(
@@ -288,8 +308,14 @@ class SimEngine:
         s = self.settings
         fixed = s.fixed_ttft_seconds is not None or s.fixed_itl_seconds is not None
         if s.step_model is not None and not fixed:
-            chunks = [(seq.computed, chunk) for seq, chunk in prefills or []]
-            return latency.step_seconds(s.step_model, chunks, (q.num_tokens for q in decodes))
+            loads: list[tuple[list[tuple[int, int]], list[int]]] = [
+                ([], []) for _ in range(self.ranks)
+            ]
+            for seq, chunk in prefills or []:
+                loads[seq.rank][0].append((seq.computed, chunk))
+            for seq in decodes:
+                loads[seq.rank][1].append(seq.num_tokens)
+            return latency.step_seconds(s.step_model, loads)
         seconds = 0.0
         if prefill_tokens:
             if s.fixed_ttft_seconds is not None:
