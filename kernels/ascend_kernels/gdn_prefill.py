@@ -155,6 +155,51 @@ def _apply_t(t0, t1, t2, t3, t10, t20, t21, t30, t31, t32, x0, x1, x2, x3, PREC:
 
 
 @triton.jit
+def _chunk_factors(
+    k_ptr, g_ptr, beta_ptr, rows0, rows1, rows2, rows3, ok0, ok1, ok2, ok3,
+    h, kh, ck, r, sk_t, sg_t, sg_h, sb_t, sb_h, K: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One chunk's cumulative gates, betas and keys in four 16-row pieces, and the blocks of
+    T = (I + A)^-1: diagonal t0..t3 (each inverted on its own) and t_ij below."""
+    strict = r[:, None] > r[None, :]
+    # cumulative decay across the four blocks of the chunk
+    g0 = tl.cumsum(_load_vec(g_ptr, rows0, ok0, sg_t, h * sg_h), 0)
+    g1 = tl.cumsum(_load_vec(g_ptr, rows1, ok1, sg_t, h * sg_h), 0)
+    g2 = tl.cumsum(_load_vec(g_ptr, rows2, ok2, sg_t, h * sg_h), 0)
+    g3 = tl.cumsum(_load_vec(g_ptr, rows3, ok3, sg_t, h * sg_h), 0)
+    g1 += tl.sum(tl.where(r == 15, g0, 0.0), 0)
+    g2 += tl.sum(tl.where(r == 15, g1, 0.0), 0)
+    g3 += tl.sum(tl.where(r == 15, g2, 0.0), 0)
+    b0 = _load_vec(beta_ptr, rows0, ok0, sb_t, h * sb_h)
+    b1 = _load_vec(beta_ptr, rows1, ok1, sb_t, h * sb_h)
+    b2 = _load_vec(beta_ptr, rows2, ok2, sb_t, h * sb_h)
+    b3 = _load_vec(beta_ptr, rows3, ok3, sb_t, h * sb_h)
+    k0 = _load_rows(k_ptr, rows0, ok0, ck, K, sk_t, kh)
+    k1 = _load_rows(k_ptr, rows1, ok1, ck, K, sk_t, kh)
+    k2 = _load_rows(k_ptr, rows2, ok2, ck, K, sk_t, kh)
+    k3 = _load_rows(k_ptr, rows3, ok3, ck, K, sk_t, kh)
+    # diagonal blocks: strictly lower part only (exp of -inf above it)
+    t0 = _inv_unit_lower(tl.where(strict, _a_block(k0, k0, g0, g0, b0, PREC), 0.0), r)
+    t1 = _inv_unit_lower(tl.where(strict, _a_block(k1, k1, g1, g1, b1, PREC), 0.0), r)
+    t2 = _inv_unit_lower(tl.where(strict, _a_block(k2, k2, g2, g2, b2, PREC), 0.0), r)
+    t3 = _inv_unit_lower(tl.where(strict, _a_block(k3, k3, g3, g3, b3, PREC), 0.0), r)
+    a10 = _a_block(k1, k0, g1, g0, b1, PREC)
+    a20 = _a_block(k2, k0, g2, g0, b2, PREC)
+    a21 = _a_block(k2, k1, g2, g1, b2, PREC)
+    a30 = _a_block(k3, k0, g3, g0, b3, PREC)
+    a31 = _a_block(k3, k1, g3, g1, b3, PREC)
+    a32 = _a_block(k3, k2, g3, g2, b3, PREC)
+    t10 = -_dot(t1, _dot(a10, t0))
+    t21 = -_dot(t2, _dot(a21, t1))
+    t20 = -_dot(t2, _dot(a20, t0) + _dot(a21, t10))
+    t32 = -_dot(t3, _dot(a32, t2))
+    t31 = -_dot(t3, _dot(a31, t1) + _dot(a32, t21))
+    t30 = -_dot(t3, _dot(a30, t0) + _dot(a31, t10) + _dot(a32, t20))
+    return (g0, g1, g2, g3, b0, b1, b2, b3, k0, k1, k2, k3,
+            t0, t1, t2, t3, t10, t20, t21, t30, t31, t32)  # fmt: skip
+
+
+@triton.jit
 def _wy_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr, cu_ptr, idx_ptr, w_ptr, u_ptr, gc_ptr,
     num_chunks, hv_heads, group,
@@ -166,7 +211,6 @@ def _wy_kernel(
     r = tl.arange(0, 16)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
-    strict = r[:, None] > r[None, :]
     for item in range(pid, num_chunks * hv_heads, nprog):
         chunk = item // hv_heads
         h = item % hv_heads
@@ -178,39 +222,11 @@ def _wy_kernel(
         rows1, ok1 = _piece_rows(start, end, 1, r)
         rows2, ok2 = _piece_rows(start, end, 2, r)
         rows3, ok3 = _piece_rows(start, end, 3, r)
-        # cumulative decay across the four blocks of the chunk
-        g0 = tl.cumsum(_load_vec(g_ptr, rows0, ok0, sg_t, h * sg_h), 0)
-        g1 = tl.cumsum(_load_vec(g_ptr, rows1, ok1, sg_t, h * sg_h), 0)
-        g2 = tl.cumsum(_load_vec(g_ptr, rows2, ok2, sg_t, h * sg_h), 0)
-        g3 = tl.cumsum(_load_vec(g_ptr, rows3, ok3, sg_t, h * sg_h), 0)
-        g1 += tl.sum(tl.where(r == 15, g0, 0.0), 0)
-        g2 += tl.sum(tl.where(r == 15, g1, 0.0), 0)
-        g3 += tl.sum(tl.where(r == 15, g2, 0.0), 0)
-        b0 = _load_vec(beta_ptr, rows0, ok0, sb_t, h * sb_h)
-        b1 = _load_vec(beta_ptr, rows1, ok1, sb_t, h * sb_h)
-        b2 = _load_vec(beta_ptr, rows2, ok2, sb_t, h * sb_h)
-        b3 = _load_vec(beta_ptr, rows3, ok3, sb_t, h * sb_h)
-        k0 = _load_rows(k_ptr, rows0, ok0, ck, K, sk_t, kh)
-        k1 = _load_rows(k_ptr, rows1, ok1, ck, K, sk_t, kh)
-        k2 = _load_rows(k_ptr, rows2, ok2, ck, K, sk_t, kh)
-        k3 = _load_rows(k_ptr, rows3, ok3, ck, K, sk_t, kh)
-        # diagonal blocks: strictly lower part only (exp of -inf above it)
-        t0 = _inv_unit_lower(tl.where(strict, _a_block(k0, k0, g0, g0, b0, PREC), 0.0), r)
-        t1 = _inv_unit_lower(tl.where(strict, _a_block(k1, k1, g1, g1, b1, PREC), 0.0), r)
-        t2 = _inv_unit_lower(tl.where(strict, _a_block(k2, k2, g2, g2, b2, PREC), 0.0), r)
-        t3 = _inv_unit_lower(tl.where(strict, _a_block(k3, k3, g3, g3, b3, PREC), 0.0), r)
-        a10 = _a_block(k1, k0, g1, g0, b1, PREC)
-        a20 = _a_block(k2, k0, g2, g0, b2, PREC)
-        a21 = _a_block(k2, k1, g2, g1, b2, PREC)
-        a30 = _a_block(k3, k0, g3, g0, b3, PREC)
-        a31 = _a_block(k3, k1, g3, g1, b3, PREC)
-        a32 = _a_block(k3, k2, g3, g2, b3, PREC)
-        t10 = -_dot(t1, _dot(a10, t0))
-        t21 = -_dot(t2, _dot(a21, t1))
-        t20 = -_dot(t2, _dot(a20, t0) + _dot(a21, t10))
-        t32 = -_dot(t3, _dot(a32, t2))
-        t31 = -_dot(t3, _dot(a31, t1) + _dot(a32, t21))
-        t30 = -_dot(t3, _dot(a30, t0) + _dot(a31, t10) + _dot(a32, t20))
+        (g0, g1, g2, g3, b0, b1, b2, b3, k0, k1, k2, k3,
+         t0, t1, t2, t3, t10, t20, t21, t30, t31, t32) = _chunk_factors(
+            k_ptr, g_ptr, beta_ptr, rows0, rows1, rows2, rows3, ok0, ok1, ok2, ok3,
+            h, kh, ck, r, sk_t, sg_t, sg_h, sb_t, sb_h, K, PREC,
+        )  # fmt: skip
         # w = T (beta exp(G) k)
         k0 = k0 * (b0 * tl.exp(g0))[:, None]
         k1 = k1 * (b1 * tl.exp(g1))[:, None]
@@ -274,7 +290,6 @@ def _t_kernel(
     nprog = tl.num_programs(0)
     r = tl.arange(0, 16)
     ck = tl.arange(0, BK)
-    strict = r[:, None] > r[None, :]
     zero = tl.zeros((16, 16), dtype=tl.float32)
     for item in range(pid, num_chunks * hv_heads, nprog):
         chunk = item // hv_heads
@@ -287,37 +302,11 @@ def _t_kernel(
         rows1, ok1 = _piece_rows(start, end, 1, r)
         rows2, ok2 = _piece_rows(start, end, 2, r)
         rows3, ok3 = _piece_rows(start, end, 3, r)
-        g0 = tl.cumsum(_load_vec(g_ptr, rows0, ok0, sg_t, h * sg_h), 0)
-        g1 = tl.cumsum(_load_vec(g_ptr, rows1, ok1, sg_t, h * sg_h), 0)
-        g2 = tl.cumsum(_load_vec(g_ptr, rows2, ok2, sg_t, h * sg_h), 0)
-        g3 = tl.cumsum(_load_vec(g_ptr, rows3, ok3, sg_t, h * sg_h), 0)
-        g1 += tl.sum(tl.where(r == 15, g0, 0.0), 0)
-        g2 += tl.sum(tl.where(r == 15, g1, 0.0), 0)
-        g3 += tl.sum(tl.where(r == 15, g2, 0.0), 0)
-        b0 = _load_vec(beta_ptr, rows0, ok0, sb_t, h * sb_h)
-        b1 = _load_vec(beta_ptr, rows1, ok1, sb_t, h * sb_h)
-        b2 = _load_vec(beta_ptr, rows2, ok2, sb_t, h * sb_h)
-        b3 = _load_vec(beta_ptr, rows3, ok3, sb_t, h * sb_h)
-        k0 = _load_rows(k_ptr, rows0, ok0, ck, K, sk_t, kh)
-        k1 = _load_rows(k_ptr, rows1, ok1, ck, K, sk_t, kh)
-        k2 = _load_rows(k_ptr, rows2, ok2, ck, K, sk_t, kh)
-        k3 = _load_rows(k_ptr, rows3, ok3, ck, K, sk_t, kh)
-        t0 = _inv_unit_lower(tl.where(strict, _a_block(k0, k0, g0, g0, b0, PREC), 0.0), r)
-        t1 = _inv_unit_lower(tl.where(strict, _a_block(k1, k1, g1, g1, b1, PREC), 0.0), r)
-        t2 = _inv_unit_lower(tl.where(strict, _a_block(k2, k2, g2, g2, b2, PREC), 0.0), r)
-        t3 = _inv_unit_lower(tl.where(strict, _a_block(k3, k3, g3, g3, b3, PREC), 0.0), r)
-        a10 = _a_block(k1, k0, g1, g0, b1, PREC)
-        a20 = _a_block(k2, k0, g2, g0, b2, PREC)
-        a21 = _a_block(k2, k1, g2, g1, b2, PREC)
-        a30 = _a_block(k3, k0, g3, g0, b3, PREC)
-        a31 = _a_block(k3, k1, g3, g1, b3, PREC)
-        a32 = _a_block(k3, k2, g3, g2, b3, PREC)
-        t10 = -_dot(t1, _dot(a10, t0))
-        t21 = -_dot(t2, _dot(a21, t1))
-        t20 = -_dot(t2, _dot(a20, t0) + _dot(a21, t10))
-        t32 = -_dot(t3, _dot(a32, t2))
-        t31 = -_dot(t3, _dot(a31, t1) + _dot(a32, t21))
-        t30 = -_dot(t3, _dot(a30, t0) + _dot(a31, t10) + _dot(a32, t20))
+        (g0, g1, g2, g3, _, _, _, _, _, _, _, _,
+         t0, t1, t2, t3, t10, t20, t21, t30, t31, t32) = _chunk_factors(
+            k_ptr, g_ptr, beta_ptr, rows0, rows1, rows2, rows3, ok0, ok1, ok2, ok3,
+            h, kh, ck, r, sk_t, sg_t, sg_h, sb_t, sb_h, K, PREC,
+        )  # fmt: skip
         base = tl.cast(item, tl.int64) * 4096
         _store_block(t_ptr, base, t0, 0, 0, r)
         _store_block(t_ptr, base, zero, 0, 1, r)
