@@ -74,9 +74,12 @@ class OperatorState:
 
     def remember(self, indexes: dict[str, Any]) -> None:
         """Keep kopf's index views (always the same objects) for passes run outside a
-        handler (debounced and resync passes)."""
-        self.children, self.deployments = indexes["children"], indexes["deployments"]
-        self.crds = indexes["crds"]
+        handler (debounced and resync passes). A view kopf hands over as None (seen while a
+        newly installed CRD's watch starts) never replaces one already kept."""
+        for name in ("children", "deployments", "crds"):
+            view = indexes.get(name)
+            if view is not None:
+                setattr(self, name, view)
 
     @property
     def lws_available(self) -> bool:
@@ -100,7 +103,10 @@ async def _pass(body: dict[str, Any], state: OperatorState, trigger: str) -> Non
     """One pass, with the ModelDeployment's lock held."""
     meta = body["metadata"]
     key = (meta.get("namespace", "default"), meta["name"])
-    assert state.client is not None and state.children is not None
+    if state.client is None or state.children is None:
+        # Not an error of the spec: kopf has not handed over its indexes yet. Retry soon
+        # (an exception here would wait kopf's default 60 s backoff).
+        raise kopf.TemporaryError("the operator's indexes are not ready yet", delay=1)
     started = time.perf_counter()
     try:
         cluster = ClusterInfo(
