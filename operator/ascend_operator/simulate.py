@@ -59,17 +59,50 @@ def add_parser(sub: Any, with_file: Any) -> None:
         help="requests per second, Poisson arrivals (default: all at once)",
     )
     p.add_argument("--seed", type=int, default=0)
+    add_efficiency_argument(p)
     p.add_argument("--json", dest="json_path", help="write the result with vllm bench's keys")
     p.set_defaults(func=cmd_simulate)
 
 
-def roles_of(plan: Plan) -> dict[str, tuple[Any, int]]:
-    """Role -> (sim settings of one instance, instance count), as `simulate` runs them."""
-    return {
-        r.name: (r.runtime_config.sim, r.instances)
-        for r in sorted(plan.roles, key=lambda r: r.name != Role.PREFILL)
-        if r.instances > 0
-    }
+def add_efficiency_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compute-efficiency",
+        type=float,
+        default=1.0,
+        help="achieved fraction of peak FLOPs (default 1: the roofline); calibrate it with "
+        "one prefill time measured on your NPUs (docs/sim.md)",
+    )
+
+
+def check_efficiency(value: float) -> None:
+    """--compute-efficiency must be a fraction in (0, 1]."""
+    from .cli import UsageError
+
+    if not 0 < value <= 1:
+        raise UsageError(
+            f"--compute-efficiency must be above 0 and at most 1 (got {value}); it scales "
+            "the peak FLOPs, e.g. 0.3 for 30% of peak"
+        )
+
+
+def roles_of(plan: Plan, compute_efficiency: float = 1.0) -> dict[str, tuple[Any, int]]:
+    """Role -> (sim settings of one instance, instance count), as `simulate` runs them, the
+    step model's FLOP rates scaled by `compute_efficiency`."""
+    roles = {}
+    for r in sorted(plan.roles, key=lambda r: r.name != Role.PREFILL):
+        if r.instances <= 0:
+            continue
+        settings = r.runtime_config.sim
+        model = settings.step_model
+        if model is not None and compute_efficiency != 1.0:
+            model = model.model_copy(update={
+                "matmul_flops_per_second": model.matmul_flops_per_second * compute_efficiency,
+                "attention_flops_per_second": model.attention_flops_per_second
+                * compute_efficiency,
+            })  # fmt: skip
+            settings = settings.model_copy(update={"step_model": model})
+        roles[r.name] = (settings, r.instances)
+    return roles
 
 
 def simulate_plan(
@@ -80,11 +113,12 @@ def simulate_plan(
     *,
     request_rate: float = math.inf,
     seed: int = 0,
+    compute_efficiency: float = 1.0,
 ) -> dict[str, Any]:
     """Run the benchmark on the plan's instances; vllm bench's result keys."""
     import random
 
-    roles = roles_of(plan)
+    roles = roles_of(plan, compute_efficiency)
     if not roles:
         raise ValueError("the deployment has no instances to simulate (replicas: 0)")
     longest = max(settings.max_model_len for settings, _ in roles.values())
@@ -117,6 +151,7 @@ def cmd_simulate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise UsageError("--concurrency must be at least 1")
     if not args.request_rate > 0:
         raise UsageError("--request-rate must be above 0 (inf: all at once)")
+    check_efficiency(args.compute_efficiency)
     plans = _plans(args, out, err)
     if plans is None:
         return 1
@@ -131,6 +166,7 @@ def cmd_simulate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 args.concurrency,
                 request_rate=args.request_rate,
                 seed=args.seed,
+                compute_efficiency=args.compute_efficiency,
             )
         except (ValueError, RuntimeError) as exc:
             err.write(f"error: {plan.name}: {exc}\n")
@@ -142,6 +178,7 @@ def cmd_simulate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "max_concurrency": args.concurrency,
             "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
             "workload": args.workload,
+            "compute_efficiency": args.compute_efficiency,
             "simulated_in_seconds": round(wall, 2),
         }
         out.write(f"{'=' * 14} Simulated serving benchmark: {plan.namespace}/{plan.name} ")

@@ -17,7 +17,7 @@ from ascend_runtime.sim.virtual import Workload
 from .planner import PlanError, plan_manifest
 from .planner.architectures import PRESETS
 from .planner.hardware import PROFILES
-from .simulate import simulate_plan
+from .simulate import add_efficiency_argument, check_efficiency, simulate_plan
 
 PD_DECODE_BATCHED_TOKENS = 256
 """Decode instances' maxNumBatchedTokens, as vllm-ascend's published PD layout sets it."""
@@ -142,6 +142,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--requests", type=int, help="per candidate (default: 2 x concurrency)")
     p.add_argument("--slo", default="", help="mean targets, e.g. ttft=2000,tpot=50 (ms)")
     p.add_argument("--top", type=int, default=3)
+    add_efficiency_argument(p)
     p.set_defaults(func=cmd_tune)
 
 
@@ -159,6 +160,7 @@ def cmd_tune(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         workload, slo = Workload.parse(args.workload), Slo.parse(args.slo)
     except ValueError as exc:
         raise UsageError(f"--workload/--slo: {exc}") from None
+    check_efficiency(args.compute_efficiency)
     requests = args.requests or 2 * args.concurrency
     scored = []
     for i, (label, roles, replicas) in enumerate(
@@ -172,7 +174,10 @@ def cmd_tune(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             err.write(f"skip {label}: {exc.problems[0].message}\n")
             continue
         try:
-            result = simulate_plan(plan, workload, requests, args.concurrency)
+            result = simulate_plan(
+                plan, workload, requests, args.concurrency,
+                compute_efficiency=args.compute_efficiency,
+            )  # fmt: skip
         except RuntimeError as exc:
             err.write(f"skip {label}: {exc}\n")
             continue

@@ -110,6 +110,12 @@ def test_sim_published_tiny(tmp_path):
         assert "mean_ttft_ms" in compared
         for key in compared:
             assert row[key]["simulated"] > 0 and row[key]["published"] > 0
+            assert row[key]["calibrated"]["simulated"] > 0
+    # The calibration makes its anchor row land on its published TTFT, and slows prefill.
+    assert 0 < result["calibrated_compute_efficiency"] < 1
+    anchor = next(r for r in result["results"] if r["setup"] == result["calibrated_on"])
+    assert anchor["mean_ttft_ms"]["calibrated"]["ratio"] == pytest.approx(1, abs=0.01)
+    assert anchor["mean_ttft_ms"]["ratio"] < anchor["mean_ttft_ms"]["calibrated"]["ratio"]
     assert "no NPU" in result["device"]
 
 

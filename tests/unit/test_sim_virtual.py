@@ -175,6 +175,9 @@ def test_simulate_command_prints_and_writes_vllm_bench_keys(tmp_path):
         (["--concurrency", "0"], "--concurrency"),
         (["--request-rate", "0"], "--request-rate"),
         (["--requests", "1000000000"], "--requests"),
+        (["--compute-efficiency", "0"], "--compute-efficiency"),
+        (["--compute-efficiency", "1.5"], "--compute-efficiency"),
+        (["--compute-efficiency", "nan"], "--compute-efficiency"),
     ],
 )
 def test_simulate_refuses_bad_arguments(args, message):
@@ -187,3 +190,23 @@ def test_requests_longer_than_the_model_are_refused_before_running():
         "-f", str(EXAMPLES / "tiny-sim.yaml"), "--workload", "random:100000000:10"
     )  # fmt: skip
     assert code == 1 and "maxModelLen" in err and "100000010 tokens" in err
+
+
+def test_compute_efficiency_slows_compute_bound_prefill_and_leaves_the_rest():
+    """One long prompt on the Qwen3-235B example is compute-bound: at half the peak FLOPs its
+    compute part takes twice as long, while the collectives and HBM time do not change."""
+
+    def ttft(efficiency: str) -> float:
+        code, out, err = _simulate(
+            "-f", str(EXAMPLES / "qwen3-235b-w8a8.yaml"), "--workload", "fixed:16384:1",
+            "--requests", "1", "--compute-efficiency", efficiency,
+        )  # fmt: skip
+        assert code == 0, err
+        return float(next(line for line in out.splitlines() if "Mean TTFT" in line).split()[-1])
+
+    full, half, tenth = ttft("1"), ttft("0.5"), ttft("0.1")
+    assert full < half < tenth
+    # T = C + F/e with the compute part F > 0: e=1 -> C+F, e=0.5 -> C+2F, e=0.1 -> C+10F.
+    compute = half - full
+    assert compute > 0
+    assert tenth == pytest.approx(full + 9 * compute, rel=0.02)
