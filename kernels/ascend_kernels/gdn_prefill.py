@@ -29,9 +29,9 @@ import triton.language as tl
 from ascend_kernels.device import grid_size, pow2_ceil
 
 CHUNK = 64
-WY_LAUNCH = {"num_warps": 2, "num_stages": 1}
+WY_LAUNCH = {"num_warps": 4, "num_stages": 2}
 STATE_LAUNCH = {"num_warps": 4, "num_stages": 2}
-OUTPUT_LAUNCH = {"num_warps": 4, "num_stages": 1}
+OUTPUT_LAUNCH = {"num_warps": 2, "num_stages": 1}
 WY_BV = 64
 WY_SPLIT = False
 """The WY step as two kernels (T per chunk, then w and u as whole 64-row products) instead of
