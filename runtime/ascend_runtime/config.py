@@ -159,11 +159,14 @@ class SimSettings(_Config):
     step_model: StepModel | None = None
     """Physical per-step costs; when set it replaces the linear model above (fixed times still
     win)."""
+    prefix_caching: bool | None = None
+    """Automatic prefix caching as vLLM does it (block-hash chains, LRU eviction of free cached
+    blocks); None or false: off."""
 
     @model_serializer(mode="wrap")
     def _drop_unset_optionals(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
-        for key in ("embedding_dim", "kv_heads", "kv_mla", "step_model"):
+        for key in ("embedding_dim", "kv_heads", "kv_mla", "step_model", "prefix_caching"):
             if data.get(key) is None:
                 data.pop(key, None)
         return data

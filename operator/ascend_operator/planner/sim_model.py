@@ -90,6 +90,7 @@ def sim_settings(
         kv_heads=arch.num_kv_heads if role.name != Role.UNIFIED else None,
         kv_mla=arch.mla if role.name != Role.UNIFIED and arch.num_kv_heads else None,
         step_model=step,
+        prefix_caching=runtime.prefix_caching or None,
     )
 
 

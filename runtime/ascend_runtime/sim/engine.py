@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import SimSettings
+from ..kv.block_hash import ROOT_HASH, hash_block
 from . import latency, model
 from .outputs import StopText
+from .prefix_cache import PrefixCachePool
 
 
 class BlockPool:
@@ -85,6 +87,10 @@ class Sequence:
     states: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     computed: int = 0
+    block_hashes: list[int] = field(default_factory=list)
+    """Prefix caching: chain hashes of its full blocks known so far (tokens never change)."""
+    stored_blocks: int = 0
+    """Prefix caching: how many of its blocks are offered to the cache."""
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -139,6 +145,7 @@ class EngineObserver:
     def on_preempt(self, seq: Sequence) -> None: ...
     def on_error(self, seq: Sequence) -> None: ...
     def on_step(self, prefill_tokens: int, decode_tokens: int) -> None: ...
+    def on_prefix_lookup(self, queried_tokens: int, hit_tokens: int) -> None: ...
 
 
 class SimEngine:
@@ -151,7 +158,13 @@ class SimEngine:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.settings = settings
-        self.pool = BlockPool(settings.num_blocks)
+        self.cache = (
+            PrefixCachePool(settings.num_blocks, settings.block_size)
+            if settings.prefix_caching
+            else None
+        )
+        """Automatic prefix caching (settings.prefix_caching): the pool, keyed by block hash."""
+        self.pool: BlockPool | PrefixCachePool = self.cache or BlockPool(settings.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[Sequence, None] = {}
         """Running sequences in admission order (a dict: O(1) membership and removal)."""
@@ -209,6 +222,55 @@ class SimEngine:
         if seq.blocks:
             self.pool.release(seq.blocks)
             seq.blocks = []
+        seq.stored_blocks = 0
+
+    # ------------------------------------------------------------------ prefix caching
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks matching a waiting sequence's prefix, not taken yet. The last token
+        is always computed (it samples the next one), as vLLM caps a hit."""
+        if self.cache is None or seq.computed or seq.imported_states is not None:
+            return []
+        limit = (seq.num_tokens - 1) // self.settings.block_size
+        self._extend_hashes(seq, limit)
+        return self.cache.match(seq.block_hashes[:limit])
+
+    def _reuse(self, seq: Sequence, hit: list[int]) -> None:
+        """Admit a sequence on its cached prefix: those tokens cost no compute."""
+        assert self.cache is not None
+        self.cache.take(hit)
+        seq.blocks = list(hit)
+        seq.stored_blocks = len(hit)
+        seq.computed = len(hit) * self.settings.block_size
+        if not seq.timing_only:  # the model's states are a function of the tokens alone
+            state = model.initial_state(seq.seed)
+            for token in seq.token_range(0, seq.computed):
+                state = model.advance(state, token)
+                seq.states.append(state)
+
+    def _extend_hashes(self, seq: Sequence, full: int) -> None:
+        bs, hashes = self.settings.block_size, seq.block_hashes
+        parent = hashes[-1] if hashes else ROOT_HASH
+        for i in range(len(hashes), full):
+            parent = hash_block(parent, seq.token_range(i * bs, (i + 1) * bs))
+            hashes.append(parent)
+
+    def _store_full_blocks(self, seq: Sequence) -> None:
+        """Offer the sequence's newly filled blocks to the cache."""
+        bs = self.settings.block_size
+        # A sampled token has no KV until the next step feeds it back.
+        kv = min(seq.computed, seq.num_tokens - 1) if seq.output else seq.computed
+        full = min(kv, len(seq.blocks) * bs) // bs
+        first = seq.stored_blocks
+        if self.cache is None or full <= first:
+            return
+        self._extend_hashes(seq, full)
+        parent = seq.block_hashes[first - 1] if first else None
+        self.cache.store(
+            seq.blocks[first:full], seq.block_hashes[first:full], parent,
+            lambda i: seq.token_range((first + i) * bs, (first + i + 1) * bs),
+        )  # fmt: skip
+        seq.stored_blocks = full
 
     # ------------------------------------------------------------------ scheduling
 
@@ -279,13 +341,23 @@ class SimEngine:
                 break
             rank = min(open_ranks, key=lambda r: (count[r], -budget[r]))
             seq = self.waiting[0]
-            remaining = seq.num_tokens - seq.computed
+            hit = self._cached_prefix(seq)
+            start = len(hit) * self.settings.block_size if hit else seq.computed
+            remaining = seq.num_tokens - start
             chunk = min(remaining, budget[rank])
-            need = self.blocks_needed(seq.computed + max(chunk, 1)) - len(seq.blocks)
+            need = self.blocks_needed(start + max(chunk, 1)) - len(seq.blocks) - len(hit)
+            reusable = self.cache.free_among(hit) if self.cache is not None and hit else 0
+            if need > 0 and need > self.pool.free - reusable:
+                break  # wait for blocks to free up; never preempt to admit
+            if self.cache is not None and not seq.computed and seq.imported_states is None:
+                self.cache.queried_tokens += seq.num_tokens
+                self.cache.hit_tokens += start
+                self.observer.on_prefix_lookup(seq.num_tokens, start)
+            if hit:
+                self._reuse(seq, hit)
             if need > 0:
                 got = self.pool.allocate(need)
-                if got is None:
-                    break  # wait for blocks to free up; never preempt to admit
+                assert got is not None
                 seq.blocks += got
             self.waiting.popleft()
             self.running[seq] = None
@@ -370,6 +442,7 @@ class SimEngine:
         start = seq.computed
         if seq.timing_only:
             seq.computed += chunk
+            self._store_full_blocks(seq)
             if seq.prefilled:
                 self._emit(seq)
             return
@@ -378,6 +451,7 @@ class SimEngine:
             state = model.advance(state, token)
             seq.states.append(state)
         seq.computed += chunk
+        self._store_full_blocks(seq)
         if seq.prefilled:
             if seq.pooling:
                 self._finish(seq, "stop")
@@ -395,6 +469,8 @@ class SimEngine:
             seq.states.append(model.advance(state, token))
         seq.output.append(token)
         seq.computed += 1
+        if self.cache is not None and (seq.num_tokens - 1) % self.settings.block_size == 0:
+            self._store_full_blocks(seq)
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.observer.on_first_token(seq, now - seq.arrival)

@@ -102,6 +102,13 @@ class EngineMetrics(EngineObserver):
         self.preemptions = Counter(
             "vllm:num_preemptions", "Cumulative preemptions.", labels, registry=r
         )
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prefix-cache queries, in queried tokens.", labels,
+            registry=r,
+        )  # fmt: skip
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prefix-cache hits, in cached tokens.", labels, registry=r
+        )
         self.success = Counter(
             "vllm:request_success",
             "Successfully finished requests.",
@@ -151,6 +158,8 @@ class EngineMetrics(EngineObserver):
             self.prompt_tokens,
             self.generation_tokens,
             self.preemptions,
+            self.prefix_queries,
+            self.prefix_hits,
             self.ttft,
             self.itl,
             self.e2e,
@@ -186,3 +195,7 @@ class EngineMetrics(EngineObserver):
     def on_step(self, prefill_tokens: int, decode_tokens: int) -> None:
         if prefill_tokens:
             self.prompt_tokens.labels(**self.labels).inc(prefill_tokens)
+
+    def on_prefix_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries.labels(**self.labels).inc(queried_tokens)
+        self.prefix_hits.labels(**self.labels).inc(hit_tokens)

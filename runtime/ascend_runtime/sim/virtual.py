@@ -126,6 +126,16 @@ class VirtualRun:
         self._steps: dict[int, tuple[float, Step]] = {}
         self._transfers: list[tuple[float, int, _Request, Sequence, int]] = []
         self._order = itertools.count()
+        self._shared: dict[int, list[int]] = {}
+
+    def _prompt(self, index: int, length: int) -> list[int]:
+        """Token values are never read in timing-only runs, so requests of one length share
+        a prompt list (memory grows with the distinct lengths, not the requests), unless an
+        engine caches prefixes: then each prompt starts with its own token, so no two share
+        a block, as no two prompts of vLLM's random dataset do."""
+        if any(engine.cache is not None for _, engine in self.engines):
+            return [index + 1] + [0] * (length - 1)
+        return self._shared.setdefault(length, [0] * length)
 
     def _least_loaded(self, role: str) -> int:
         candidates = [i for i, (r, _) in enumerate(self.engines) if r == role]
@@ -200,12 +210,8 @@ class VirtualRun:
             issue_at.append(t)
             if math.isfinite(request_rate) and request_rate > 0:
                 t += rng.expovariate(request_rate)
-        # Token values are never read in timing-only runs: requests of one length share a
-        # prompt list, so memory grows with the distinct lengths, not with the requests.
-        prompts: dict[int, list[int]] = {}
         requests = [
-            _Request(i, prompts.setdefault(n_in, [0] * n_in), n_out)
-            for i, (n_in, n_out) in enumerate(lengths)
+            _Request(i, self._prompt(i, n_in), n_out) for i, (n_in, n_out) in enumerate(lengths)
         ]
         limit = concurrency or len(requests)
         issued = in_flight = 0

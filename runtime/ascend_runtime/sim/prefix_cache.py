@@ -1,0 +1,150 @@
+"""The sim engine's KV blocks with automatic prefix caching, shaped as vLLM's block pool:
+full blocks are keyed by their chain hash (kv.block_hash), a new request takes the longest
+run of cached blocks that matches its prefix, blocks are shared by reference count, and a
+block whose count drops to zero stays cached in a free queue until it is the least recently
+used one and is handed out again (then its hash is evicted). Every change to what is cached
+is reported as vLLM's KV events (BlockStored, BlockRemoved, AllBlocksCleared) to listeners.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BlockStored:
+    """Blocks that became cached, in chain order, with the parent of the first."""
+
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+
+
+@dataclass(frozen=True)
+class BlockRemoved:
+    block_hashes: list[int]
+
+
+@dataclass(frozen=True)
+class AllBlocksCleared:
+    pass
+
+
+KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class PrefixCachePool:
+    """`num_blocks` KV blocks of `block_size` tokens, with prefix caching."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        """Blocks nobody references, least recently used first (the next to be handed out)."""
+        self._refs = [0] * num_blocks
+        self._hash_of: dict[int, int] = {}
+        self._block_of: dict[int, int] = {}
+        self.listeners: list[Callable[[KvEvent], None]] = []
+        self.queried_tokens = 0
+        self.hit_tokens = 0
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._block_of)
+
+    def match(self, hashes: Sequence[int]) -> list[int]:
+        """The cached blocks of the longest prefix of `hashes` (nothing is taken yet)."""
+        blocks = []
+        for h in hashes:
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def free_among(self, blocks: Sequence[int]) -> int:
+        """How many of `blocks` sit in the free queue (taking them leaves fewer to allocate)."""
+        return sum(1 for b in blocks if self._refs[b] == 0)
+
+    def take(self, blocks: Sequence[int]) -> None:
+        """Reference cached blocks a request reuses."""
+        for b in blocks:
+            if self._refs[b] == 0:
+                del self._free[b]
+            self._refs[b] += 1
+
+    def allocate(self, n: int) -> list[int] | None:
+        """`n` blocks from the head of the free queue, evicting what they cached; None when
+        fewer are free."""
+        if n > len(self._free):
+            return None
+        blocks, evicted = [], []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            h = self._hash_of.pop(b, None)
+            if h is not None:
+                del self._block_of[h]
+                evicted.append(h)
+            self._refs[b] = 1
+            blocks.append(b)
+        if evicted:
+            self._publish(BlockRemoved(evicted))
+        return blocks
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Drop one reference from each block; unreferenced ones join the free queue, a
+        sequence's last block first, so its tail is evicted before its head (as vLLM does)."""
+        for b in reversed(blocks):
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free[b] = None
+
+    def store(
+        self, blocks: Sequence[int], hashes: Sequence[int], parent: int | None,
+        tokens: Callable[[int], list[int]],
+    ) -> None:  # fmt: skip
+        """Cache consecutive full blocks of one sequence under their hashes (`parent`: the
+        hash before the first; a hash cached already keeps its block). `tokens(i)` gives the
+        i-th block's token ids, asked only when somebody listens."""
+        run: list[int] = []
+        for i, (b, h) in enumerate(zip(blocks, hashes, strict=True)):
+            if h in self._block_of or b in self._hash_of:
+                self._stored(run, parent, tokens, i)
+                run, parent = [], h
+                continue
+            self._block_of[h] = b
+            self._hash_of[b] = h
+            run.append(h)
+        self._stored(run, parent, tokens, len(hashes))
+
+    def _stored(
+        self, run: list[int], parent: int | None, tokens: Callable[[int], list[int]], end: int
+    ) -> None:
+        if run and self.listeners:
+            ids = [t for i in range(end - len(run), end) for t in tokens(i)]
+            self._publish(BlockStored(run, parent, ids, self.block_size))
+
+    def clear(self) -> bool:
+        """Forget every cached hash (vLLM's reset_prefix_cache); refused (False) while any
+        block is referenced."""
+        if self.used:
+            return False
+        self._hash_of.clear()
+        self._block_of.clear()
+        self._publish(AllBlocksCleared())
+        return True
+
+    def _publish(self, event: KvEvent) -> None:
+        for listener in self.listeners:
+            listener(event)
