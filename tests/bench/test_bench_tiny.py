@@ -125,3 +125,21 @@ def test_sim_scale_tiny(tmp_path):
     assert [r["running_sequences"] for r in result["results"]] == [16, 64]
     assert all(r["us_per_sequence_step"] > 0 and r["steps"] > 0 for r in result["results"])
     assert result["largest_over_smallest"] > 0
+
+
+def test_prefix_routing_tiny(tmp_path):
+    out = tmp_path / "prefix_routing.json"
+    result = _run("prefix_routing.py", "--tiny", "--output", str(out))
+    (regime,) = result["regimes"]
+    shared = regime["workloads"]["shared-prefixes"]
+    policies = [r["policy"] for r in shared["rows"]]
+    assert policies == ["round-robin", "least-outstanding", "kv-aware-approx", "kv-aware-precise"]
+    assert 0 < shared["oracle_hit_rate"] <= 1
+    for row in shared["rows"]:
+        assert row["output_throughput"] > 0 and 0 <= row["hit_rate"] <= 1
+    # Shared prompts: the kv-aware policies find more cached tokens than round-robin does.
+    by = {r["policy"]: r for r in shared["rows"]}
+    assert by["kv-aware-precise"]["hit_rate"] > by["round-robin"]["hit_rate"]
+    assert by["kv-aware-precise"]["decision_p50_us"] > 0
+    unique = regime["workloads"]["no-shared-prefixes"]
+    assert unique["oracle_hit_rate"] == 0

@@ -210,3 +210,19 @@ def test_compute_efficiency_slows_compute_bound_prefill_and_leaves_the_rest():
     compute = half - full
     assert compute > 0
     assert tenth == pytest.approx(full + 9 * compute, rel=0.02)
+
+
+def test_a_next_turn_waits_for_the_previous_one_and_reuses_its_cache():
+    """Two-turn conversation on a prefix-caching engine: turn 2 is issued only once turn 1
+    has finished, and finds turn 1's prompt and answer cached."""
+    settings = SimSettings(block_size=4, num_blocks=64, max_num_seqs=4,
+                           max_num_batched_tokens=64, prefill_tokens_per_second=1000.0,
+                           decode_step_seconds=0.01, prefix_caching=True)  # fmt: skip
+    run = VirtualRun({"unified": (settings, 1)})
+    turn1 = list(range(1, 21))
+    turn2 = turn1 + [0] * 5 + [7, 8, 9]
+    done = run.run([(20, 5), (28, 3)], None, math.inf, prompts=[turn1, turn2], after=[None, 0])
+    first, second = done
+    assert second.issued >= first.token_times[-1]
+    cache = run.engines[0][1].cache
+    assert cache.hit_tokens == 24  # 24 of turn 1's 24 KV tokens (20 prompt + 4 fed answers)

@@ -2,8 +2,9 @@
 `ascend-serve sim`, driven step by step without sleeps or sockets, so a benchmark of hundreds
 of requests over many simulated NPUs runs in seconds. A client issues requests like `vllm bench
 serve` (all at once or Poisson at a rate, at most `concurrency` in flight, output lengths
-forced as with `--ignore-eos`); a router sends each to the instance with the fewest outstanding
-requests; in PD, prefill instances hold the KV until a decode instance takes it over.
+forced as with `--ignore-eos`; a conversation's next turn waits for the previous one); a router
+sends each to the instance with the fewest outstanding requests, or as a `VirtualRouter`
+decides; in PD, prefill instances hold the KV until a decode instance takes it over.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import random
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..config import SimSettings
 from .engine import EngineObserver, Sequence, SimEngine, Step
@@ -64,11 +66,21 @@ class Workload:
         return [(one(self.input_len), one(self.output_len)) for _ in range(n)]
 
 
+class VirtualRouter(Protocol):
+    """Chooses an instance for each request of a virtual run (by engine index)."""
+
+    def pick(self, role: str, prompt: list[int], candidates: list[int]) -> int: ...
+    def first_token(self, index: int, prompt: list[int]) -> None: ...
+    def done(self, index: int, prompt: list[int]) -> None: ...
+
+
 @dataclass
 class _Request:
     index: int
     prompt: list[int]
     output_len: int
+    engine: int = -1
+    """The instance it was sent to (unified or prefill)."""
     issued: float = 0.0
     token_times: list[float] = field(default_factory=list)
     done: bool = False
@@ -80,6 +92,12 @@ class _Recorder(EngineObserver):
 
     def __init__(self, sim: VirtualRun, engine_index: int):
         self.sim, self.engine_index = sim, engine_index
+
+    def on_first_token(self, seq: Sequence, ttft: float) -> None:
+        request = self.sim.owner.get(seq)
+        router = self.sim.router
+        if request is not None and router is not None and seq.imported_states is None:
+            router.first_token(request.engine, request.prompt)
 
     def on_token(self, seq: Sequence, itl: float | None) -> None:
         request = self.sim.owner.get(seq)
@@ -106,6 +124,7 @@ class VirtualRun:
         self,
         roles: dict[str, tuple[SimSettings, int]],
         kv_transfer_seconds: float | Callable[[int], float] = 0.0,
+        router: VirtualRouter | None = None,
     ):
         """`roles`: role name -> (settings of one instance, instance count); `unified`, or
         `prefill` and `decode`. `kv_transfer_seconds`: from a prefill's end to decode taking
@@ -113,6 +132,7 @@ class VirtualRun:
         self.now = 0.0
         self.pd = "prefill" in roles
         self.kv_transfer_seconds = kv_transfer_seconds
+        self.router = router
         self.engines: list[tuple[str, SimEngine]] = []
         for role, (settings, count) in roles.items():
             for _ in range(count):
@@ -137,14 +157,23 @@ class VirtualRun:
             return [index + 1] + [0] * (length - 1)
         return self._shared.setdefault(length, [0] * length)
 
+    def load(self, index: int) -> int:
+        """Requests running or waiting on one instance."""
+        engine = self.engines[index][1]
+        return len(engine.running) + len(engine.waiting)
+
     def _least_loaded(self, role: str) -> int:
         candidates = [i for i, (r, _) in enumerate(self.engines) if r == role]
-        return min(candidates, key=lambda i: len(self.engines[i][1].running) + len(
-            self.engines[i][1].waiting))  # fmt: skip
+        return min(candidates, key=self.load)
 
     def _submit(self, request: _Request) -> None:
         role = "prefill" if self.pd else "unified"
-        index = self._least_loaded(role)
+        if self.router is None:
+            index = self._least_loaded(role)
+        else:
+            candidates = [i for i, (r, _) in enumerate(self.engines) if r == role]
+            index = self.router.pick(role, request.prompt, candidates)
+        request.engine = index
         seq = Sequence(
             request_id=str(request.index),
             prompt=request.prompt,
@@ -173,6 +202,8 @@ class VirtualRun:
             else:
                 request.done = True
                 completed.append(request)
+            if self.router is not None and self.engines[index][0] != "decode":
+                self.router.done(request.engine, request.prompt)
         self.finished.clear()
         return completed
 
@@ -201,9 +232,14 @@ class VirtualRun:
         concurrency: int | None,
         request_rate: float,
         seed: int = 0,
+        *,
+        prompts: list[list[int]] | None = None,
+        after: list[int | None] | None = None,
     ) -> list[_Request]:
         """Issue every request and run until all have finished; returns them with their
-        token times."""
+        token times. `prompts`: the token ids of each (default: made up from the lengths);
+        `after[i]`: the request whose completion request i waits for (the previous turn of
+        its conversation), or None."""
         rng = random.Random(seed)
         issue_at, t = [], 0.0
         for _ in lengths:
@@ -211,16 +247,36 @@ class VirtualRun:
             if math.isfinite(request_rate) and request_rate > 0:
                 t += rng.expovariate(request_rate)
         requests = [
-            _Request(i, self._prompt(i, n_in), n_out) for i, (n_in, n_out) in enumerate(lengths)
+            _Request(i, prompts[i] if prompts else self._prompt(i, n_in), n_out)
+            for i, (n_in, n_out) in enumerate(lengths)
         ]
+        followers: dict[int, list[int]] = {}
+        ready: list[tuple[float, int]] = []
+        for i in range(len(requests)):
+            parent = after[i] if after else None
+            if parent is None:
+                ready.append((issue_at[i], i))
+            else:
+                followers.setdefault(parent, []).append(i)
+        heapq.heapify(ready)
         limit = concurrency or len(requests)
-        issued = in_flight = 0
+        in_flight = 0
         done: list[_Request] = []
+
+        def completed(finished: list[_Request]) -> None:
+            nonlocal in_flight
+            in_flight -= len(finished)
+            done.extend(finished)
+            for request in finished:
+                for follower in followers.pop(request.index, []):
+                    heapq.heappush(ready, (max(self.now, issue_at[follower]), follower))
+
         while len(done) < len(requests):
-            while issued < len(requests) and issue_at[issued] <= self.now and in_flight < limit:
-                requests[issued].issued = self.now
-                self._submit(requests[issued])
-                issued, in_flight = issued + 1, in_flight + 1
+            while ready and ready[0][0] <= self.now and in_flight < limit:
+                _, i = heapq.heappop(ready)
+                requests[i].issued = self.now
+                self._submit(requests[i])
+                in_flight += 1
             for index, (_, engine) in enumerate(self.engines):
                 if index not in self._steps:
                     step = engine.begin_step()
@@ -228,13 +284,12 @@ class VirtualRun:
                         self._steps[index] = (self.now + step.seconds, step)
             failed = self._handle_finished()  # scheduling can fail a sequence the cache can't hold
             if failed:
-                in_flight -= len(failed)
-                done += failed
+                completed(failed)
                 continue
             events = [until for until, _ in self._steps.values()]
             events += [due for due, *_ in self._transfers[:1]]
-            if issued < len(requests) and in_flight < limit:
-                events.append(max(self.now, issue_at[issued]))
+            if ready and in_flight < limit:
+                events.append(max(self.now, ready[0][0]))
             if not events:
                 raise RuntimeError(
                     "the simulated deployment stalled: no step can run (KV cache too small "
@@ -245,9 +300,7 @@ class VirtualRun:
                 _, step = self._steps.pop(index)
                 self.engines[index][1].end_step(step)
                 self.kv_samples.append(self.engines[index][1].kv_usage)
-            finished = self._handle_finished()
-            in_flight -= len(finished)
-            done += finished
+            completed(self._handle_finished())
             self._land_transfers()
         return requests
 
