@@ -30,8 +30,9 @@ from _common import cpu_device, write_result  # noqa: E402
 from ascend_operator.planner import plan_manifest  # noqa: E402
 from ascend_operator.simulate import roles_of  # noqa: E402
 from ascend_runtime.kv.block_hash import block_hashes  # noqa: E402
+from ascend_runtime.kv.cache_events import BlockRemoved, BlockStored  # noqa: E402
 from ascend_runtime.router.prefix_index import KvAwarePolicy  # noqa: E402
-from ascend_runtime.sim.prefix_cache import BlockRemoved, BlockStored, PrefixCachePool  # noqa: E402
+from ascend_runtime.sim.prefix_cache import PrefixCachePool  # noqa: E402
 from ascend_runtime.sim.virtual import VirtualRun, summarize  # noqa: E402
 
 VOCAB = 151_000

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from .roles import DP_RPC_PORT, ENGINE_HTTP_PORT, ROUTER_PORT, RoleName
 
@@ -122,6 +122,20 @@ class StepModel(_Config):
     kv_link_bytes_per_second: float = Field(default=1.0, gt=0)
 
 
+DEFAULT_KV_EVENTS_ENDPOINT = "tcp://*:5557"
+"""vLLM's default KV-events publisher endpoint (`--kv-events-config`); data-parallel rank r
+publishes on port + r."""
+
+
+class KvEventsSettings(_Config):
+    """Where an engine publishes its KV events (vLLM's `--kv-events-config` fields)."""
+
+    endpoint: str = DEFAULT_KV_EVENTS_ENDPOINT
+    replay_endpoint: str | None = None
+    """A ROUTER socket that resends buffered batches from a sequence number (None: none)."""
+    topic: str = ""
+
+
 class SimSettings(_Config):
     """The sim engine's capacity and latency model (filled by the planner from the plan)."""
 
@@ -162,11 +176,24 @@ class SimSettings(_Config):
     prefix_caching: bool | None = None
     """Automatic prefix caching as vLLM does it (block-hash chains, LRU eviction of free cached
     blocks); None or false: off."""
+    kv_events: KvEventsSettings | None = None
+    """Publish the prefix cache's KV events on vLLM's wire (needs prefix_caching)."""
+
+    @model_validator(mode="after")
+    def _events_need_a_cache(self) -> SimSettings:
+        if self.kv_events is not None and not self.prefix_caching:
+            raise ValueError(
+                "sim.kv_events needs sim.prefix_caching: true (the events describe the prefix "
+                "cache; vLLM publishes none without it)"
+            )
+        return self
 
     @model_serializer(mode="wrap")
     def _drop_unset_optionals(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
-        for key in ("embedding_dim", "kv_heads", "kv_mla", "step_model", "prefix_caching"):
+        for key in (
+            "embedding_dim", "kv_heads", "kv_mla", "step_model", "prefix_caching", "kv_events"
+        ):  # fmt: skip
             if data.get(key) is None:
                 data.pop(key, None)
         return data

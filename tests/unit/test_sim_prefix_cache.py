@@ -10,14 +10,10 @@ from prometheus_client import generate_latest
 
 from ascend_runtime.config import SimSettings
 from ascend_runtime.kv.block_hash import ROOT_HASH, block_hashes, hash_block
+from ascend_runtime.kv.cache_events import AllBlocksCleared, BlockRemoved, BlockStored
 from ascend_runtime.sim.engine import EngineObserver, Sequence, SimEngine
 from ascend_runtime.sim.metrics import EngineMetrics
-from ascend_runtime.sim.prefix_cache import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    PrefixCachePool,
-)
+from ascend_runtime.sim.prefix_cache import PrefixCachePool
 
 BS = 4
 

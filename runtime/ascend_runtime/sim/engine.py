@@ -174,6 +174,8 @@ class SimEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.steps = 0
+        self.after_step: list[Callable[[], None]] = []
+        """Called once each step has ended (the KV-event publisher sends its batch)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -420,6 +422,8 @@ class SimEngine:
         for seq in step.decodes:
             if not seq.finished:
                 self._emit(seq)
+        for hook in self.after_step:
+            hook()
 
     async def _loop(self) -> None:
         while True:

@@ -10,30 +10,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class BlockStored:
-    """Blocks that became cached, in chain order, with the parent of the first."""
-
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-
-
-@dataclass(frozen=True)
-class BlockRemoved:
-    block_hashes: list[int]
-
-
-@dataclass(frozen=True)
-class AllBlocksCleared:
-    pass
-
-
-KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
+from ..kv.cache_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 
 
 class PrefixCachePool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import RuntimeConfig
+from ..kv.events import KvEventPublisher
 from ..openai import (
     DetokenizeRequest,
     EmbeddingRequest,
@@ -28,6 +30,8 @@ from . import embeddings, model, pd
 from .engine import Sequence, SimEngine
 from .generate import MAX_BODY_BYTES, GenerateApi
 from .metrics import EngineMetrics
+
+log = logging.getLogger("ascend_runtime.sim")
 
 
 class SimServer:
@@ -59,17 +63,29 @@ class SimServer:
             )
         elif config.role == Role.DECODE:
             self.importer = pd.KvImporter(self.engine, config)
+        self.kv_events: KvEventPublisher | None = None
         self.api = self._api_app()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        events, cache = self.settings.kv_events, self.engine.cache
+        if events is not None and cache is not None:
+            self.kv_events = KvEventPublisher(
+                events.endpoint, events.replay_endpoint, topic=events.topic
+            )
+            cache.listeners.append(self.kv_events.add)
+            self.engine.after_step.append(self.kv_events.flush)
+            self.kv_events.start()
+            log.info("KV events on %s", self.kv_events.endpoint)
         self.engine.start()
         if self.exporter:
             await self.exporter.start()
 
     async def stop(self) -> None:
         await self.engine.stop()
+        if self.kv_events:
+            await self.kv_events.close()
         if self.exporter:
             await self.exporter.stop()
         if self.importer:

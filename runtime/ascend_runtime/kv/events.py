@@ -1,0 +1,299 @@
+"""KV-cache events on vLLM's wire (`--kv-events-config`): a ZMQ PUB socket sends
+(topic, 8-byte big-endian sequence number, msgpack batch) frames, and an optional ROUTER socket
+replays buffered batches from a sequence number, ending with sequence -1. A batch is
+[timestamp, events, data-parallel rank]; vLLM 0.32 writes each event as a map tagged
+`type: BlockStored | BlockRemoved | AllBlocksCleared`, older vLLM as an array whose first item
+is the tag; `decode_batch` reads both.
+
+The sim engine publishes with `KvEventPublisher`; the router follows engines with
+`KvEventSubscriber`, which asks for a replay when a sequence number is skipped and reports an
+engine restart (numbers going back) as everything cleared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from .cache_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+
+log = logging.getLogger("ascend_runtime.kv.events")
+
+END_SEQ = -1
+
+
+class _Stored(msgspec.Struct, tag="BlockStored", omit_defaults=True):
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = "GPU"
+    lora_name: str | None = None
+
+
+class _Removed(msgspec.Struct, tag="BlockRemoved", omit_defaults=True):
+    block_hashes: list[int]
+    medium: str | None = "GPU"
+
+
+class _Cleared(msgspec.Struct, tag="AllBlocksCleared"):
+    pass
+
+
+class _Batch(msgspec.Struct, array_like=True, omit_defaults=True):
+    ts: float
+    events: list[_Stored | _Removed | _Cleared]
+    data_parallel_rank: int | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_batch(events: list[KvEvent], data_parallel_rank: int | None = None) -> bytes:
+    """One batch in vLLM's encoding (lora_id, medium and lora_name always present, as vLLM
+    writes them)."""
+    wire: list[_Stored | _Removed | _Cleared] = []
+    for e in events:
+        if isinstance(e, BlockStored):
+            wire.append(_Stored(e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size))
+        elif isinstance(e, BlockRemoved):
+            wire.append(_Removed(e.block_hashes))
+        else:
+            wire.append(_Cleared())
+    # vLLM writes lora_id/medium/lora_name even at their defaults: encode them explicitly.
+    raw = msgspec.to_builtins(_Batch(time.time(), wire, data_parallel_rank))
+    for event, original in zip(raw[1], wire, strict=True):
+        if isinstance(original, _Stored):
+            event.setdefault("lora_id", None)
+            event.setdefault("medium", "GPU")
+            event.setdefault("lora_name", None)
+        elif isinstance(original, _Removed):
+            event.setdefault("medium", "GPU")
+    return _encoder.encode(raw)
+
+
+def decode_batch(payload: bytes) -> tuple[float, list[KvEvent], int | None]:
+    """(timestamp, events, data-parallel rank) of one batch, from any vLLM version's
+    encoding; events of other kinds are skipped. Raises ValueError on a malformed batch."""
+    try:
+        raw = msgspec.msgpack.decode(payload)
+        ts, items = float(raw[0]), raw[1]
+        rank = raw[2] if len(raw) > 2 else None
+        return ts, [e for e in map(_event, items) if e is not None], rank
+    except (msgspec.DecodeError, TypeError, IndexError, KeyError, ValueError) as exc:
+        raise ValueError(f"not a KV event batch: {exc}") from None
+
+
+def _event(item: Any) -> KvEvent | None:
+    if isinstance(item, dict):
+        kind, fields = item.get("type"), item
+        get = fields.get
+    elif isinstance(item, list) and item:
+        kind, values = item[0], item[1:]
+        names = {"BlockStored": ("block_hashes", "parent_block_hash", "token_ids",
+                                 "block_size"), "BlockRemoved": ("block_hashes",)}  # fmt: skip
+        fields = dict(zip(names.get(kind, ()), values, strict=False))
+        get = fields.get
+    else:
+        return None
+    if kind == "BlockStored":
+        return BlockStored(
+            list(get("block_hashes")), get("parent_block_hash"), list(get("token_ids") or []),
+            int(get("block_size") or 0),
+        )  # fmt: skip
+    if kind == "BlockRemoved":
+        return BlockRemoved(list(get("block_hashes")))
+    if kind == "AllBlocksCleared":
+        return AllBlocksCleared()
+    return None
+
+
+def rank_endpoint(endpoint: str, rank: int) -> str:
+    """vLLM's rule: data-parallel rank r publishes on the endpoint's port + r."""
+    if rank == 0 or not endpoint.startswith("tcp://"):
+        return endpoint if rank == 0 else f"{endpoint}_dp{rank}"
+    base, _, port = endpoint.rpartition(":")
+    return endpoint if port == "0" else f"{base}:{int(port) + rank}"
+
+
+class KvEventPublisher:
+    """PUB + replay ROUTER for one engine, on the asyncio loop's thread. `add` collects
+    events; `flush` sends them as one batch (the engine flushes once per step)."""
+
+    def __init__(
+        self, endpoint: str, replay_endpoint: str | None = None, *, topic: str = "",
+        buffer_steps: int = 10_000, data_parallel_rank: int | None = None,
+    ) -> None:  # fmt: skip
+        self._ctx = zmq.asyncio.Context.instance()
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.bind(endpoint)
+        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._replay: zmq.asyncio.Socket | None = None
+        self.replay_endpoint: str | None = None
+        if replay_endpoint:
+            self._replay = self._ctx.socket(zmq.ROUTER)
+            self._replay.setsockopt(zmq.LINGER, 0)
+            self._replay.bind(replay_endpoint)
+            self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._topic = topic.encode()
+        self._rank = data_parallel_rank
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
+        self._pending: list[KvEvent] = []
+        self._seq = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, event: KvEvent) -> None:
+        self._pending.append(event)
+
+    def flush(self) -> None:
+        """Publish what was collected as one batch (never blocks: PUB drops at its HWM)."""
+        if not self._pending:
+            return
+        payload = encode_batch(self._pending, self._rank)
+        self._pending = []
+        seq, self._seq = self._seq, self._seq + 1
+        self._buffer.append((seq, payload))
+        with contextlib.suppress(zmq.Again):
+            self._pub.send_multipart([self._topic, seq.to_bytes(8, "big"), payload],
+                                     flags=zmq.NOBLOCK)  # fmt: skip
+
+    def start(self) -> None:
+        if self._replay is not None and self._task is None:
+            self._task = asyncio.create_task(self._serve_replay(), name="kv-events-replay")
+
+    async def _serve_replay(self) -> None:
+        assert self._replay is not None
+        while True:
+            frames = await self._replay.recv_multipart()
+            if len(frames) != 3:
+                continue  # not a replay request
+            client, _, start = frames
+            first = int.from_bytes(start, "big", signed=True)
+            for seq, payload in list(self._buffer):
+                if seq >= first:
+                    await self._replay.send_multipart(
+                        [client, b"", self._topic, seq.to_bytes(8, "big"), payload]
+                    )
+            await self._replay.send_multipart(
+                [client, b"", b"", END_SEQ.to_bytes(8, "big", signed=True), b""]
+            )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._pub.close(0)
+        if self._replay is not None:
+            self._replay.close(0)
+
+
+Apply = Callable[[list[KvEvent]], Awaitable[None] | None]
+
+
+class KvEventSubscriber:
+    """Follows one engine's events: `apply` gets each batch's events in order. A skipped
+    sequence number asks the replay endpoint for the gap (when there is one; otherwise the
+    engine's state is unknown, reported as AllBlocksCleared); numbers going back mean the
+    engine restarted: AllBlocksCleared first. ZMQ reconnects by itself."""
+
+    def __init__(
+        self, endpoint: str, apply: Apply, *, replay_endpoint: str | None = None,
+        topic: str = "", replay_timeout: float = 2.0,
+    ) -> None:  # fmt: skip
+        self.endpoint, self.replay_endpoint = endpoint, replay_endpoint
+        self._apply, self._topic, self._timeout = apply, topic.encode(), replay_timeout
+        self._ctx = zmq.asyncio.Context.instance()
+        self.last_seq: int | None = None
+        self.batches = self.gaps = self.restarts = self.malformed = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"kv-events {self.endpoint}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        sub.connect(self.endpoint)
+        try:
+            while True:
+                frames = await sub.recv_multipart()
+                if len(frames) == 3:
+                    await self._receive(int.from_bytes(frames[1], "big"), frames[2])
+        finally:
+            sub.close(0)
+
+    async def _receive(self, seq: int, payload: bytes) -> None:
+        last = self.last_seq
+        if last is not None and seq <= last:
+            self.restarts += 1
+            await self._deliver([AllBlocksCleared()])
+        elif last is not None and seq > last + 1:
+            self.gaps += 1
+            if not await self._replay(last + 1, seq):
+                await self._deliver([AllBlocksCleared()])
+        self.last_seq = seq
+        self.batches += 1
+        try:
+            _, events, _ = decode_batch(payload)
+        except ValueError as exc:
+            self.malformed += 1
+            log.warning("%s: %s", self.endpoint, exc)
+            return
+        if events:
+            await self._deliver(events)
+
+    async def _deliver(self, events: list[KvEvent]) -> None:
+        result = self._apply(events)
+        if asyncio.iscoroutine(result):
+            await result
+
+    async def _replay(self, first: int, until: int) -> bool:
+        """Batches first..until-1 from the replay endpoint; False when it cannot give them."""
+        if not self.replay_endpoint:
+            return False
+        # DEALER with REQ's empty delimiter: the ROUTER answers with many messages, which a
+        # REQ socket would drop after the first.
+        req = self._ctx.socket(zmq.DEALER)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(self.replay_endpoint)
+        got = first
+        try:
+            await req.send_multipart([b"", first.to_bytes(8, "big")])
+            while True:
+                if not await req.poll(self._timeout * 1000):
+                    return False
+                frames = await req.recv_multipart()
+                if len(frames) < 3:
+                    return False
+                seq = int.from_bytes(frames[-2], "big", signed=True)
+                if seq == END_SEQ:
+                    return got >= until
+                if first <= seq < until and seq == got:
+                    _, events, _ = decode_batch(frames[-1])
+                    await self._deliver(events)
+                    got += 1
+        except ValueError:
+            return False
+        finally:
+            req.close(0)
