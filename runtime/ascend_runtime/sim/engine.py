@@ -22,31 +22,7 @@ from ..config import SimSettings
 from ..kv.block_hash import ROOT_HASH, hash_block
 from . import latency, model
 from .outputs import StopText
-from .prefix_cache import PrefixCachePool
-
-
-class BlockPool:
-    """Fixed number of KV blocks; ids handed out and returned."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
-    @property
-    def used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def allocate(self, n: int) -> list[int] | None:
-        if n > len(self._free):
-            return None
-        return [self._free.popleft() for _ in range(n)]
-
-    def release(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+from .prefix_cache import BlockPool, PrefixCachePool
 
 
 @dataclass

@@ -8,26 +8,18 @@ is reported as vLLM's KV events (BlockStored, BlockRemoved, AllBlocksCleared) to
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
 from ..kv.cache_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 
 
-class PrefixCachePool:
-    """`num_blocks` KV blocks of `block_size` tokens, with prefix caching."""
+class BlockPool:
+    """Fixed number of KV blocks; ids handed out and returned."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self.block_size = block_size
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        """Blocks nobody references, least recently used first (the next to be handed out)."""
-        self._refs = [0] * num_blocks
-        self._hash_of: dict[int, int] = {}
-        self._block_of: dict[int, int] = {}
-        self.listeners: list[Callable[[KvEvent], None]] = []
-        self.queried_tokens = 0
-        self.hit_tokens = 0
+        self._free: deque[int] = deque(range(num_blocks))
 
     @property
     def free(self) -> int:
@@ -36,6 +28,30 @@ class PrefixCachePool:
     @property
     def used(self) -> int:
         return self.num_blocks - len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        if n > len(self._free):
+            return None
+        return [self._free.popleft() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+class PrefixCachePool(BlockPool):
+    """`num_blocks` KV blocks of `block_size` tokens, with prefix caching."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # type: ignore[assignment]
+        """Blocks nobody references, least recently used first (the next to be handed out)."""
+        self._refs = [0] * num_blocks
+        self._hash_of: dict[int, int] = {}
+        self._block_of: dict[int, int] = {}
+        self.listeners: list[Callable[[KvEvent], None]] = []
+        self.queried_tokens = 0
+        self.hit_tokens = 0
 
     @property
     def cached_blocks(self) -> int:
