@@ -179,7 +179,8 @@ async def test_the_sim_server_publishes_what_its_cache_holds():
     config = plan_manifest(load_example("tiny-sim.yaml")).role("unified").runtime_config
     sim = config.sim.model_copy(update={
         "prefix_caching": True, "block_size": 4,
-        "kv_events": KvEventsSettings(endpoint="tcp://127.0.0.1:0"),
+        "kv_events": KvEventsSettings(endpoint="tcp://127.0.0.1:0",
+                                      replay_endpoint="tcp://127.0.0.1:0"),
     })  # fmt: skip
     server = SimServer(config.model_copy(update={"sim": sim}), 0, "127.0.0.1")
     await server.start()
@@ -193,26 +194,32 @@ async def test_the_sim_server_publishes_what_its_cache_holds():
             elif isinstance(e, BlockRemoved):
                 index.removed("engine", e.block_hashes)
 
-    sub = KvEventSubscriber(server.kv_events.endpoint, apply)
-    sub.start()
     prompt = " ".join(f"word{i}" for i in range(18))
+    tokens = model.tokenize(prompt)
+    hashes = block_hashes(tokens, 4)
+    sub = KvEventSubscriber(server.kv_events.endpoint, apply,
+                            replay_endpoint=server.kv_events.replay_endpoint)  # fmt: skip
+
+    async def complete(client, text):
+        r = await client.post("/v1/completions", json={
+            "model": "tiny", "prompt": text, "max_tokens": 2})  # fmt: skip
+        assert r.status_code == 200
+
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=server.api),
                                      base_url="http://sim") as client:  # fmt: skip
-            # PUB drops batches sent before the subscription is up: send until one arrives.
-            for _ in range(400):
-                r = await client.post("/v1/completions", json={
-                    "model": "tiny", "prompt": prompt, "max_tokens": 2})  # fmt: skip
-                assert r.status_code == 200
+            await complete(client, prompt)  # before anybody listens: its events are missed
+            sub.start()
+            # PUB drops batches sent before the subscription is up: new prompts until one
+            # arrives; the subscriber then replays the engine's buffer from the start.
+            for i in range(2000):
+                await complete(client, f"other{i} {prompt}")
                 if received:
                     break
-                await asyncio.sleep(0.05)
-            tokens = model.tokenize(prompt)
-            hashes = block_hashes(tokens, 4)
+                await asyncio.sleep(0.02)
             await _until(lambda: index.matches(hashes, ["engine"])["engine"] >= len(hashes))
             hits = server.engine.cache.hit_tokens
-            r = await client.post("/v1/completions", json={
-                "model": "tiny", "prompt": prompt, "max_tokens": 2})  # fmt: skip
+            await complete(client, prompt)
         assert server.engine.cache.hit_tokens - hits == 4 * ((len(tokens) - 1) // 4)
     finally:
         await sub.close()

@@ -203,10 +203,11 @@ Apply = Callable[[list[KvEvent]], Awaitable[None] | None]
 
 
 class KvEventSubscriber:
-    """Follows one engine's events: `apply` gets each batch's events in order. A skipped
-    sequence number asks the replay endpoint for the gap (when there is one; otherwise the
-    engine's state is unknown, reported as AllBlocksCleared); numbers going back mean the
-    engine restarted: AllBlocksCleared first. ZMQ reconnects by itself."""
+    """Follows one engine's events: `apply` gets each batch's events in order. Joining after
+    the engine's first batch replays its buffer from the start; a skipped sequence number asks
+    the replay endpoint for the gap (when there is none, the engine's state is unknown,
+    reported as AllBlocksCleared); numbers going back mean the engine restarted:
+    AllBlocksCleared first. ZMQ reconnects by itself."""
 
     def __init__(
         self, endpoint: str, apply: Apply, *, replay_endpoint: str | None = None,
@@ -245,7 +246,11 @@ class KvEventSubscriber:
 
     async def _receive(self, seq: int, payload: bytes) -> None:
         last = self.last_seq
-        if last is not None and seq <= last:
+        if last is None and seq > 0:
+            # Joined late (a new router, or PUB dropped what came before the subscription):
+            # what the engine cached before is in its replay buffer, as far as it reaches.
+            await self._replay(0, seq)
+        elif last is not None and seq <= last:
             self.restarts += 1
             await self._deliver([AllBlocksCleared()])
         elif last is not None and seq > last + 1:
@@ -289,6 +294,8 @@ class KvEventSubscriber:
                 seq = int.from_bytes(frames[-2], "big", signed=True)
                 if seq == END_SEQ:
                     return got >= until
+                if first == 0 and got == 0 and 0 < seq < until:
+                    got = seq  # the buffer no longer reaches back to 0: take what it holds
                 if first <= seq < until and seq == got:
                     _, events, _ = decode_batch(frames[-1])
                     await self._deliver(events)
