@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from .roles import DP_RPC_PORT, ENGINE_HTTP_PORT, ROUTER_PORT, RoleName
+from .roles import DP_RPC_PORT, ENGINE_HTTP_PORT, ROUTER_PORT, RoleName, RouterPolicy
 
 SCHEMA_VERSION = 1
 
@@ -263,7 +263,7 @@ class RouterConfig(_Config):
     served_model_name: str
     mode: Literal["unified", "pd"]
     port: int = ROUTER_PORT
-    policy: Literal["least-outstanding", "round-robin"] = "least-outstanding"
+    policy: RouterPolicy = "least-outstanding"
     backends: RouterBackends
     api_keys_file: str | None = None
     admin_keys_file: str | None = None

@@ -21,6 +21,9 @@ RoleName = Literal["unified", "prefill", "decode"]
 messages plain; the assertion below keeps it equal to Role)."""
 assert get_args(RoleName) == tuple(Role), "RoleName and Role disagree"
 
+RouterPolicy = Literal["least-outstanding", "round-robin"]
+"""How the router balances the instances of a role (spec.router.policy, RouterConfig.policy)."""
+
 PD_ROLES = (Role.PREFILL, Role.DECODE)
 """The roles of a disaggregated deployment, in rollout and display order."""
 

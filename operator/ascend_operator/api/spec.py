@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, JsonValue, WithJsonSchema
 
-from ascend_runtime.roles import ROUTER_PORT, RoleName
+from ascend_runtime.roles import ROUTER_PORT, RoleName, RouterPolicy
 
 from .base import ApiModel, Quantity, cel, cel_rules
 
@@ -518,7 +518,7 @@ class RouterSpec(ApiModel):
     """Router pods."""
     image: str | None = Field(default=None, max_length=512)
     """Router image; the ascend-serve image when unset."""
-    policy: Literal["least-outstanding", "round-robin"] = "least-outstanding"
+    policy: RouterPolicy = "least-outstanding"
     """Balancing policy across instances (KV usage breaks ties)."""
     port: int = Field(default=ROUTER_PORT, ge=1, le=65535)
     """Port of the router Service."""

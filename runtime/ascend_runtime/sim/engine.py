@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import SimSettings
-from ..kv.block_hash import ROOT_HASH, hash_block
 from . import latency, model
 from .outputs import StopText
 from .prefix_cache import BlockPool, PrefixCachePool
@@ -140,7 +139,7 @@ class SimEngine:
             else None
         )
         """Automatic prefix caching (settings.prefix_caching): the pool, keyed by block hash."""
-        self.pool: BlockPool | PrefixCachePool = self.cache or BlockPool(settings.num_blocks)
+        self.pool: BlockPool = self.cache or BlockPool(settings.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[Sequence, None] = {}
         """Running sequences in admission order (a dict: O(1) membership and removal)."""
@@ -202,53 +201,14 @@ class SimEngine:
             seq.blocks = []
         seq.stored_blocks = 0
 
-    # ------------------------------------------------------------------ prefix caching
-
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks matching a waiting sequence's prefix, not taken yet. The last token
-        is always computed (it samples the next one), as vLLM caps a hit."""
         if self.cache is None or seq.computed or seq.imported_states is not None:
             return []
-        limit = (seq.num_tokens - 1) // self.settings.block_size
-        self._extend_hashes(seq, limit)
-        return self.cache.match(seq.block_hashes[:limit])
-
-    def _reuse(self, seq: Sequence, hit: list[int]) -> None:
-        """Admit a sequence on its cached prefix: those tokens cost no compute."""
-        assert self.cache is not None
-        self.cache.take(hit)
-        seq.blocks = list(hit)
-        seq.stored_blocks = len(hit)
-        seq.computed = len(hit) * self.settings.block_size
-        if not seq.timing_only:  # the model's states are a function of the tokens alone
-            state = model.initial_state(seq.seed)
-            for token in seq.token_range(0, seq.computed):
-                state = model.advance(state, token)
-                seq.states.append(state)
-
-    def _extend_hashes(self, seq: Sequence, full: int) -> None:
-        bs, hashes = self.settings.block_size, seq.block_hashes
-        parent = hashes[-1] if hashes else ROOT_HASH
-        for i in range(len(hashes), full):
-            parent = hash_block(parent, seq.token_range(i * bs, (i + 1) * bs))
-            hashes.append(parent)
+        return self.cache.lookup(seq)
 
     def _store_full_blocks(self, seq: Sequence) -> None:
-        """Offer the sequence's newly filled blocks to the cache."""
-        bs = self.settings.block_size
-        # A sampled token has no KV until the next step feeds it back.
-        kv = min(seq.computed, seq.num_tokens - 1) if seq.output else seq.computed
-        full = min(kv, len(seq.blocks) * bs) // bs
-        first = seq.stored_blocks
-        if self.cache is None or full <= first:
-            return
-        self._extend_hashes(seq, full)
-        parent = seq.block_hashes[first - 1] if first else None
-        self.cache.store(
-            seq.blocks[first:full], seq.block_hashes[first:full], parent,
-            lambda i: seq.token_range((first + i) * bs, (first + i + 1) * bs),
-        )  # fmt: skip
-        seq.stored_blocks = full
+        if self.cache is not None:
+            self.cache.store_filled(seq)
 
     # ------------------------------------------------------------------ scheduling
 
@@ -332,7 +292,8 @@ class SimEngine:
                 self.cache.hit_tokens += start
                 self.observer.on_prefix_lookup(seq.num_tokens, start)
             if hit:
-                self._reuse(seq, hit)
+                assert self.cache is not None
+                self.cache.reuse(seq, hit)
             if need > 0:
                 got = self.pool.allocate(need)
                 assert got is not None

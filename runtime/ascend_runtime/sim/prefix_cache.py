@@ -10,8 +10,14 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+from ..kv.block_hash import ROOT_HASH, hash_block
 from ..kv.cache_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from . import model
+
+if TYPE_CHECKING:
+    from . import engine
 
 
 class BlockPool:
@@ -128,6 +134,51 @@ class PrefixCachePool(BlockPool):
         if run and self.listeners:
             ids = [t for i in range(end - len(run), end) for t in tokens(i)]
             self._publish(BlockStored(run, parent, ids, self.block_size))
+
+    # ------------------------------------------------------------------ one sequence
+
+    def lookup(self, seq: engine.Sequence) -> list[int]:
+        """Cached blocks matching a waiting sequence's prefix, not taken yet. The last token
+        is always computed (it samples the next one), as vLLM caps a hit."""
+        limit = (seq.num_tokens - 1) // self.block_size
+        self._extend_hashes(seq, limit)
+        return self.match(seq.block_hashes[:limit])
+
+    def reuse(self, seq: engine.Sequence, hit: list[int]) -> None:
+        """Admit a sequence on its cached prefix: those tokens cost no compute."""
+        self.take(hit)
+        seq.blocks = list(hit)
+        seq.stored_blocks = len(hit)
+        seq.computed = len(hit) * self.block_size
+        if not seq.timing_only:  # the model's states are a function of the tokens alone
+            state = model.initial_state(seq.seed)
+            for token in seq.token_range(0, seq.computed):
+                state = model.advance(state, token)
+                seq.states.append(state)
+
+    def store_filled(self, seq: engine.Sequence) -> None:
+        """Offer the sequence's newly filled blocks to the cache."""
+        bs = self.block_size
+        # A sampled token has no KV until the next step feeds it back.
+        kv = min(seq.computed, seq.num_tokens - 1) if seq.output else seq.computed
+        full = min(kv, len(seq.blocks) * bs) // bs
+        first = seq.stored_blocks
+        if full <= first:
+            return
+        self._extend_hashes(seq, full)
+        parent = seq.block_hashes[first - 1] if first else None
+        self.store(
+            seq.blocks[first:full], seq.block_hashes[first:full], parent,
+            lambda i: seq.token_range((first + i) * bs, (first + i + 1) * bs),
+        )  # fmt: skip
+        seq.stored_blocks = full
+
+    def _extend_hashes(self, seq: engine.Sequence, full: int) -> None:
+        bs, hashes = self.block_size, seq.block_hashes
+        parent = hashes[-1] if hashes else ROOT_HASH
+        for i in range(len(hashes), full):
+            parent = hash_block(parent, seq.token_range(i * bs, (i + 1) * bs))
+            hashes.append(parent)
 
     def clear(self) -> bool:
         """Forget every cached hash (vLLM's reset_prefix_cache); refused (False) while any
