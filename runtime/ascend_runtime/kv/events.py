@@ -31,55 +31,25 @@ log = logging.getLogger("ascend_runtime.kv.events")
 END_SEQ = -1
 
 
-class _Stored(msgspec.Struct, tag="BlockStored", omit_defaults=True):
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None = None
-    medium: str | None = "GPU"
-    lora_name: str | None = None
-
-
-class _Removed(msgspec.Struct, tag="BlockRemoved", omit_defaults=True):
-    block_hashes: list[int]
-    medium: str | None = "GPU"
-
-
-class _Cleared(msgspec.Struct, tag="AllBlocksCleared"):
-    pass
-
-
-class _Batch(msgspec.Struct, array_like=True, omit_defaults=True):
-    ts: float
-    events: list[_Stored | _Removed | _Cleared]
-    data_parallel_rank: int | None = None
-
-
-_encoder = msgspec.msgpack.Encoder()
+def _wire(e: KvEvent) -> dict[str, Any]:
+    """One event as vLLM 0.32 writes it: a map tagged `type`, with lora_id, medium and
+    lora_name present even at their defaults."""
+    if isinstance(e, BlockStored):
+        return {"type": "BlockStored", "block_hashes": e.block_hashes,
+                "parent_block_hash": e.parent_block_hash, "token_ids": e.token_ids,
+                "block_size": e.block_size, "lora_id": None, "medium": "GPU",
+                "lora_name": None}  # fmt: skip
+    if isinstance(e, BlockRemoved):
+        return {"type": "BlockRemoved", "block_hashes": e.block_hashes, "medium": "GPU"}
+    return {"type": "AllBlocksCleared"}
 
 
 def encode_batch(events: list[KvEvent], data_parallel_rank: int | None = None) -> bytes:
-    """One batch in vLLM's encoding (lora_id, medium and lora_name always present, as vLLM
-    writes them)."""
-    wire: list[_Stored | _Removed | _Cleared] = []
-    for e in events:
-        if isinstance(e, BlockStored):
-            wire.append(_Stored(e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size))
-        elif isinstance(e, BlockRemoved):
-            wire.append(_Removed(e.block_hashes))
-        else:
-            wire.append(_Cleared())
-    # vLLM writes lora_id/medium/lora_name even at their defaults: encode them explicitly.
-    raw = msgspec.to_builtins(_Batch(time.time(), wire, data_parallel_rank))
-    for event, original in zip(raw[1], wire, strict=True):
-        if isinstance(original, _Stored):
-            event.setdefault("lora_id", None)
-            event.setdefault("medium", "GPU")
-            event.setdefault("lora_name", None)
-        elif isinstance(original, _Removed):
-            event.setdefault("medium", "GPU")
-    return _encoder.encode(raw)
+    """One batch in vLLM's encoding: [ts, events] plus the data-parallel rank when known."""
+    batch: list[Any] = [time.time(), [_wire(e) for e in events]]
+    if data_parallel_rank is not None:
+        batch.append(data_parallel_rank)
+    return msgspec.msgpack.encode(batch)
 
 
 def decode_batch(payload: bytes) -> tuple[float, list[KvEvent], int | None]:

@@ -201,9 +201,11 @@ class SimEngine:
             seq.blocks = []
         seq.stored_blocks = 0
 
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
+    def _cached_prefix(self, seq: Sequence) -> list[int] | None:
+        """Cached blocks of a waiting sequence's prefix; None when it is not looked up (no
+        cache, imported KV, or a sequence already partly computed)."""
         if self.cache is None or seq.computed or seq.imported_states is not None:
-            return []
+            return None
         return self.cache.lookup(seq)
 
     def _store_full_blocks(self, seq: Sequence) -> None:
@@ -279,7 +281,8 @@ class SimEngine:
                 break
             rank = min(open_ranks, key=lambda r: (count[r], -budget[r]))
             seq = self.waiting[0]
-            hit = self._cached_prefix(seq)
+            looked_up = self._cached_prefix(seq)
+            hit = looked_up or []
             start = len(hit) * self.settings.block_size if hit else seq.computed
             remaining = seq.num_tokens - start
             chunk = min(remaining, budget[rank])
@@ -287,13 +290,10 @@ class SimEngine:
             reusable = self.cache.free_among(hit) if self.cache is not None and hit else 0
             if need > 0 and need > self.pool.free - reusable:
                 break  # wait for blocks to free up; never preempt to admit
-            if self.cache is not None and not seq.computed and seq.imported_states is None:
-                self.cache.queried_tokens += seq.num_tokens
-                self.cache.hit_tokens += start
-                self.observer.on_prefix_lookup(seq.num_tokens, start)
-            if hit:
+            if looked_up is not None:
                 assert self.cache is not None
                 self.cache.reuse(seq, hit)
+                self.observer.on_prefix_lookup(seq.num_tokens, start)
             if need > 0:
                 got = self.pool.allocate(need)
                 assert got is not None

@@ -145,7 +145,12 @@ class PrefixCachePool(BlockPool):
         return self.match(seq.block_hashes[:limit])
 
     def reuse(self, seq: engine.Sequence, hit: list[int]) -> None:
-        """Admit a sequence on its cached prefix: those tokens cost no compute."""
+        """Admit a sequence on its cached prefix (possibly empty; the lookup is counted):
+        those tokens cost no compute."""
+        self.queried_tokens += seq.num_tokens
+        self.hit_tokens += len(hit) * self.block_size
+        if not hit:
+            return
         self.take(hit)
         seq.blocks = list(hit)
         seq.stored_blocks = len(hit)
