@@ -30,7 +30,6 @@ from _common import cpu_device, write_result  # noqa: E402
 from ascend_operator.planner import plan_manifest  # noqa: E402
 from ascend_operator.simulate import roles_of  # noqa: E402
 from ascend_runtime.kv.block_hash import block_hashes  # noqa: E402
-from ascend_runtime.kv.cache_events import BlockRemoved, BlockStored  # noqa: E402
 from ascend_runtime.router.prefix_index import KvAwarePolicy  # noqa: E402
 from ascend_runtime.sim.prefix_cache import PrefixCachePool  # noqa: E402
 from ascend_runtime.sim.virtual import VirtualRun, summarize  # noqa: E402
@@ -101,15 +100,7 @@ class Router:
         self.decision_us: list[float] = []
         if policy == "kv-aware-precise":
             for i, (_, engine) in enumerate(run.engines):
-                engine.cache.listeners.append(lambda e, name=str(i): self._event(name, e))
-
-    def _event(self, name: str, event: Any) -> None:
-        if isinstance(event, BlockStored):
-            self.kv.index.stored(name, event.block_hashes)
-        elif isinstance(event, BlockRemoved):
-            self.kv.index.removed(name, event.block_hashes)
-        else:
-            self.kv.index.cleared(name)
+                engine.cache.listeners.append(lambda e, name=str(i): self.kv.apply(name, [e]))
 
     def pick(self, role: str, prompt: list[int], candidates: list[int]) -> int:
         if self.policy == "round-robin":

@@ -47,6 +47,7 @@ CEL_CASES = {
     "eagle3-without-draft": manifest(
         runtime={"speculative": {"method": "eagle3", "numSpeculativeTokens": 3}}
     ),
+    "kv-aware-settings-alone": manifest(router={"kvAware": {"mode": "approximate"}}),
 }
 
 LONG_NAME = manifest()
@@ -69,6 +70,7 @@ RULE_OF: dict[str, str] = {
     "padded-drafter": "disablePaddedDrafterBatch needs asyncScheduling: false",
     "long-name": "metadata.name must be at most 39 characters",
     "eagle3-without-draft": "method eagle3 needs draftModel",
+    "kv-aware-settings-alone": "kvAware applies to policy kv-aware only",
 }
 """The message of the one rule each case breaks."""
 

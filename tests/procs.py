@@ -98,7 +98,9 @@ def engine_pids(run_dir: Path) -> dict[str, int]:
             continue
         text = b" ".join(argv).decode(errors="replace")
         if str(run_dir) in text and " sim " in f" {text} ":
-            role = os.path.basename(argv[argv.index(b"--config") + 1].decode())[:-5]
+            # the role's config (unified.json), or an instance's own (unified-0.json)
+            config = os.path.basename(argv[argv.index(b"--config") + 1].decode())
+            role = config.removesuffix(".json").split("-")[0]
             inst = argv[argv.index(b"--instance") + 1].decode()
             worker = argv[argv.index(b"--worker-index") + 1].decode()
             pids[f"{role}-{inst}-{worker}"] = int(entry)

@@ -31,7 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from ascend_runtime.config import PodIdentity, RouterBackends, RuntimeConfig
+from ascend_runtime.config import (
+    KvEventsEndpoint,
+    KvEventsSettings,
+    PodIdentity,
+    RouterBackends,
+    RuntimeConfig,
+)
 from ascend_runtime.engine_command import Listen, engine_command, router_command
 from ascend_runtime.roles import Role
 
@@ -133,6 +139,28 @@ def _local_vllm_config(
     return config.model_copy(update=update)
 
 
+def _check_kv_aware(plan: Plan, engine: str) -> None:
+    kv = plan.router.config.kv_aware
+    if kv is not None and kv.mode == "precise" and engine != "sim":
+        raise UpError(
+            "spec.router.kvAware.mode: precise follows the sim engine's KV events; the router "
+            "cannot compute vLLM's block hashes yet. Set mode: approximate to run it with "
+            "--engine vllm"
+        )
+
+
+def _local_kv_events(config: RuntimeConfig, path: Path, taken: set[int]) -> KvEventsEndpoint:
+    """Write one sim instance's config with its own KV-event ports; where the router
+    subscribes."""
+    base = free_port_block(2, taken)
+    publish, replay = f"tcp://{LOOPBACK}:{base}", f"tcp://{LOOPBACK}:{base + 1}"
+    sim = config.sim.model_copy(
+        update={"kv_events": KvEventsSettings(endpoint=publish, replay_endpoint=replay)}
+    )
+    path.write_text(config.model_copy(update={"sim": sim}).model_dump_json(indent=2))
+    return KvEventsEndpoint(endpoint=publish, replay_endpoint=replay)
+
+
 def _local_draft(args: list[str], model_path: str, draft_path: str | None = None) -> list[str]:
     """Engine args with an Eagle3 draft under the pod's model mount moved to this machine's
     model directory (the hostPath the pod would mount there), or to `draft_path`."""
@@ -181,14 +209,21 @@ def local_processes(
     model_path = local_model_path(plan) if engine == "vllm" else ""
     vllm = shutil.which("vllm") or "vllm"  # run_up says what to do when it is missing
     kv_ports: set[int] = set()
+    events: dict[str, KvEventsEndpoint] = {}
+    _check_kv_aware(plan, engine)
     for role in plan.roles:
         config = role.runtime_config.model_copy(update={"engine": engine})
-        config_path = run_dir / f"{role.name}.json"
-        config_path.write_text(config.model_dump_json(indent=2))
+        role_config_path = run_dir / f"{role.name}.json"
+        role_config_path.write_text(config.model_dump_json(indent=2))
         for instance in range(role.instances):
             port = free_port()
             url = f"http://{LOOPBACK}:{port}"
             members.setdefault(role.name, []).append(url)
+            config_path = role_config_path
+            if config.sim.kv_events is not None and engine == "sim":
+                # every instance publishes on its own pair of ports (one network here)
+                config_path = run_dir / f"{role.name}-{instance}.json"
+                events[url] = _local_kv_events(config, config_path, kv_ports)
             kv_port = free_port() if role.name == Role.PREFILL else None
             instance_config = config
             if engine == "vllm":
@@ -227,7 +262,7 @@ def local_processes(
     router_config = plan.router.config.model_copy(
         update={
             "port": router_port,
-            "backends": RouterBackends(source="static", static=members),
+            "backends": RouterBackends(source="static", static=members, kv_events=events),
             "api_keys_file": None,  # the Secrets are a cluster's; `up` serves loopback only
             "admin_keys_file": None,
         }

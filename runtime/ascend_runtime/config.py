@@ -7,17 +7,39 @@ engine command with `ascend_runtime.engine_command`. Nothing here imports the op
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from .roles import DP_RPC_PORT, ENGINE_HTTP_PORT, ROUTER_PORT, RoleName, RouterPolicy
+from .roles import (
+    DP_RPC_PORT,
+    ENGINE_HTTP_PORT,
+    KV_EVENTS_PORT,
+    KV_EVENTS_REPLAY_PORT,
+    ROUTER_PORT,
+    KvAwareMode,
+    RoleName,
+    RouterPolicy,
+)
 
 SCHEMA_VERSION = 1
 
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    _omit_when_empty: ClassVar[tuple[str, ...]] = ()
+    """Fields left out of the serialized config while None or empty, so that configs of
+    deployments that do not use them (and the pod template hashes derived from them) stay as
+    they were before the fields existed."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_optionals(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for key in self._omit_when_empty:
+            if data.get(key) in (None, {}):
+                data.pop(key, None)
+        return data
 
 
 class Topology(_Config):
@@ -122,7 +144,7 @@ class StepModel(_Config):
     kv_link_bytes_per_second: float = Field(default=1.0, gt=0)
 
 
-DEFAULT_KV_EVENTS_ENDPOINT = "tcp://*:5557"
+DEFAULT_KV_EVENTS_ENDPOINT = f"tcp://*:{KV_EVENTS_PORT}"
 """vLLM's default KV-events publisher endpoint (`--kv-events-config`); data-parallel rank r
 publishes on port + r."""
 
@@ -188,15 +210,9 @@ class SimSettings(_Config):
             )
         return self
 
-    @model_serializer(mode="wrap")
-    def _drop_unset_optionals(self, handler: Any) -> dict[str, Any]:
-        data = handler(self)
-        for key in (
-            "embedding_dim", "kv_heads", "kv_mla", "step_model", "prefix_caching", "kv_events"
-        ):  # fmt: skip
-            if data.get(key) is None:
-                data.pop(key, None)
-        return data
+    _omit_when_empty = (
+        "embedding_dim", "kv_heads", "kv_mla", "step_model", "prefix_caching", "kv_events"
+    )  # fmt: skip
 
     @property
     def vector_dim(self) -> int:
@@ -253,6 +269,45 @@ class RouterBackends(_Config):
     file: str | None = None
     """JSON file of role -> base URLs, re-read on change, for `source: file`."""
     engine_port: int = ENGINE_HTTP_PORT
+    kv_events: dict[str, KvEventsEndpoint] = Field(default_factory=dict)
+    """Instance base URL -> where it publishes KV events, for instances that do not use the
+    kv-aware ports on their own host (`ascend-serve up`, where they share one)."""
+
+    _omit_when_empty = ("kv_events",)
+
+
+class KvEventsEndpoint(_Config):
+    """Where a router subscribes to one instance's KV events."""
+
+    endpoint: str
+    replay_endpoint: str | None = None
+
+
+class KvAwareRouting(_Config):
+    """The kv-aware policy's settings (router/kv_routing.py)."""
+
+    mode: KvAwareMode
+    block_size: int = Field(ge=1)
+    """The engines' KV block size: the router hashes prompts in blocks of this many tokens."""
+    load_weight: float = Field(default=0.25, ge=0)
+    """Prefill blocks one KV block in use on an instance is worth in the cost."""
+    index_capacity: int = Field(default=131_072, ge=1)
+    """Block hashes the router keeps per instance (about 100 bytes each)."""
+    kv_blocks: dict[str, int] = Field(default_factory=dict)
+    """Role -> KV blocks of one instance, to turn its reported KV usage into blocks."""
+    events_port: int = Field(default=KV_EVENTS_PORT, ge=1, le=65535)
+    replay_port: int | None = Field(default=KV_EVENTS_REPLAY_PORT, ge=1, le=65535)
+    topic: str = ""
+
+    def endpoints(self, url: str, backends: RouterBackends) -> KvEventsEndpoint:
+        """Where the instance at `url` publishes its events: the explicit entry, else the
+        kv-aware ports on the instance's host."""
+        explicit = backends.kv_events.get(url.rstrip("/"))
+        if explicit is not None:
+            return explicit
+        host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        replay = f"tcp://{host}:{self.replay_port}" if self.replay_port else None
+        return KvEventsEndpoint(endpoint=f"tcp://{host}:{self.events_port}", replay_endpoint=replay)
 
 
 class RouterConfig(_Config):
@@ -264,6 +319,10 @@ class RouterConfig(_Config):
     mode: Literal["unified", "pd"]
     port: int = ROUTER_PORT
     policy: RouterPolicy = "least-outstanding"
+    kv_aware: KvAwareRouting | None = None
+    """Settings of policy kv-aware (required with it)."""
+
+    _omit_when_empty = ("kv_aware",)
     backends: RouterBackends
     api_keys_file: str | None = None
     admin_keys_file: str | None = None
@@ -283,3 +342,11 @@ class RouterConfig(_Config):
     health_timeout_seconds: float = Field(default=5.0, gt=0)
     prefill_retries: int = 2
     max_model_len: int | None = None
+
+    @model_validator(mode="after")
+    def _kv_aware_settings(self) -> RouterConfig:
+        if (self.policy == "kv-aware") != (self.kv_aware is not None):
+            raise ValueError(
+                "policy kv-aware and the kv_aware settings go together: set both or neither"
+            )
+        return self

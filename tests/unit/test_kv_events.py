@@ -152,6 +152,66 @@ async def test_a_gap_without_replay_reports_everything_cleared():
         await pub.close()
 
 
+@pytest.mark.asyncio
+async def test_a_new_subscriber_catches_up_from_the_replay_buffer():
+    """A router that starts (or restarts) after the engine has cached blocks learns them from
+    the replay buffer at once, not at the engine's next step; batches published while it
+    catches up arrive once each, in order, and are not taken for an engine restart."""
+    pub = KvEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+    pub.start()
+    for i in range(3):
+        pub.add(BlockStored([i], None, [i] * 4, 4))
+        pub.flush()
+    received: list = []
+    sub = KvEventSubscriber(pub.endpoint, received.extend, replay_endpoint=pub.replay_endpoint)
+    sub.start()
+    try:
+        await _until(lambda: len(received) >= 3)
+        assert received[:3] == [BlockStored([i], None, [i] * 4, 4) for i in range(3)]
+        for i in range(3, 40):  # keeps publishing through the subscription's start
+            pub.add(BlockStored([i], None, [i] * 4, 4))
+            pub.flush()
+            await asyncio.sleep(0.002)
+        await _until(lambda: sub.last_seq == pub._seq - 1 and len(received) >= 40)
+        assert received == [BlockStored([i], None, [i] * 4, 4) for i in range(40)]
+        assert sub.restarts == 0
+    finally:
+        await sub.close()
+        await pub.close()
+
+
+@pytest.mark.asyncio
+async def test_catching_up_overlaps_batches_already_queued():
+    """The replay at start and the SUB socket both carry the batches published meanwhile:
+    each is applied once."""
+    pub = KvEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+    pub.start()
+    received: list = []
+    sub = KvEventSubscriber(pub.endpoint, received.extend, replay_endpoint=pub.replay_endpoint)
+    real_replay = sub._replay
+
+    async def slow_replay(first, until):
+        for i in range(5):  # published after SUB connected, before the replay is answered
+            pub.add(BlockStored([i], None, [i] * 4, 4))
+            pub.flush()
+            await asyncio.sleep(0.05)
+        return await real_replay(first, until)
+
+    sub._replay = slow_replay
+    sub.start()
+    try:
+        await _until(lambda: sub.last_seq == 4)
+        pub.add(BlockStored([5], None, [5] * 4, 4))
+        pub.flush()
+        await _until(lambda: len(received) >= 6)
+        await asyncio.sleep(0.1)
+        assert received == [BlockStored([i], None, [i] * 4, 4) for i in range(6)]
+        assert sub.restarts == 0 and sub.gaps == 0
+    finally:
+        await sub.close()
+        await pub.close()
+
+
 def test_events_without_a_prefix_cache_are_refused():
     from pydantic import ValidationError
 

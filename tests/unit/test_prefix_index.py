@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from ascend_runtime.kv.block_hash import block_hashes
+from ascend_runtime.kv.cache_events import AllBlocksCleared, BlockStored
 from ascend_runtime.router.prefix_index import KvAwarePolicy, PrefixIndex, choose
 
 A = block_hashes(list(range(64)), 16)  # 4 blocks
@@ -47,9 +48,11 @@ def test_choose_prefers_the_cached_instance_until_its_load_outweighs_the_hit():
     assert choose(5, {"x": 0, "y": 0}, {}).instance == "x"  # ties: the first candidate
 
 
-def test_precise_policy_counts_routed_prompts_until_their_first_token():
-    policy = KvAwarePolicy(mode="precise", decode_weight=0.0)
+def test_precise_policy_counts_routed_prompts_until_their_blocks_are_confirmed():
+    now = [0.0]
+    policy = KvAwarePolicy(mode="precise", decode_weight=0.0, clock=lambda: now[0])
     first = policy.choose("r1", A, ["x", "y"], {})
+    other = "y" if first.instance == "x" else "x"
     # The index has no events yet, but r1 is on its way to `first`: r2 follows it.
     second = policy.choose("r2", A, ["x", "y"], {})
     assert second.instance == first.instance and second.matched_blocks == 4
@@ -59,8 +62,25 @@ def test_precise_policy_counts_routed_prompts_until_their_first_token():
     policy.prefilled("r2")  # twice is harmless
     assert policy._pending_hashes[first.instance] == {}
     assert policy._pending_work[first.instance] == 0
-    policy.index.stored("y", A)
-    assert policy.choose("r3", A, ["x", "y"], {}).instance == "y"
+    # First tokens are back, the BlockStored events not yet: the blocks still count there.
+    now[0] = 1.9
+    assert policy.choose("r3", A, ["x", "y"], {}).instance == first.instance
+    policy.prefilled("r3")
+    # An event confirms them: from then on the index alone says where they are.
+    policy.apply(first.instance, [BlockStored(A, None, [], 4)])
+    assert policy._unconfirmed[first.instance] == {}
+    policy.apply(first.instance, [AllBlocksCleared()])
+    policy.index.stored(other, A)
+    assert policy.choose("r4", A, ["x", "y"], {}).instance == other
+    policy.prefilled("r4")
+    # Unconfirmed blocks stop counting after confirm_seconds (the event was lost).
+    policy.apply(other, [AllBlocksCleared()])
+    now[0] = 10.0
+    policy.choose("r5", A, [first.instance], {})
+    policy.prefilled("r5")  # unconfirmed until 12.0
+    now[0] = 12.5
+    cold = policy.choose("r6", A, [first.instance], {})
+    assert cold.matched_blocks == 0 and cold.reason == "load"
 
 
 def test_approximate_policy_learns_from_its_own_routing_and_forgets_leavers():

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, JsonValue, WithJsonSchema
 
-from ascend_runtime.roles import ROUTER_PORT, RoleName, RouterPolicy
+from ascend_runtime.roles import ROUTER_PORT, KvAwareMode, RoleName, RouterPolicy
 
 from .base import ApiModel, Quantity, cel, cel_rules
 
@@ -510,6 +510,22 @@ class RoleSpec(ApiModel):
 # --------------------------------------------------------------------------- router, workload
 
 
+class KvAwareSpec(ApiModel):
+    """Settings of router policy kv-aware (docs/routing.md)."""
+
+    mode: KvAwareMode | None = None
+    """What the router knows of each instance's cache: `precise` follows the engines' KV events
+    (the planner turns them on); `approximate` assumes a prompt stays cached where the router
+    sent it. Unset: precise with engine sim, approximate with engine vllm (the router does not
+    compute vLLM's block hashes yet, so precise is refused there)."""
+    load_weight: float = Field(default=0.25, ge=0, le=100)
+    """Prefill blocks that one KV block in use on an instance is worth: higher spreads a hot
+    prefix sooner, 0 routes on the cache alone (plus the prefill work already sent)."""
+    index_capacity: int = Field(default=131_072, ge=1024, le=16_777_216)
+    """Block hashes the router remembers per instance (about 100 bytes each); past it the least
+    recently used are forgotten."""
+
+
 class RouterSpec(ApiModel):
     """The OpenAI-compatible front door (balances unified instances; routes prefill then decode
     in PD mode)."""
@@ -519,7 +535,11 @@ class RouterSpec(ApiModel):
     image: str | None = Field(default=None, max_length=512)
     """Router image; the ascend-serve image when unset."""
     policy: RouterPolicy = "least-outstanding"
-    """Balancing policy across instances (KV usage breaks ties)."""
+    """Balancing policy across instances: `least-outstanding` (KV usage breaks ties),
+    `round-robin`, or `kv-aware` (where the prompt's prefix is cached, weighed against load;
+    turns on prefix caching; PD: chooses the prefill instance)."""
+    kv_aware: KvAwareSpec | None = None
+    """Settings of policy kv-aware (defaults when unset)."""
     port: int = Field(default=ROUTER_PORT, ge=1, le=65535)
     """Port of the router Service."""
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
@@ -549,6 +569,15 @@ class RouterSpec(ApiModel):
     """Retries of a failed prefill on another instance (PD mode)."""
     resources: RoleResources | None = None
     """CPU and memory of the router pods."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel_rules(
+            cel(
+                "!has(self.kvAware) || self.policy == 'kv-aware'",
+                "kvAware applies to policy kv-aware only: set policy: kv-aware, or remove kvAware",
+            )
+        )
+    }
 
 
 class WorkloadSpec(ApiModel):

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 
 from ..api.spec import VLLM_DEFAULT_CUDAGRAPH_MODE, ModelDeploymentSpec, RoleSpec
-from . import additional_config, fused_mc2
+from . import additional_config, fused_mc2, kv_aware
 from .architectures import Architecture
 from .capabilities import RuntimeCapabilities
 from .names import MODEL_MOUNT
@@ -95,10 +95,9 @@ def vllm_args(
     if model.task == "embed":
         # Pooling runner with the embedding conversion (vLLM >= 0.10.2; `--task embed` before).
         args += ["--runner", "pooling", "--convert", "embed"]
-    if runtime.prefix_caching is not None:
-        args += [
-            "--enable-prefix-caching" if runtime.prefix_caching else "--no-enable-prefix-caching"
-        ]
+    caching = kv_aware.prefix_caching(spec)
+    if caching is not None:
+        args += ["--enable-prefix-caching" if caching else "--no-enable-prefix-caching"]
     args += graph_args(settings)
     extra_config = additional_config.render(spec, role, caps, torchair_config(settings))
     if extra_config:

@@ -15,7 +15,7 @@ from ascend_runtime.roles import Role
 from ..api.crd import structural_schema
 from ..api.resource import ModelDeployment
 from ..api.spec import ModelDeploymentSpec
-from . import additional_config, checks
+from . import additional_config, checks, kv_aware
 from .architectures import resolve_architecture
 from .capabilities import capabilities_for, supported_lines
 from .hardware import resolve_profile
@@ -79,6 +79,7 @@ def plan(md: ModelDeployment, cluster: ClusterInfo | None = None) -> Plan:
     checks.check_heads(spec, arch, problems)
     checks.check_quantities(spec, problems)
     checks.check_env(spec, problems)
+    kv_aware.check(spec, problems)
     warnings: list[PlanWarning] = []
     additional_config.check(spec, arch, caps, problems, warnings)
 
@@ -109,7 +110,7 @@ def plan(md: ModelDeployment, cluster: ClusterInfo | None = None) -> Plan:
         workload_kind=kind,
         workload_fallback=fallback,
         roles=tuple(role_plans),
-        router=plan_router(md, pd, cluster),
+        router=plan_router(md, pd, cluster, role_plans),
         scaled_role=scaled,
         warnings=tuple(warnings),
     )

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ascend_runtime.config import RouterBackends, RouterConfig
 from ascend_runtime.roles import ENGINE_HTTP_PORT
 
 from .. import images
 from ..api.resource import ModelDeployment
-from . import names
-from .results import ClusterInfo, RouterPlan
+from . import kv_aware, names
+from .results import ClusterInfo, RolePlan, RouterPlan
 
 
-def plan_router(md: ModelDeployment, pd: bool, cluster: ClusterInfo) -> RouterPlan:
+def plan_router(
+    md: ModelDeployment, pd: bool, cluster: ClusterInfo, role_plans: Sequence[RolePlan] = ()
+) -> RouterPlan:
     spec, name, namespace = md.spec, md.metadata.name, md.metadata.namespace
     router = spec.router
     roles = [r.name for r in spec.roles]
@@ -21,6 +25,7 @@ def plan_router(md: ModelDeployment, pd: bool, cluster: ClusterInfo) -> RouterPl
         mode="pd" if pd else "unified",
         port=router.port,
         policy=router.policy,
+        kv_aware=kv_aware.routing(spec, role_plans),
         backends=RouterBackends(
             source="kubernetes",
             namespace=namespace,

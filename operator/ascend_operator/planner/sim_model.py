@@ -12,6 +12,7 @@ from ascend_runtime.config import SimSettings, StepModel
 from ascend_runtime.roles import Role
 
 from ..api.spec import ModelDeploymentSpec, RoleSpec
+from . import kv_aware
 from .architectures import Architecture
 from .graphs import DEFAULT_MAX_NUM_SEQS
 from .hardware import INT8_PER_BF16, INTERNODE_GBPS, HardwareProfile
@@ -90,7 +91,8 @@ def sim_settings(
         kv_heads=arch.num_kv_heads if role.name != Role.UNIFIED else None,
         kv_mla=arch.mla if role.name != Role.UNIFIED and arch.num_kv_heads else None,
         step_model=step,
-        prefix_caching=runtime.prefix_caching or None,
+        prefix_caching=kv_aware.prefix_caching(spec) or None,
+        kv_events=kv_aware.kv_events(spec, role.name),
     )
 
 

@@ -207,6 +207,7 @@ class KvEventSubscriber:
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         sub.connect(self.endpoint)
         try:
+            await self._catch_up(sub)
             while True:
                 frames = await sub.recv_multipart()
                 if len(frames) == 3:
@@ -214,18 +215,35 @@ class KvEventSubscriber:
         finally:
             sub.close(0)
 
+    async def _catch_up(self, sub: zmq.asyncio.Socket) -> None:
+        """On joining, what the engine cached before: its replay buffer from the start (as
+        far back as it reaches), so a new or restarted router knows it before the engine's
+        next step. Batches the SUB socket queued meanwhile that the replay covered are
+        dropped, not taken for an engine restart."""
+        if not self.replay_endpoint:
+            return
+        got = await self._replay(0, None)
+        if got == 0:
+            return
+        self.last_seq = got - 1
+        while await sub.poll(0):
+            frames = await sub.recv_multipart()
+            seq = int.from_bytes(frames[1], "big") if len(frames) == 3 else -1
+            if seq >= got:
+                await self._receive(seq, frames[2])
+
     async def _receive(self, seq: int, payload: bytes) -> None:
         last = self.last_seq
         if last is None and seq > 0:
-            # Joined late (a new router, or PUB dropped what came before the subscription):
-            # what the engine cached before is in its replay buffer, as far as it reaches.
+            # Joined late with no replay at start (PUB drops what came before the
+            # subscription): take what the buffer still holds.
             await self._replay(0, seq)
         elif last is not None and seq <= last:
             self.restarts += 1
             await self._deliver([AllBlocksCleared()])
         elif last is not None and seq > last + 1:
             self.gaps += 1
-            if not await self._replay(last + 1, seq):
+            if await self._replay(last + 1, seq) < seq:
                 await self._deliver([AllBlocksCleared()])
         self.last_seq = seq
         self.batches += 1
@@ -243,10 +261,11 @@ class KvEventSubscriber:
         if asyncio.iscoroutine(result):
             await result
 
-    async def _replay(self, first: int, until: int) -> bool:
-        """Batches first..until-1 from the replay endpoint; False when it cannot give them."""
+    async def _replay(self, first: int, until: int | None) -> int:
+        """Deliver batches first..until-1 (None: all the buffer holds) from the replay
+        endpoint; the number after the last one delivered (`first` when none was)."""
         if not self.replay_endpoint:
-            return False
+            return first
         # DEALER with REQ's empty delimiter: the ROUTER answers with many messages, which a
         # REQ socket would drop after the first.
         req = self._ctx.socket(zmq.DEALER)
@@ -257,20 +276,20 @@ class KvEventSubscriber:
             await req.send_multipart([b"", first.to_bytes(8, "big")])
             while True:
                 if not await req.poll(self._timeout * 1000):
-                    return False
+                    return got
                 frames = await req.recv_multipart()
                 if len(frames) < 3:
-                    return False
+                    return got
                 seq = int.from_bytes(frames[-2], "big", signed=True)
                 if seq == END_SEQ:
-                    return got >= until
-                if first == 0 and got == 0 and 0 < seq < until:
+                    return got
+                if first == 0 and got == 0 and seq > 0 and (until is None or seq < until):
                     got = seq  # the buffer no longer reaches back to 0: take what it holds
-                if first <= seq < until and seq == got:
+                if seq == got and (until is None or seq < until):
                     _, events, _ = decode_batch(frames[-1])
                     await self._deliver(events)
                     got += 1
         except ValueError:
-            return False
+            return got
         finally:
             req.close(0)

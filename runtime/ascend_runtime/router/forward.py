@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from ..config import RouterConfig
 from ..openai import SSE_DONE, OpenAIError, sse
+from .kv_routing import Affinity, KvRouting
 from .metrics import RouterMetrics
 from .pool import Backend, Pool
 from .relay import RelayResponse
@@ -34,6 +35,8 @@ class Forwarder:
         self.failures = pool.failures
         self.upstream = Upstream()
         self.watch = StreamWatch(config.inter_token_timeout_seconds)
+        self.kv: KvRouting | None = None
+        """Policy kv-aware, when the router runs it."""
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -46,17 +49,21 @@ class Forwarder:
     async def forward(
         self, role: str, route: str, payload: bytes | str, stream: bool, request_id: str, *,
         attempts: int | None = None, tried: set[str] | None = None,
+        affinity: Affinity | None = None,
     ) -> Response:  # fmt: skip
         """Send to one instance of `role`; a failure before the first byte reaches the client
         is retried (another instance when there is one, on a fresh connection), up to
         `attempts` in all. `tried` collects the instances used (and avoids those already in
-        it). Raises OpenAIError 503 when every attempt failed."""
+        it); `affinity` is the request's kv-aware placement. Raises OpenAIError 503 when
+        every attempt failed."""
         tried = set() if tried is None else tried
         last_error = f"no {role} instance is available"
         if attempts is None:
             attempts = 1 + self.failures.retries_before_first_byte
         for attempt in range(attempts):
-            backend = self.pool.pick(role, tried) or (self.pool.pick(role) if tried else None)
+            backend = self.pool.pick(role, tried, affinity) or (
+                self.pool.pick(role, frozenset(), affinity) if tried else None
+            )
             if backend is None:
                 break
             if not backend.available:
@@ -76,6 +83,9 @@ class Forwarder:
                 last_error = str(exc)
                 self.metrics.errors.labels(exc.kind, role).inc()
                 self.failures.failed(backend, last_error, definitive=exc.definitive)
+            finally:  # the first token (or the answer, or a failure) is back
+                if affinity is not None:
+                    affinity.settle()
         raise OpenAIError(503, f"{role}: {last_error}", type_="upstream_error")
 
     async def exchange(

@@ -11,6 +11,10 @@ LATENCY_BUCKETS = (
     120.0, 300.0, 600.0,
 )  # fmt: skip
 
+DECISION_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+)  # fmt: skip
+
 CLIENT_CLOSED = 499
 """The code requests are counted under when the client left before the answer was complete
 (nginx's convention; nothing is sent with it)."""
@@ -60,6 +64,57 @@ class RouterMetrics:
         )
         self.healthy = Gauge(
             "ascend_serve_router_healthy_instances", "Instances in rotation.", ["role"], registry=r
+        )
+        self.kv_decisions = Counter(
+            "ascend_serve_router_kv_decisions",
+            "kv-aware placements by reason: prefix (the longest cached prefix won), load (no "
+            "instance held any of the prompt), spill (a cached prefix lost to its instance's "
+            "load).",
+            ["role", "reason"],
+            registry=r,
+        )
+        self.kv_prompt_blocks = Counter(
+            "ascend_serve_router_kv_prompt_blocks",
+            "Full prompt blocks placed on each instance by the kv-aware policy.",
+            ["role", "instance"],
+            registry=r,
+        )
+        self.kv_hit_blocks = Counter(
+            "ascend_serve_router_kv_hit_blocks",
+            "Of those, blocks the router expected cached there (hit rate: hit / prompt blocks).",
+            ["role", "instance"],
+            registry=r,
+        )
+        self.kv_hashing = Histogram(
+            "ascend_serve_router_kv_hashing_seconds",
+            "Tokenizing and hashing one prompt (kv-aware).",
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.kv_choosing = Histogram(
+            "ascend_serve_router_kv_choice_seconds",
+            "Choosing one instance from the prefix index (kv-aware).",
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.kv_index_blocks = Gauge(
+            "ascend_serve_router_kv_index_blocks",
+            "Block hashes the router holds for each instance.",
+            ["instance"],
+            registry=r,
+        )
+        self.kv_event_gaps = Gauge(
+            "ascend_serve_router_kv_event_gaps",
+            "Gaps in an instance's KV-event sequence since the router started (each replayed, "
+            "or the instance's entries cleared).",
+            ["instance"],
+            registry=r,
+        )
+        self.kv_event_restarts = Gauge(
+            "ascend_serve_router_kv_event_restarts",
+            "Times an instance's KV-event sequence started over (an engine restart).",
+            ["instance"],
+            registry=r,
         )
         self._requests: dict[tuple[str, str], Any] = {}
 

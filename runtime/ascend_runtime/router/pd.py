@@ -16,6 +16,7 @@ from ..openai import OpenAIError
 from ..roles import Role
 from . import checks
 from .forward import Forwarder
+from .kv_routing import Affinity
 from .pool import Backend
 from .upstream import UPSTREAM_ERRORS, UpstreamError, describe, dumps
 
@@ -91,8 +92,10 @@ class PdRouting:
     ) -> Response:
         avoid: set[str] = set()
         decoders: set[str] = set()
+        kv = self.forwarder.kv
+        affinity = kv.affinity(Role.PREFILL, route, body) if kv else None
         for attempt in range(2):
-            params, prefill = await self._prefill(route, body, request_id, avoid)
+            params, prefill = await self._prefill(route, body, request_id, avoid, affinity)
             payload = dumps({**body, "kv_transfer_params": params})
             try:
                 response = await self.forwarder.forward(
@@ -174,9 +177,11 @@ class PdRouting:
             return None
 
     async def _prefill(
-        self, route: str, body: dict[str, Any], request_id: str, avoid: set[str]
-    ) -> tuple[dict[str, Any], Backend]:
-        """Send a one-token copy to a prefill instance; its kv_transfer_params and where."""
+        self, route: str, body: dict[str, Any], request_id: str, avoid: set[str],
+        affinity: Affinity | None = None,
+    ) -> tuple[dict[str, Any], Backend]:  # fmt: skip
+        """Send a one-token copy to a prefill instance (kv-aware: the one `affinity` picks);
+        its kv_transfer_params and where."""
         copy = {k: v for k, v in body.items() if k not in ("stream_options",)}
         copy.update(stream=False, max_tokens=1, kv_transfer_params=dict(PREFILL_KV_PARAMS))
         if "max_completion_tokens" in copy:
@@ -185,7 +190,9 @@ class PdRouting:
         tried = set(avoid)
         last_error = "no prefill instance is available"
         for attempt in range(self.config.prefill_retries + 1):
-            backend = self.pool.pick(Role.PREFILL, tried) or self.pool.pick(Role.PREFILL)
+            backend = self.pool.pick(Role.PREFILL, tried, affinity) or self.pool.pick(
+                Role.PREFILL, frozenset(), affinity
+            )
             if backend is None:
                 break
             if attempt:
@@ -201,6 +208,9 @@ class PdRouting:
                 self.metrics.errors.labels(exc.kind, Role.PREFILL).inc()
                 self.failures.failed(backend, last_error, definitive=exc.definitive)
                 continue
+            finally:
+                if affinity is not None:
+                    affinity.settle()
             if status >= 500:
                 last_error = f"prefill instance {backend.url} answered {status}"
                 self.metrics.errors.labels("status", Role.PREFILL).inc()

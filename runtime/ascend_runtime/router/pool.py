@@ -6,12 +6,27 @@ import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .policy import Backend, FailurePolicy
 
 log = logging.getLogger("ascend_runtime.router")
 
-__all__ = ["Backend", "Pool"]
+__all__ = ["Backend", "Chooser", "MemberListener", "Pool"]
+
+
+class Chooser(Protocol):
+    """A request's own preference among the instances in rotation (kv-aware's Affinity)."""
+
+    def choose(self, candidates: list[Backend]) -> Backend: ...
+
+
+class MemberListener(Protocol):
+    """Told when an instance joins or leaves a role."""
+
+    def joined(self, role: str, url: str) -> None: ...
+
+    def left(self, role: str, url: str) -> None: ...
 
 
 @dataclass
@@ -23,6 +38,7 @@ class Pool:
     backends: dict[str, dict[str, Backend]] = field(default_factory=dict)
     fallback_picks: int = 0
     """Requests sent to an ejected instance because every instance of the role was out."""
+    listeners: list[MemberListener] = field(default_factory=list)
     _turns: dict[str, itertools.count[int]] = field(default_factory=dict)
 
     def set_members(self, role: str, urls: Iterable[str]) -> None:
@@ -31,26 +47,41 @@ class Pool:
         wanted = list(dict.fromkeys(u.rstrip("/") for u in urls))  # ordered, no repeats
         for url in list(current):
             if url not in wanted:
-                del current[url]
+                self.remove(role, url)
         for url in wanted:
-            current.setdefault(url, Backend(url=url, role=role))
+            self.add(role, url)
 
     def add(self, role: str, url: str) -> Backend:
-        return self.backends.setdefault(role, {}).setdefault(
-            url.rstrip("/"), Backend(url=url.rstrip("/"), role=role)
-        )
+        url = url.rstrip("/")
+        members = self.backends.setdefault(role, {})
+        backend = members.get(url)
+        if backend is None:
+            backend = members[url] = Backend(url=url, role=role)
+            for listener in self.listeners:
+                listener.joined(role, url)
+        return backend
 
     def remove(self, role: str, url: str) -> bool:
-        return self.backends.get(role, {}).pop(url.rstrip("/"), None) is not None
+        url = url.rstrip("/")
+        if self.backends.get(role, {}).pop(url, None) is None:
+            return False
+        for listener in self.listeners:
+            listener.left(role, url)
+        return True
 
     def members(self, role: str) -> list[Backend]:
         return list(self.backends.get(role, {}).values())
 
-    def pick(self, role: str, exclude: set[str] | frozenset[str] = frozenset()) -> Backend | None:
-        """Least outstanding requests (KV usage, then queue length break ties), or round
-        robin, among instances in rotation; with none in rotation, the one that failed
-        longest ago (a role is never empty while it has members). None: no member left
-        outside `exclude`."""
+    def pick(
+        self,
+        role: str,
+        exclude: set[str] | frozenset[str] = frozenset(),
+        chooser: Chooser | None = None,
+    ) -> Backend | None:
+        """The request's `chooser` (kv-aware) decides among the instances in rotation when it
+        is given; otherwise least outstanding requests (KV usage, then queue length break
+        ties), or round robin. With none in rotation, the one that failed longest ago (a role
+        is never empty while it has members). None: no member left outside `exclude`."""
         members = [b for b in self.members(role) if b.url not in exclude]
         candidates = [b for b in members if b.available]
         if not candidates:
@@ -59,6 +90,8 @@ class Pool:
                 self.fallback_picks += 1
                 log.debug("every %s instance is out; trying %s", role, backend.url)
             return backend
+        if chooser is not None:
+            return chooser.choose(candidates)
         turn = next(self._turns.setdefault(role, itertools.count()))
         if self.policy == "round-robin":
             return candidates[turn % len(candidates)]

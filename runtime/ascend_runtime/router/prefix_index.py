@@ -10,9 +10,12 @@ share of the index is full, least recently used first). Memory is bounded either
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+from ..kv.cache_events import BlockRemoved, BlockStored, KvEvent
 
 
 @dataclass
@@ -53,6 +56,9 @@ class PrefixIndex:
 
     def instances(self) -> list[str]:
         return list(self._held)
+
+    def held(self, instance: str, h: int) -> bool:
+        return h in self._held.get(instance, ())
 
     def size(self, instance: str | None = None) -> int:
         if instance is not None:
@@ -104,17 +110,21 @@ def choose(
     matched: dict[str, int],
     load_blocks: dict[str, float],
     load_weight: float = 1.0,
+    held: dict[str, int] | None = None,
 ) -> Choice:
     """The instance with the least estimated work: blocks this prompt would prefill there
     (its uncached blocks) plus `load_weight` times the blocks of the requests it is already
     serving (NVIDIA Dynamo's KV router weighs the same two terms). A hot prefix therefore
     spreads once its instance's queue costs more than recomputing the prefix elsewhere.
-    Ties go to the longer match, then the lighter load, then the order of `matched`."""
+    Ties go to the longer match, then the lighter load, then the instance that caches least
+    (`held` blocks: new prefixes spread over the caches of idle instances), then the order of
+    `matched`."""
     order = {name: i for i, name in enumerate(matched)}
+    held = held or {}
 
-    def cost(name: str) -> tuple[float, int, float, int]:
+    def cost(name: str) -> tuple[float, int, float, int, int]:
         work = (prompt_blocks - matched[name]) + load_weight * load_blocks.get(name, 0.0)
-        return (work, -matched[name], load_blocks.get(name, 0.0), order[name])
+        return (work, -matched[name], load_blocks.get(name, 0.0), held.get(name, 0), order[name])
 
     best = min(matched, key=cost)
     deepest = max(matched.values(), default=0)
@@ -133,19 +143,25 @@ class KvAwarePolicy:
     instance and not yet seen answered, and its decisions.
 
     `approximate`: a routed prompt counts as cached on its instance at once (routing history).
-    `precise`: the index follows the instance's KV events only, and a prompt routed but not yet
-    prefilled counts on its instance until its first token is back (by then the events say
-    what was stored), so a burst of requests sharing a new prefix does not scatter."""
+    `precise`: the index follows the instance's KV events only. A prompt routed there counts
+    as on its way until its first token is back, and for `confirm_seconds` after, unless the
+    instance's events confirm its blocks first: the event of a step and the token it produced
+    travel on different sockets, so a burst sharing a new prefix does not scatter meanwhile."""
 
     mode: str = "precise"
     capacity: int = 1_000_000
     decode_weight: float = 0.25
     """Blocks of prefill work one KV block in use is worth: decode steps read every block
     in use, and an instance near a full cache preempts."""
+    confirm_seconds: float = 2.0
+    clock: Callable[[], float] = time.monotonic
     index: PrefixIndex = field(init=False)
     reasons: dict[str, int] = field(default_factory=dict)
     _pending_work: dict[str, float] = field(default_factory=dict)
     _pending_hashes: dict[str, dict[int, int]] = field(default_factory=dict)
+    _unconfirmed: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Per instance: hashes prefilled there whose BlockStored has not arrived, and until when
+    they count anyway."""
     _sent: dict[object, tuple[str, int, list[int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -161,17 +177,13 @@ class KvAwarePolicy:
         report them), weighed by `decode_weight`."""
         matched = self.index.matches(hashes, candidates)
         for name in candidates:
-            pending = self._pending_hashes.get(name)
-            if pending:
-                depth = 0
-                while depth < len(hashes) and pending.get(hashes[depth]):
-                    depth += 1
-                matched[name] = max(matched[name], depth)
+            matched[name] = max(matched[name], self._expected_depth(name, hashes))
         load = {
             n: self._pending_work.get(n, 0.0) + self.decode_weight * busy.get(n, 0.0)
             for n in candidates
         }
-        choice = choose(len(hashes), matched, load)
+        held = {n: self.index.size(n) + len(self._unconfirmed.get(n, ())) for n in candidates}
+        choice = choose(len(hashes), matched, load, held=held)
         name, work = choice.instance, len(hashes) - choice.matched_blocks
         self._pending_work[name] = self._pending_work.get(name, 0.0) + work
         if self.mode == "approximate":
@@ -184,6 +196,21 @@ class KvAwarePolicy:
         self.reasons[choice.reason] = self.reasons.get(choice.reason, 0) + 1
         return choice
 
+    def _expected_depth(self, name: str, hashes: list[int]) -> int:
+        """Leading blocks on their way to `name` or prefilled there and not yet confirmed."""
+        pending = self._pending_hashes.get(name) or {}
+        unconfirmed = self._unconfirmed.get(name) or {}
+        if not pending and not unconfirmed:
+            return 0
+        now, depth = self.clock(), 0
+        for h in hashes:
+            if not pending.get(h):
+                until = unconfirmed.get(h)
+                if until is None or until < now:
+                    break
+            depth += 1
+        return depth
+
     def prefilled(self, key: object) -> None:
         """The request's first token came back: its prefill work is done."""
         sent = self._sent.pop(key, None)
@@ -192,17 +219,42 @@ class KvAwarePolicy:
         name, work, hashes = sent
         self._pending_work[name] = self._pending_work.get(name, 0.0) - work
         pending = self._pending_hashes.get(name, {})
+        unconfirmed = self._unconfirmed.setdefault(name, {}) if hashes else {}
+        until = self.clock() + self.confirm_seconds
         for h in hashes:
             left = pending.get(h, 0) - 1
             if left > 0:
                 pending[h] = left
             else:
                 pending.pop(h, None)
+                if self.index.held(name, h):
+                    unconfirmed.pop(h, None)
+                else:
+                    unconfirmed[h] = until
+        if len(unconfirmed) > self.capacity:  # events that never came: drop the expired
+            now = self.clock()
+            for h in [h for h, t in unconfirmed.items() if t < now]:
+                del unconfirmed[h]
+
+    def apply(self, instance: str, events: Iterable[KvEvent]) -> None:
+        """An instance's KV events, in order (precise mode's feed)."""
+        for event in events:
+            if isinstance(event, BlockStored):
+                self.index.stored(instance, event.block_hashes)
+                unconfirmed = self._unconfirmed.get(instance)
+                if unconfirmed:
+                    for h in event.block_hashes:
+                        unconfirmed.pop(h, None)
+            elif isinstance(event, BlockRemoved):
+                self.index.removed(instance, event.block_hashes)
+            else:
+                self.index.cleared(instance)
 
     def forget(self, instance: str) -> None:
         """The instance left (or restarted): nothing of it stays in the index."""
         self.index.cleared(instance)
         self._pending_work.pop(instance, None)
         self._pending_hashes.pop(instance, None)
+        self._unconfirmed.pop(instance, None)
         for key in [k for k, (name, _, _) in self._sent.items() if name == instance]:
             del self._sent[key]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import Any
 
 VOCAB = [
     "the",
@@ -197,6 +198,39 @@ def tokenize(text: str) -> list[int]:
                 _IDS[w] = _word_id(w)
         ids = list(map(_IDS.__getitem__, words))
     return ids or [0]
+
+
+_PACKED: dict[str, bytes] = {}
+"""Token ids of words seen, as 8-byte little-endian words (bounded like _IDS)."""
+
+
+def packed_tokens(text: str) -> tuple[bytes, int]:
+    """The tokens of `text` packed as little-endian 64-bit integers (what block hashes are
+    computed over), and their count; no tokens for a text without words (unlike tokenize)."""
+    words = text.split()
+    try:
+        return b"".join(map(_PACKED.__getitem__, words)), len(words)
+    except KeyError:
+        if len(_PACKED) > _MAX_IDS:
+            _PACKED.clear()
+        for w in words:
+            if w not in _PACKED:
+                _PACKED[w] = _word_id(w).to_bytes(8, "little")
+        return b"".join(map(_PACKED.__getitem__, words)), len(words)
+
+
+def chat_line(role: str, content: Any) -> str:
+    """The sim's chat template: one `role: content` line per message (text parts of a list
+    content joined by spaces; other parts ignored)."""
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        text = " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    else:
+        text = str(content)
+    return f"{role}: {text}"
 
 
 def initial_state(seed: int) -> int:

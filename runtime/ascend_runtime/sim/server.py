@@ -242,7 +242,7 @@ class SimServer:
 
     def chat_tokens(self, messages: list[Any]) -> list[int]:
         """The sim's chat template: one `role: content` line per message."""
-        text = "\n".join(f"{m.role}: {self._content(m.content)}" for m in messages)
+        text = "\n".join(model.chat_line(m.role, m.content) for m in messages)
         return model.tokenize(text)
 
     async def tokenize(self, request: Request) -> Response:
@@ -264,14 +264,6 @@ class SimServer:
         """vLLM's /detokenize: token ids -> text."""
         req = await parse_body(request, DetokenizeRequest, MAX_BODY_BYTES)
         return JSONResponse({"prompt": " ".join(model.detokenize(t) for t in req.tokens)})
-
-    @staticmethod
-    def _content(content: Any) -> str:
-        if content is None:
-            return ""
-        if isinstance(content, str):
-            return content
-        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
 
     # ------------------------------------------------------------------ apps
 

@@ -1,0 +1,145 @@
+"""Router policy kv-aware: each request's prompt hashed into blocks, its instance chosen by
+where those blocks are cached (prefix_index.KvAwarePolicy), and in precise mode the engines'
+KV events followed, one subscriber per instance, started and stopped with the membership."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import KvAwareRouting, RouterBackends
+from ..kv.cache_events import KvEvent
+from ..kv.events import KvEventSubscriber
+from ..roles import Role
+from .metrics import RouterMetrics
+from .policy import Backend
+from .prefix_index import KvAwarePolicy
+from .prompt_hashes import PromptHasher, prompt_pieces
+
+log = logging.getLogger("ascend_runtime.router")
+
+
+@dataclass
+class Affinity:
+    """One request's prompt blocks, and the instance they were placed on (until settled)."""
+
+    routing: KvRouting
+    role: str
+    hashes: list[int]
+    key: int
+    placed: bool = False
+
+    def choose(self, candidates: list[Backend]) -> Backend:
+        """The candidate kv-aware prefers; a request retried elsewhere is placed anew."""
+        self.settle()
+        return self.routing.place(self, candidates)
+
+    def settle(self) -> None:
+        """The request's prefill is over (first token back, the answer, or a failure)."""
+        if self.placed:
+            self.placed = False
+            self.routing.policy.prefilled(self.key)
+
+
+@dataclass
+class KvRouting:
+    """The kv-aware policy of one router (its index, subscribers and metrics)."""
+
+    settings: KvAwareRouting
+    backends: RouterBackends
+    metrics: RouterMetrics
+    policy: KvAwarePolicy = field(init=False)
+    hasher: PromptHasher = field(init=False)
+    subscribers: dict[str, KvEventSubscriber] = field(default_factory=dict)
+    _keys: itertools.count[int] = field(default_factory=itertools.count)
+    _started: bool = False
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.policy = KvAwarePolicy(
+            mode=s.mode, capacity=s.index_capacity, decode_weight=s.load_weight
+        )
+        self.hasher = PromptHasher(s.block_size)
+
+    def affinity(self, role: str, route: str, body: dict[str, Any]) -> Affinity | None:
+        """The request's prompt blocks, None where there is no single prompt to place (the
+        pool then balances by load)."""
+        started = time.perf_counter()
+        pieces = prompt_pieces(route, body)
+        if pieces is None:
+            return None
+        hashes = self.hasher.hashes(pieces)
+        self.metrics.kv_hashing.observe(time.perf_counter() - started)
+        return Affinity(self, role, hashes, next(self._keys))
+
+    def place(self, affinity: Affinity, candidates: list[Backend]) -> Backend:
+        started = time.perf_counter()
+        blocks = self.settings.kv_blocks.get(affinity.role, 0)
+        busy = {b.url: b.kv_usage * blocks for b in candidates}
+        urls = [b.url for b in candidates]
+        choice = self.policy.choose(affinity.key, affinity.hashes, urls, busy)
+        affinity.placed = True
+        m = self.metrics
+        m.kv_decisions.labels(affinity.role, choice.reason).inc()
+        m.kv_prompt_blocks.labels(affinity.role, choice.instance).inc(len(affinity.hashes))
+        m.kv_hit_blocks.labels(affinity.role, choice.instance).inc(choice.matched_blocks)
+        m.kv_choosing.observe(time.perf_counter() - started)
+        return candidates[urls.index(choice.instance)]
+
+    # ------------------------------------------------------------------ membership
+
+    def joined(self, role: str, url: str) -> None:
+        """An instance joined: follow its KV events (precise mode; decode instances are not
+        placed by prefix)."""
+        if (
+            self.settings.mode != "precise" or role == Role.DECODE
+            or url in self.subscribers or not self._started
+        ):  # fmt: skip
+            return
+        where = self.settings.endpoints(url, self.backends)
+        subscriber = KvEventSubscriber(
+            where.endpoint,
+            lambda events, url=url: self._apply(url, events),
+            replay_endpoint=where.replay_endpoint,
+            topic=self.settings.topic,
+        )
+        self.subscribers[url] = subscriber
+        subscriber.start()
+        log.info("following the KV events of %s instance %s at %s", role, url, where.endpoint)
+
+    def left(self, role: str, url: str) -> None:
+        """An instance left: nothing of it stays in the index."""
+        self.policy.forget(url)
+        for gauge in (self.metrics.kv_index_blocks, self.metrics.kv_event_gaps,
+                      self.metrics.kv_event_restarts):  # fmt: skip
+            with contextlib.suppress(KeyError):
+                gauge.remove(url)
+        subscriber = self.subscribers.pop(url, None)
+        if subscriber is not None:
+            asyncio.get_running_loop().create_task(subscriber.close())
+
+    def _apply(self, url: str, events: list[KvEvent]) -> None:
+        self.policy.apply(url, events)
+
+    async def start(self, members: list[tuple[str, str]]) -> None:
+        self._started = True
+        for role, url in members:
+            self.joined(role, url)
+
+    async def stop(self) -> None:
+        subscribers, self.subscribers = self.subscribers, {}
+        await asyncio.gather(*(s.close() for s in subscribers.values()))
+
+    def observe(self) -> None:
+        """Set the gauges that describe the index and the event streams (at scrape time)."""
+        m = self.metrics
+        for url in self.policy.index.instances():
+            m.kv_index_blocks.labels(url).set(self.policy.index.size(url))
+        for url, sub in self.subscribers.items():
+            m.kv_event_gaps.labels(url).set(sub.gaps)
+            m.kv_event_restarts.labels(url).set(sub.restarts)

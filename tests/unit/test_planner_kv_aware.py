@@ -1,0 +1,95 @@
+"""Planning router policy kv-aware (planner/kv_aware.py): what it turns on in the engines, what
+the router is told, and the specs it refuses with the field and the fix. Pure planning."""
+
+from __future__ import annotations
+
+import pytest
+
+from ascend_operator.planner import PlanError, plan_manifest
+from ascend_runtime.roles import KV_EVENTS_PORT, KV_EVENTS_REPLAY_PORT
+from helpers import load_example, manifest, merge
+
+
+def _kv(doc: dict, **router: object) -> dict:
+    return merge(doc, {"spec": {"router": {"policy": "kv-aware", **router}}})
+
+
+def _problems(doc: dict) -> dict[str, str]:
+    with pytest.raises(PlanError) as exc:
+        plan_manifest(doc)
+    return {p.path: f"{p.message} | {p.fix}" for p in exc.value.problems}
+
+
+def test_sim_deployments_default_to_precise_with_events_on_placed_roles_only():
+    plan = plan_manifest(_kv(load_example("tiny-sim-pd.yaml")))
+    kv = plan.router.config.kv_aware
+    assert kv is not None and kv.mode == "precise"
+    assert kv.block_size == plan.spec.runtime.block_size
+    for role in plan.roles:
+        assert kv.kv_blocks[role.name] == role.runtime_config.sim.num_blocks
+        sim = role.runtime_config.sim
+        assert sim.prefix_caching is True
+        if role.name == "decode":
+            assert sim.kv_events is None  # decode instances are not placed by prefix
+        else:
+            assert sim.kv_events is not None
+            assert sim.kv_events.endpoint == f"tcp://*:{KV_EVENTS_PORT}"
+            assert sim.kv_events.replay_endpoint == f"tcp://*:{KV_EVENTS_REPLAY_PORT}"
+    assert kv.endpoints("http://10.1.2.3:8000", plan.router.config.backends).endpoint == (
+        f"tcp://10.1.2.3:{KV_EVENTS_PORT}"
+    )
+
+
+def test_vllm_deployments_default_to_approximate_and_turn_prefix_caching_on():
+    plan = plan_manifest(_kv(manifest(), kvAware={"loadWeight": 0.5, "indexCapacity": 4096}))
+    kv = plan.router.config.kv_aware
+    assert kv is not None and kv.mode == "approximate"
+    assert (kv.load_weight, kv.index_capacity) == (0.5, 4096)
+    args = plan.role("unified").runtime_config.engine_args
+    assert "--enable-prefix-caching" in args and "--no-enable-prefix-caching" not in args
+    assert not any("kv-events" in a for a in args)
+
+
+def test_other_policies_render_no_kv_aware_settings():
+    plan = plan_manifest(load_example("tiny-sim.yaml"))
+    assert plan.router.config.kv_aware is None
+    assert "kv_aware" not in plan.router.config.model_dump()
+    assert plan.role("unified").runtime_config.sim.kv_events is None
+
+
+@pytest.mark.parametrize(
+    ("doc", "path", "words"),
+    [
+        (_kv(manifest(), kvAware={"mode": "precise"}), "spec.router.kvAware.mode", "approximate"),
+        (
+            merge(
+                _kv(load_example("tiny-sim.yaml")), {"spec": {"runtime": {"prefixCaching": False}}}
+            ),
+            "spec.runtime.prefixCaching",
+            "remove prefixCaching: false",
+        ),
+        (
+            merge(
+                load_example("tiny-sim.yaml"),
+                {"spec": {"router": {"kvAware": {"mode": "precise"}}}},
+            ),
+            "spec.router.kvAware",
+            "policy: kv-aware",
+        ),
+    ],
+    ids=["precise-with-vllm", "caching-off", "settings-without-the-policy"],
+)
+def test_specs_kv_aware_cannot_serve_are_refused(doc, path, words):
+    problems = _problems(doc)
+    assert path in problems, problems
+    assert words in problems[path]
+
+
+def test_bad_settings_name_the_field():
+    problems = _problems(_kv(manifest(), kvAware={"loadWeight": -1, "indexCapacity": 5}))
+    assert "spec.router.kvAware.loadWeight" in problems
+    assert "spec.router.kvAware.indexCapacity" in problems
+    problems = _problems(_kv(manifest(), kvAware={"mode": "exact"}))
+    assert (
+        "spec.router.kvAware.mode" in problems and "precise" in problems["spec.router.kvAware.mode"]
+    )
