@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from .cache_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 
@@ -205,15 +206,40 @@ class KvEventSubscriber:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        poller = zmq.asyncio.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         sub.connect(self.endpoint)
+        lost = False
         try:
             await self._catch_up(sub)
             while True:
-                frames = await sub.recv_multipart()
-                if len(frames) == 3:
-                    await self._receive(int.from_bytes(frames[1], "big"), frames[2])
+                ready = dict(await poller.poll())
+                if monitor in ready:
+                    event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                    if event == zmq.EVENT_DISCONNECTED:
+                        lost = True
+                    elif event == zmq.EVENT_CONNECTED and lost:
+                        # The engine went away and something listens again: a restarted
+                        # engine keeps none of its cache (and may have published as many
+                        # batches as the old one before we reconnected).
+                        lost = False
+                        await self._restarted(sub)
+                if sub in ready:
+                    frames = await sub.recv_multipart()
+                    if len(frames) == 3:
+                        await self._receive(int.from_bytes(frames[1], "big"), frames[2])
         finally:
+            sub.disable_monitor()
+            monitor.close(0)
             sub.close(0)
+
+    async def _restarted(self, sub: zmq.asyncio.Socket) -> None:
+        self.restarts += 1
+        self.last_seq = None
+        await self._deliver([AllBlocksCleared()])
+        await self._catch_up(sub)
 
     async def _catch_up(self, sub: zmq.asyncio.Socket) -> None:
         """On joining, what the engine cached before: its replay buffer from the start (as
@@ -238,7 +264,7 @@ class KvEventSubscriber:
             # Joined late with no replay at start (PUB drops what came before the
             # subscription): take what the buffer still holds.
             await self._replay(0, seq)
-        elif last is not None and seq <= last:
+        elif last is not None and seq <= last:  # restarted while we stayed connected
             self.restarts += 1
             await self._deliver([AllBlocksCleared()])
         elif last is not None and seq > last + 1:

@@ -75,14 +75,15 @@ class RouterMetrics:
         )
         self.kv_prompt_blocks = Counter(
             "ascend_serve_router_kv_prompt_blocks",
-            "Full prompt blocks placed on each instance by the kv-aware policy.",
-            ["role", "instance"],
+            "Full prompt blocks placed on each engine instance (its base URL; not `instance`, "
+            "which Prometheus gives the scraped target) by the kv-aware policy.",
+            ["role", "engine"],
             registry=r,
         )
         self.kv_hit_blocks = Counter(
             "ascend_serve_router_kv_hit_blocks",
             "Of those, blocks the router expected cached there (hit rate: hit / prompt blocks).",
-            ["role", "instance"],
+            ["role", "engine"],
             registry=r,
         )
         self.kv_hashing = Histogram(
@@ -100,20 +101,20 @@ class RouterMetrics:
         self.kv_index_blocks = Gauge(
             "ascend_serve_router_kv_index_blocks",
             "Block hashes the router holds for each instance.",
-            ["instance"],
+            ["engine"],
             registry=r,
         )
         self.kv_event_gaps = Gauge(
             "ascend_serve_router_kv_event_gaps",
             "Gaps in an instance's KV-event sequence since the router started (each replayed, "
             "or the instance's entries cleared).",
-            ["instance"],
+            ["engine"],
             registry=r,
         )
         self.kv_event_restarts = Gauge(
             "ascend_serve_router_kv_event_restarts",
             "Times an instance's KV-event sequence started over (an engine restart).",
-            ["instance"],
+            ["engine"],
             registry=r,
         )
         self._requests: dict[tuple[str, str], Any] = {}
