@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "runtime"), str(ROOT / "tests
 
 from _common import cpu_device, write_result  # noqa: E402
 
-from ascend_operator.local_run import free_port  # noqa: E402
+from ascend_operator.local_setup import free_port  # noqa: E402
 from serving import Up, engine_spec, tiny_model_dir  # noqa: E402
 
 KEEP = ("completed", "failed", "request_throughput", "output_throughput", "mean_ttft_ms",

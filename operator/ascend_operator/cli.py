@@ -167,7 +167,8 @@ def cmd_presets(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_up(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import shutil
 
-    from .local_run import UpError, run_up, vllm_executable
+    from .local_run import run_up
+    from .local_setup import UpError, vllm_executable
 
     plans = _plans(args, out, err)
     if plans is None:

@@ -156,7 +156,7 @@ class VllmEngine:
     for configurations no spec renders."""
 
     def __init__(self, engine_python: Path, model: Path, log: Path, args: list[str]):
-        from ascend_operator.local_run import free_port
+        from ascend_operator.local_setup import free_port
 
         port = free_port()
         self.url, self.log = f"http://127.0.0.1:{port}", log

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ascend_operator.local_run import _local_draft
+from ascend_operator.local_setup import local_draft
 from ascend_operator.planner import ClusterInfo, plan_manifest
 from ascend_runtime.config import PodIdentity
 from ascend_runtime.engine_command import engine_command
@@ -111,7 +111,7 @@ def cases() -> list[dict]:
 def _with_local_weights(case: dict, model: str, draft: str) -> dict:
     """The case on the tiny model; an Eagle3 draft under the pod's model mount becomes a tiny
     dense Qwen3 (vLLM maps it to its Eagle3 Qwen3 drafter, as real Eagle3 drafts are dense)."""
-    return {**case, "argv": _local_draft(case["argv"], model, draft), "model": model}
+    return {**case, "argv": local_draft(case["argv"], model, draft), "model": model}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ascend_operator.local_run import free_port
+from ascend_operator.local_setup import free_port
 from serving import Up, VllmEngine, engine_spec, metric, post
 
 pytestmark = pytest.mark.realvllm

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ascend_operator.local_run import free_port
+from ascend_operator.local_setup import free_port
 from ascend_runtime.router.pd import PREFILL_KV_PARAMS
 from serving import Up, VllmEngine, engine_spec, get, metric, post, stream
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ascend_operator.local_run import _local_draft
+from ascend_operator.local_setup import local_draft
 from ascend_operator.planner import PlanError, plan_manifest
 from helpers import manifest, pd_roles
 
@@ -267,6 +267,6 @@ def test_eagle3_drafts_are_checked():
 
 def test_up_moves_the_draft_to_the_local_model_directory():
     args = ["--speculative-config", '{"method":"eagle3","model":"/models/eagle3","x":1}']
-    moved = _local_draft(args, "/data/qwen3")
+    moved = local_draft(args, "/data/qwen3")
     assert json.loads(moved[1]) == {"method": "eagle3", "model": "/data/qwen3/eagle3", "x": 1}
-    assert _local_draft(["--seed", "1"], "/data") == ["--seed", "1"]
+    assert local_draft(["--seed", "1"], "/data") == ["--seed", "1"]

@@ -11,15 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ascend_operator.local_run import (
-    LocalDeployment,
-    LocalProcess,
-    UpError,
-    engine_has_mooncake,
-    free_port,
-    free_port_block,
-    local_processes,
-)
+from ascend_operator.local_run import LocalDeployment, LocalProcess, local_processes
+from ascend_operator.local_setup import UpError, engine_has_mooncake, free_port, free_port_block
 from ascend_operator.planner import ClusterInfo, plan_manifest
 
 

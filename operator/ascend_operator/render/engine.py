@@ -10,7 +10,7 @@ from typing import Any
 
 from ascend_runtime.config import PodIdentity
 from ascend_runtime.engine_command import engine_command
-from ascend_runtime.roles import ENGINE_HTTP_PORT
+from ascend_runtime.roles import ENGINE_HTTP_PORT, KV_EVENTS_PORT, KV_EVENTS_REPLAY_PORT
 
 from ..planner import names
 from ..planner.results import Plan, RolePlan
@@ -246,6 +246,11 @@ def pod_template(
         "ports": [{"name": "http", "containerPort": ENGINE_HTTP_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
     }
+    if role.runtime_config.sim.kv_events is not None:  # kv-aware routers subscribe here
+        container["ports"] += [
+            {"name": "kv-events", "containerPort": KV_EVENTS_PORT, "protocol": "TCP"},
+            {"name": "kv-replay", "containerPort": KV_EVENTS_REPLAY_PORT, "protocol": "TCP"},
+        ]
     resources = _resources(plan, role)
     if resources:
         container["resources"] = resources
