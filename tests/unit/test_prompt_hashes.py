@@ -35,8 +35,14 @@ def _engine_hashes(route: str, body: dict, block_size: int) -> list[int]:
     return block_hashes(model.tokenize(prompt), block_size)
 
 
+@pytest.fixture(params=[64, prompt_hashes.CHUNK_CHARS], ids=["small-pieces", "pieces"])
+def chunk_chars(request, monkeypatch):
+    monkeypatch.setattr(prompt_hashes, "CHUNK_CHARS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("block_size", [1, 7, 16, 128])
-def test_router_hashes_equal_the_engines_for_every_prompt_form(block_size):
+def test_router_hashes_equal_the_engines_for_every_prompt_form(block_size, chunk_chars):
     rng = random.Random(block_size)
     hasher = PromptHasher(block_size)
     system = _words(rng, 3000)  # crosses many chunk boundaries
@@ -61,7 +67,8 @@ def test_router_hashes_equal_the_engines_for_every_prompt_form(block_size):
             assert hasher.hashes(pieces) == _engine_hashes(route, body, block_size), body
 
 
-def test_chunks_depend_only_on_the_text_before_them():
+def test_chunks_depend_only_on_the_text_before_them(monkeypatch):
+    monkeypatch.setattr(prompt_hashes, "CHUNK_CHARS", 512)
     rng = random.Random(3)
     text = _words(rng, 4000)
     whole = list(prompt_hashes._chunks(text))
@@ -71,7 +78,7 @@ def test_chunks_depend_only_on_the_text_before_them():
         assert prefix[:-1] == whole[: len(prefix) - 1]
 
 
-def test_a_shared_prefix_is_hashed_once_and_eviction_keeps_answers_right():
+def test_a_shared_prefix_is_hashed_once_and_eviction_keeps_answers_right(chunk_chars):
     rng = random.Random(5)
     system = _words(rng, 2000)
     hasher = PromptHasher(16)

@@ -12,6 +12,8 @@ import hashlib
 import struct
 from typing import Any
 
+from . import tokenizer
+
 VOCAB = [
     "the",
     "of",
@@ -171,52 +173,17 @@ VOCAB = [
     "expert",
 ]
 
-_IDS: dict[str, int] = {}
-"""Token ids of words seen (bounded: cleared past _MAX_IDS)."""
-_MAX_IDS = 1 << 18
-
-
-def _word_id(word: str) -> int:
-    # surrogatepass: JSON may carry a lone surrogate (\ud800); it is text, not an error
-    digest = hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
-
-
 def tokenize(text: str) -> list[int]:
     """Whitespace-separated words (str.split: the same words as the regex \\S+), each hashed
-    to a token id (at least one token). Words repeat (system prompts, conversation history),
-    so their ids are memoized: the router tokenizes an 8k-token prompt in well under a
-    millisecond."""
-    words = text.split()
-    try:
-        ids = list(map(_IDS.__getitem__, words))
-    except KeyError:
-        if len(_IDS) > _MAX_IDS:
-            _IDS.clear()
-        for w in words:
-            if w not in _IDS:
-                _IDS[w] = _word_id(w)
-        ids = list(map(_IDS.__getitem__, words))
-    return ids or [0]
-
-
-_PACKED: dict[str, bytes] = {}
-"""Token ids of words seen, as 8-byte little-endian words (bounded like _IDS)."""
+    to a token id (sim/tokenizer.py); at least one token."""
+    return tokenizer.token_ids(text).tolist() or [0]
 
 
 def packed_tokens(text: str) -> tuple[bytes, int]:
     """The tokens of `text` packed as little-endian 64-bit integers (what block hashes are
     computed over), and their count; no tokens for a text without words (unlike tokenize)."""
-    words = text.split()
-    try:
-        return b"".join(map(_PACKED.__getitem__, words)), len(words)
-    except KeyError:
-        if len(_PACKED) > _MAX_IDS:
-            _PACKED.clear()
-        for w in words:
-            if w not in _PACKED:
-                _PACKED[w] = _word_id(w).to_bytes(8, "little")
-        return b"".join(map(_PACKED.__getitem__, words)), len(words)
+    ids = tokenizer.token_ids(text)
+    return ids.astype("<u8", copy=False).tobytes(), len(ids)
 
 
 def chat_line(role: str, content: Any) -> str:
