@@ -155,7 +155,10 @@ class VllmEngine:
     """A `vllm serve` of the tiny model started directly (float32, eager, 128-token blocks),
     for configurations no spec renders."""
 
-    def __init__(self, engine_python: Path, model: Path, log: Path, args: list[str]):
+    def __init__(
+        self, engine_python: Path, model: Path, log: Path, args: list[str],
+        env: dict[str, str] | None = None,
+    ):  # fmt: skip
         from ascend_operator.local_setup import free_port
 
         port = free_port()
@@ -164,7 +167,7 @@ class VllmEngine:
                 "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
                 "--dtype", "float32", "--enforce-eager", "--block-size", "128", *KV_CACHE,
                 *args]  # fmt: skip
-        env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "OMP_NUM_THREADS": "1", **(env or {})}
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 die_with_parent(argv, "TERM"), env=env, stdout=out, stderr=subprocess.STDOUT

@@ -1,0 +1,62 @@
+"""vLLM's prefix-cache block hashes, computed outside vLLM, so that a router can look up in
+the KV events of real vLLM engines the blocks of a prompt it has tokenized the same way.
+
+vLLM (0.3x, `vllm/v1/core/kv_cache_utils.py`) hashes each full block of `block_size` tokens
+as hash((parent, tuple(tokens), extra_keys)), the parent of the first block being NONE_HASH =
+hash(seed). The seed is PYTHONHASHSEED when the engine has it set, otherwise the fixed
+"vllm-none-hash" for the cryptographic algorithms (sha256, sha256_cbor; older lines drew a
+random one per process, so the planner sets PYTHONHASHSEED). Its KV events carry each block
+hash as the low 64 bits of its big-endian value (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES, on by
+default). Blocks with extra keys (LoRA, multimodal inputs, cache salts, prompt embeddings)
+hash differently and are not modelled here: a request with any of them is not placed by
+prefix."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import cbor2
+
+VllmHashAlgo = Literal["sha256", "sha256_cbor"]
+DEFAULT_SEED = "vllm-none-hash"
+"""vLLM's seed of NONE_HASH for cryptographic algorithms when PYTHONHASHSEED is unset."""
+
+_MASK = (1 << 64) - 1
+
+
+def _sha256_pickle(value: Any) -> bytes:
+    return hashlib.sha256(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+
+
+def _sha256_cbor(value: Any) -> bytes:
+    return hashlib.sha256(cbor2.dumps(value, canonical=True)).digest()
+
+
+_ALGOS: dict[str, Callable[[Any], bytes]] = {"sha256": _sha256_pickle, "sha256_cbor": _sha256_cbor}
+
+
+def external(block_hash: bytes) -> int:
+    """A block hash as vLLM's KV events carry it."""
+    return int.from_bytes(block_hash, "big") & _MASK
+
+
+class VllmBlockHasher:
+    """Block hashes of token sequences as a vLLM engine with `--prefix-caching-hash-algo
+    algo` (and PYTHONHASHSEED=`seed`, or none) computes them, in the KV events' form."""
+
+    def __init__(self, algo: VllmHashAlgo = "sha256", seed: str | None = None) -> None:
+        if algo not in _ALGOS:
+            raise ValueError(f"prefix caching hash algorithm {algo!r}: use one of {sorted(_ALGOS)}")
+        self._hash = _ALGOS[algo]
+        self.none_hash = self._hash(DEFAULT_SEED if seed is None else seed)
+
+    def block_hashes(self, tokens: Sequence[int], block_size: int) -> list[int]:
+        """The hashes of the full blocks of `tokens` (token ids as vLLM sees the prompt)."""
+        out, parent = [], self.none_hash
+        for start in range(0, len(tokens) // block_size * block_size, block_size):
+            parent = self._hash((parent, tuple(tokens[start : start + block_size]), None))
+            out.append(external(parent))
+        return out
