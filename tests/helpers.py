@@ -70,3 +70,14 @@ def pd_roles(
         decode or {},
     )
     return [p, d]
+
+
+async def until(predicate: Any, timeout: float = 20.0) -> None:
+    """Wait on the running event loop until `predicate()` holds; fail after `timeout` s."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.01)

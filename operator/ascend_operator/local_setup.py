@@ -115,9 +115,9 @@ def check_kv_aware(plan: Plan, engine: str) -> None:
     kv = plan.router.config.kv_aware
     if kv is not None and kv.mode == "precise" and engine != "sim":
         raise UpError(
-            "spec.router.kvAware.mode: precise follows the sim engine's KV events; the router "
-            "cannot compute vLLM's block hashes yet. Set mode: approximate to run it with "
-            "--engine vllm"
+            "spec.router.kvAware.mode: precise follows the sim engine's KV events; it is not "
+            "yet wired to vLLM's (docs/routing.md, Limits). Set mode: approximate to run it "
+            "with --engine vllm"
         )
 
 

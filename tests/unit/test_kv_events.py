@@ -19,6 +19,7 @@ from ascend_runtime.kv.events import (
     encode_batch,
     rank_endpoint,
 )
+from helpers import until
 
 STORED = BlockStored([11, 12], None, list(range(32)), 16)
 
@@ -68,14 +69,6 @@ def test_rank_endpoints_follow_vllms_rule():
     assert rank_endpoint("inproc://cache", 1) == "inproc://cache_dp1"
 
 
-async def _until(predicate, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.asyncio
 async def test_subscriber_follows_replays_gaps_and_sees_restarts():
     pub = KvEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
@@ -89,7 +82,7 @@ async def test_subscriber_follows_replays_gaps_and_sees_restarts():
             pub.add(AllBlocksCleared())
             pub.flush()
             await asyncio.sleep(0.05)
-        await _until(lambda: sub.last_seq == pub._seq - 1)
+        await until(lambda: sub.last_seq == pub._seq - 1)
         received.clear()
         pub.add(BlockStored([1], None, [5] * 4, 4))
         pub.flush()
@@ -101,7 +94,7 @@ async def test_subscriber_follows_replays_gaps_and_sees_restarts():
         pub._pub.send_multipart = real_send
         pub.add(BlockRemoved([1]))
         pub.flush()
-        await _until(lambda: len(received) >= 3)
+        await until(lambda: len(received) >= 3)
         assert received == [BlockStored([1], None, [5] * 4, 4), BlockStored([2], 1, [6] * 4, 4),
                             BlockRemoved([1])]  # fmt: skip
         assert sub.gaps == 1 and sub.restarts == 0
@@ -140,12 +133,12 @@ async def test_a_gap_without_replay_reports_everything_cleared():
             pub.add(BlockRemoved([0]))
             pub.flush()
             await asyncio.sleep(0.05)
-        await _until(lambda: sub.last_seq == pub._seq - 1)
+        await until(lambda: sub.last_seq == pub._seq - 1)
         received.clear()
         pub._seq += 5  # five batches never sent
         pub.add(BlockRemoved([3]))
         pub.flush()
-        await _until(lambda: len(received) >= 2)
+        await until(lambda: len(received) >= 2)
         assert received == [AllBlocksCleared(), BlockRemoved([3])] and sub.gaps == 1
     finally:
         await sub.close()
@@ -166,13 +159,13 @@ async def test_a_new_subscriber_catches_up_from_the_replay_buffer():
     sub = KvEventSubscriber(pub.endpoint, received.extend, replay_endpoint=pub.replay_endpoint)
     sub.start()
     try:
-        await _until(lambda: len(received) >= 3)
+        await until(lambda: len(received) >= 3)
         assert received[:3] == [BlockStored([i], None, [i] * 4, 4) for i in range(3)]
         for i in range(3, 40):  # keeps publishing through the subscription's start
             pub.add(BlockStored([i], None, [i] * 4, 4))
             pub.flush()
             await asyncio.sleep(0.002)
-        await _until(lambda: sub.last_seq == pub._seq - 1 and len(received) >= 40)
+        await until(lambda: sub.last_seq == pub._seq - 1 and len(received) >= 40)
         assert received == [BlockStored([i], None, [i] * 4, 4) for i in range(40)]
         assert sub.restarts == 0
     finally:
@@ -200,10 +193,10 @@ async def test_catching_up_overlaps_batches_already_queued():
     sub._replay = slow_replay
     sub.start()
     try:
-        await _until(lambda: sub.last_seq == 4)
+        await until(lambda: sub.last_seq == 4)
         pub.add(BlockStored([5], None, [5] * 4, 4))
         pub.flush()
-        await _until(lambda: len(received) >= 6)
+        await until(lambda: len(received) >= 6)
         await asyncio.sleep(0.1)
         assert received == [BlockStored([i], None, [i] * 4, 4) for i in range(6)]
         assert sub.restarts == 0 and sub.gaps == 0
@@ -277,7 +270,7 @@ async def test_the_sim_server_publishes_what_its_cache_holds():
                 if received:
                     break
                 await asyncio.sleep(0.02)
-            await _until(lambda: index.matches(hashes, ["engine"])["engine"] >= len(hashes))
+            await until(lambda: index.matches(hashes, ["engine"])["engine"] >= len(hashes))
             hits = server.engine.cache.hit_tokens
             await complete(client, prompt)
         assert server.engine.cache.hit_tokens - hits == 4 * ((len(tokens) - 1) // 4)

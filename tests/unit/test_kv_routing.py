@@ -5,8 +5,6 @@ publishers are ours (kv/events.py, checked against vLLM's types in tests/realvll
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from ascend_runtime.config import KvAwareRouting, KvEventsEndpoint, RouterBackends
@@ -17,16 +15,9 @@ from ascend_runtime.router.kv_routing import KvRouting
 from ascend_runtime.router.metrics import RouterMetrics
 from ascend_runtime.router.pool import Pool
 from ascend_runtime.sim import model
+from helpers import until
 
 A, B = "http://127.0.0.1:1", "http://127.0.0.1:2"
-
-
-async def _until(predicate, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.asyncio
@@ -52,7 +43,7 @@ async def test_members_are_followed_forgotten_and_rebuilt():
     pubs[B].flush()
     await kv.start([("unified", A), ("unified", B)])
     try:
-        await _until(lambda: kv.policy.index.size(B) == 3)
+        await until(lambda: kv.policy.index.size(B) == 3)
         body = {"prompt": text}
         affinity = kv.affinity("unified", "/v1/completions", body)
         assert affinity is not None and affinity.hashes == hashes
@@ -70,7 +61,7 @@ async def test_members_are_followed_forgotten_and_rebuilt():
         )
 
         pool.add("unified", B)  # back: its replay buffer tells what it holds
-        await _until(lambda: kv.policy.index.size(B) == 3)
+        await until(lambda: kv.policy.index.size(B) == 3)
     finally:
         await kv.stop()
         for pub in pubs.values():

@@ -50,9 +50,9 @@ def check(spec: ModelDeploymentSpec, problems: list[Problem]) -> None:
         problems.append(
             Problem(
                 "spec.router.kvAware.mode",
-                "precise needs the router to hash prompts exactly as the engines do, and "
-                "vLLM hashes with sha256 over CBOR from a per-process seed the router cannot "
-                "reproduce yet",
+                "precise follows the engines' KV events, and with engine vllm the router does "
+                "not yet take each prompt's tokens from the engines or render vLLM's event "
+                "flags (docs/routing.md, Limits)",
                 "use mode: approximate (or leave mode unset) with engine vllm",
             )
         )
