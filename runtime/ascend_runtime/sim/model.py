@@ -173,6 +173,7 @@ VOCAB = [
     "expert",
 ]
 
+
 def tokenize(text: str) -> list[int]:
     """Whitespace-separated words (str.split: the same words as the regex \\S+), each hashed
     to a token id (sim/tokenizer.py); at least one token."""
