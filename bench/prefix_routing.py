@@ -224,7 +224,7 @@ def decision_overhead(block_size: int, case: str, prompt_tokens: int = 8192,
     timings = []
     for route, body in bodies:
         started = time.perf_counter()
-        affinity = kv.affinity("unified", route, body)
+        affinity = kv.local_affinity("unified", route, body)
         assert affinity is not None and pool.pick("unified", chooser=affinity) is not None
         affinity.settle()
         timings.append(time.perf_counter() - started)

@@ -298,6 +298,13 @@ class KvAwareRouting(_Config):
     events_port: int = Field(default=KV_EVENTS_PORT, ge=1, le=65535)
     replay_port: int | None = Field(default=KV_EVENTS_REPLAY_PORT, ge=1, le=65535)
     topic: str = ""
+    hashing: Literal["sim", "vllm"] = "sim"
+    """How the engines hash blocks: the sim's way over its own tokenizer (the router tokenizes
+    locally), or vLLM's (kv/vllm_hash.py over the tokens an engine's /tokenize returns)."""
+    vllm_hash_algo: Literal["sha256", "sha256_cbor"] = "sha256_cbor"
+    """The engines' `--prefix-caching-hash-algo` (hashing vllm)."""
+    vllm_hash_seed: str | None = "0"
+    """The engines' PYTHONHASHSEED (None: unset, vLLM's fixed default seed; hashing vllm)."""
 
     def endpoints(self, url: str, backends: RouterBackends) -> KvEventsEndpoint:
         """Where the instance at `url` publishes its events: the explicit entry, else the

@@ -70,7 +70,7 @@ def engine(engine_python, tiny_model, tmp_path_factory):
         url = vllm.wait()
         collector = Events(f"tcp://127.0.0.1:{events}", f"tcp://127.0.0.1:{replay}")
         try:
-            yield url, collector
+            yield url, collector, (events, replay)
         finally:
             collector.close()
     finally:
@@ -94,7 +94,7 @@ HASHER = VllmBlockHasher("sha256_cbor", seed="0")
 
 
 def test_token_id_prompts_hash_as_vllm_does(engine):
-    url, collector = engine
+    url, collector, _ = engine
     tokens = [(7 * i + 3) % 500 + 10 for i in range(3 * BLOCK + 17)]
     hashes = HASHER.block_hashes(tokens, BLOCK)
     assert len(hashes) == 3
@@ -103,7 +103,7 @@ def test_token_id_prompts_hash_as_vllm_does(engine):
 
 
 def test_text_and_chat_hash_as_vllm_does_from_its_tokenize(engine):
-    url, collector = engine
+    url, collector, _ = engine
     text = " ".join(f"word{i % 97}" for i in range(120))
     tokens = post(url, {"model": "tiny", "prompt": text}, path="/tokenize")["tokens"]
     assert len(tokens) >= 2 * BLOCK
@@ -116,9 +116,63 @@ def test_text_and_chat_hash_as_vllm_does_from_its_tokenize(engine):
 
 
 def test_another_seed_or_algorithm_would_not_match(engine):
-    url, collector = engine
+    url, collector, _ = engine
     tokens = [(11 * i + 5) % 500 + 10 for i in range(BLOCK)]
     post(url, {"model": "tiny", "prompt": tokens, "max_tokens": 1, "temperature": 0})
     _until_stored(collector, HASHER.block_hashes(tokens, BLOCK))
     for other in (VllmBlockHasher("sha256_cbor"), VllmBlockHasher("sha256", seed="0")):
         assert not set(other.block_hashes(tokens, BLOCK)) & set(collector.stored)
+
+
+def test_the_router_places_by_real_vllm_events(engine):
+    """The router's own kv-aware path (Router: the engine's /tokenize, vLLM's hashes, the
+    events of the real engine) places a chat request whose system prompt vLLM has cached on
+    that engine, not on the other member."""
+    from ascend_runtime.config import (
+        KvAwareRouting,
+        KvEventsEndpoint,
+        RouterBackends,
+        RouterConfig,
+    )
+    from ascend_runtime.router.app import Router
+
+    url, _, (events, replay) = engine
+    other = f"http://127.0.0.1:{free_port()}"  # nothing serves here
+    system = " ".join(f"rule{i % 89}" for i in range(150))
+    config = RouterConfig(
+        deployment="t", served_model_name="tiny", mode="unified", policy="kv-aware",
+        kv_aware=KvAwareRouting(mode="precise", block_size=BLOCK, hashing="vllm",
+                                kv_blocks={"unified": 256}),
+        backends=RouterBackends(source="static", static={"unified": [other, url]}, kv_events={
+            url: KvEventsEndpoint(endpoint=f"tcp://127.0.0.1:{events}",
+                                  replay_endpoint=f"tcp://127.0.0.1:{replay}"),
+            other: KvEventsEndpoint(endpoint=f"tcp://127.0.0.1:{free_port()}"),
+        }),
+    )  # fmt: skip
+
+    def chat(question: str) -> dict:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        return {"model": "tiny", "max_tokens": 1, "messages": messages}
+
+    async def scenario() -> None:
+        router = Router(config, health_interval=60)
+        await router.start()
+        try:
+            await asyncio.to_thread(post, url, chat("first"), "/v1/chat/completions")
+            kv = router.kv
+            assert kv is not None
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while kv.policy.index.size(url) < 2:
+                assert loop.time() < deadline, kv.policy.index.size(url)
+                await asyncio.sleep(0.05)
+            affinity = await kv.affinity("unified", "/v1/chat/completions", chat("second"))
+            assert affinity is not None and len(affinity.hashes) >= 2
+            chosen = router.pool.pick("unified", chooser=affinity)
+            assert chosen is not None and chosen.url == url
+            assert kv.policy.reasons == {"prefix": 1}
+            affinity.settle()
+        finally:
+            await router.stop()
+
+    asyncio.run(scenario())

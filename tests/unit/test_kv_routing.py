@@ -45,7 +45,7 @@ async def test_members_are_followed_forgotten_and_rebuilt():
     try:
         await until(lambda: kv.policy.index.size(B) == 3)
         body = {"prompt": text}
-        affinity = kv.affinity("unified", "/v1/completions", body)
+        affinity = kv.local_affinity("unified", "/v1/completions", body)
         assert affinity is not None and affinity.hashes == hashes
         backend = pool.pick("unified", chooser=affinity)
         assert backend is not None and backend.url == B
@@ -57,7 +57,8 @@ async def test_members_are_followed_forgotten_and_rebuilt():
         pool.remove("unified", B)
         assert kv.policy.index.size(B) == 0 and B not in kv.subscribers
         assert (
-            pool.pick("unified", chooser=kv.affinity("unified", "/v1/completions", body)).url == A
+            pool.pick("unified", chooser=kv.local_affinity("unified", "/v1/completions", body)).url
+            == A
         )
 
         pool.add("unified", B)  # back: its replay buffer tells what it holds
@@ -79,9 +80,42 @@ async def test_approximate_mode_subscribes_to_nothing():
     pool = Pool(policy="kv-aware", listeners=[kv])
     pool.set_members("unified", [A, B])
     first = pool.pick(
-        "unified", chooser=kv.affinity("unified", "/v1/completions", {"prompt": text})
+        "unified", chooser=kv.local_affinity("unified", "/v1/completions", {"prompt": text})
     )
     again = pool.pick(
-        "unified", chooser=kv.affinity("unified", "/v1/completions", {"prompt": text})
+        "unified", chooser=kv.local_affinity("unified", "/v1/completions", {"prompt": text})
     )
     assert first is not None and again is not None and again.url == first.url
+
+
+@pytest.mark.asyncio
+async def test_vllm_hashing_takes_tokens_from_the_request_or_the_engines():
+    """hashing vllm: a token-id prompt is hashed as given; a text prompt or a chat goes to
+    the engines' /tokenize with the fields that decide its tokens; no answer, no placement.
+    (tests/realvllm/test_vllm_block_hashes.py runs this against real vLLM.)"""
+    from ascend_runtime.kv.vllm_hash import VllmBlockHasher
+
+    asked: list[tuple[str, dict]] = []
+    answer: list[int] | None = list(range(40))
+
+    async def tokenize(role, query):
+        asked.append((role, query))
+        return answer
+
+    metrics = RouterMetrics()
+    settings = KvAwareRouting(mode="precise", block_size=16, hashing="vllm")
+    kv = KvRouting(settings, RouterBackends(), metrics, tokenize=tokenize)
+    hasher = VllmBlockHasher("sha256_cbor", "0")
+    given = await kv.affinity("unified", "/v1/completions", {"prompt": list(range(100, 140))})
+    assert given.hashes == hasher.block_hashes(list(range(100, 140)), 16) and not asked
+    chat = {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": True,
+            "max_tokens": 3, "temperature": 0.5}  # fmt: skip
+    placed = await kv.affinity("prefill", "/v1/chat/completions", chat)
+    assert placed.hashes == hasher.block_hashes(answer, 16)
+    assert asked == [("prefill", {"messages": chat["messages"], "add_generation_prompt": True})]
+    text = await kv.affinity("unified", "/v1/completions", {"prompt": ["a b"], "n": 2})
+    assert text is not None and asked[-1] == ("unified", {"prompt": "a b"})
+    answer = None
+    assert await kv.affinity("unified", "/v1/completions", {"prompt": "x"}) is None
+    assert metrics.kv_tokenize_failures.labels("unified")._value.get() == 1
+    assert await kv.affinity("unified", "/v1/completions", {"prompt": ["a", "b"]}) is None

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -52,6 +53,7 @@ class Router:
         self.kv: KvRouting | None = None
         if config.kv_aware is not None:
             self.kv = self.forwarder.kv = KvRouting(config.kv_aware, config.backends, self.metrics)
+            self.kv.tokenize = self._engine_tokens
             self.pool.listeners.append(self.kv)
         self.pd = PdRouting(self.forwarder)
         self.health_interval = health_interval
@@ -205,10 +207,29 @@ class Router:
         if self.config.mode == "pd":
             return await self.pd.route(route, body, request_id, stream)
         # Unified: the client's bytes go upstream untouched (no re-serialisation).
-        affinity = self.kv.affinity(Role.UNIFIED, route, body) if self.kv else None
+        affinity = await self.kv.affinity(Role.UNIFIED, route, body) if self.kv else None
         return await self.forwarder.forward(
             Role.UNIFIED, route, raw, stream, request_id, affinity=affinity
         )
+
+    async def _engine_tokens(self, role: str, query: dict[str, Any]) -> list[int] | None:
+        """A prompt's tokens from an engine of `role` (vLLM's /tokenize), for kv-aware
+        hashing; None when none answers within a second."""
+        backend = self.pool.pick(role)
+        if backend is None:
+            return None
+        timeout = aiohttp.ClientTimeout(total=1.0)
+        try:
+            session = self.forwarder.upstream.session(False)
+            async with session.post(f"{backend.url}/tokenize", json=query, timeout=timeout) as r:
+                if r.status != 200:
+                    return None
+                tokens = (await r.json()).get("tokens")
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return None
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            return None
+        return tokens
 
     # ------------------------------------------------------------------ PD
 

@@ -9,17 +9,23 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import KvAwareRouting, RouterBackends
 from ..kv.cache_events import KvEvent
 from ..kv.events import KvEventSubscriber
+from ..kv.vllm_hash import VllmBlockHasher
 from ..roles import Role
 from .metrics import RouterMetrics
 from .policy import Backend
 from .prefix_index import KvAwarePolicy
-from .prompt_hashes import PromptHasher, prompt_pieces
+from .prompt_hashes import PromptHasher, prompt_pieces, tokenize_request
+
+Tokenize = Callable[[str, dict[str, Any]], Awaitable[list[int] | None]]
+"""(role, /tokenize body) -> the token ids an engine of the role gives, None when it could
+not answer."""
 
 log = logging.getLogger("ascend_runtime.router")
 
@@ -56,6 +62,9 @@ class KvRouting:
     policy: KvAwarePolicy = field(init=False)
     hasher: PromptHasher = field(init=False)
     subscribers: dict[str, KvEventSubscriber] = field(default_factory=dict)
+    tokenize: Tokenize | None = None
+    """How prompts are tokenized for hashing vllm (the router sets an engine call)."""
+    _vllm: VllmBlockHasher | None = field(init=False, default=None)
     _keys: itertools.count[int] = field(default_factory=itertools.count)
     _started: bool = False
 
@@ -65,10 +74,28 @@ class KvRouting:
             mode=s.mode, capacity=s.index_capacity, decode_weight=s.load_weight
         )
         self.hasher = PromptHasher(s.block_size)
+        if s.hashing == "vllm":
+            self._vllm = VllmBlockHasher(s.vllm_hash_algo, s.vllm_hash_seed)
 
-    def affinity(self, role: str, route: str, body: dict[str, Any]) -> Affinity | None:
-        """The request's prompt blocks, None where there is no single prompt to place (the
-        pool then balances by load)."""
+    async def affinity(self, role: str, route: str, body: dict[str, Any]) -> Affinity | None:
+        """The request's prompt blocks, None where there is no single prompt to place, or
+        its tokens could not be had (the pool then balances by load)."""
+        if self._vllm is None:
+            return self.local_affinity(role, route, body)
+        started = time.perf_counter()
+        tokens, query = tokenize_request(route, body)
+        if tokens is None and query is not None and self.tokenize is not None:
+            tokens = await self.tokenize(role, query)
+            if tokens is None:
+                self.metrics.kv_tokenize_failures.labels(role).inc()
+        if tokens is None:
+            return None
+        hashes = self._vllm.block_hashes(tokens, self.settings.block_size)
+        self.metrics.kv_hashing.observe(time.perf_counter() - started)
+        return Affinity(self, role, hashes, next(self._keys))
+
+    def local_affinity(self, role: str, route: str, body: dict[str, Any]) -> Affinity | None:
+        """`affinity` for engines that hash as the sim does (no I/O)."""
         started = time.perf_counter()
         pieces = prompt_pieces(route, body)
         if pieces is None:

@@ -98,6 +98,12 @@ class RouterMetrics:
             buckets=DECISION_BUCKETS,
             registry=r,
         )
+        self.kv_tokenize_failures = Counter(
+            "ascend_serve_router_kv_tokenize_failures",
+            "Prompts the engines' /tokenize did not answer for (placed by load instead).",
+            ["role"],
+            registry=r,
+        )
         self.kv_index_blocks = Gauge(
             "ascend_serve_router_kv_index_blocks",
             "Block hashes the router holds for each instance.",

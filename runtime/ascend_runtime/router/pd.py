@@ -93,7 +93,7 @@ class PdRouting:
         avoid: set[str] = set()
         decoders: set[str] = set()
         kv = self.forwarder.kv
-        affinity = kv.affinity(Role.PREFILL, route, body) if kv else None
+        affinity = await kv.affinity(Role.PREFILL, route, body) if kv else None
         for attempt in range(2):
             params, prefill = await self._prefill(route, body, request_id, avoid, affinity)
             payload = dumps({**body, "kv_transfer_params": params})

@@ -73,6 +73,34 @@ def prompt_pieces(route: str, body: dict[str, Any]) -> list[str] | list[int] | N
     return None
 
 
+_CHAT_TOKENIZE_KEYS = (
+    "messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+    "chat_template", "chat_template_kwargs", "tools", "mm_processor_kwargs",
+)  # fmt: skip
+"""The fields of a chat request that decide its tokens, as vLLM's /tokenize takes them."""
+
+
+def tokenize_request(
+    route: str, body: dict[str, Any]
+) -> tuple[list[int] | None, dict[str, Any] | None]:
+    """For engines whose tokenizer the router lacks: (the prompt's token ids, None) when the
+    request gives them; (None, the body to send an engine's /tokenize) for a single text
+    prompt or a chat; (None, None) where there is no single prompt to place."""
+    pieces = prompt_pieces(route, body)
+    if pieces is None:
+        return None, None
+    if pieces and not isinstance(pieces[0], str):
+        return [int(t) for t in pieces], None
+    if route.endswith("/chat/completions"):
+        return None, {k: body[k] for k in _CHAT_TOKENIZE_KEYS if k in body}
+    prompt = body["prompt"]
+    text = prompt[0] if isinstance(prompt, list) else prompt
+    keys = (
+        {"add_special_tokens": body["add_special_tokens"]} if "add_special_tokens" in body else {}
+    )
+    return None, {"prompt": text, **keys}
+
+
 def _chunks(text: str) -> Iterator[str]:
     """`text` cut just before the first whitespace at or after every CHUNK_CHARS characters
     (the cut positions depend only on the text before them)."""
