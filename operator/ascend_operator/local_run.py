@@ -42,6 +42,7 @@ from .local_setup import (
     local_kv_events,
     local_model_path,
     local_vllm_config,
+    local_vllm_events,
     port_free,
     vllm_executable,
 )
@@ -107,6 +108,9 @@ def local_processes(
                 ranks = topo.data * topo.ranks_devices
                 base = free_port_block(ranks, kv_ports) if config.kv_transfer else None
                 instance_config = local_vllm_config(config, model_path, base, transport)
+                instance_config, where = local_vllm_events(instance_config, kv_ports)
+                if where is not None:
+                    events[url] = where
             for pod in role.pods:
                 ident = PodIdentity(
                     instance=instance,

@@ -112,13 +112,37 @@ def local_vllm_config(
 
 
 def check_kv_aware(plan: Plan, engine: str) -> None:
+    """Precise mode hashes as the spec's engine does: it cannot follow another one."""
     kv = plan.router.config.kv_aware
-    if kv is not None and kv.mode == "precise" and engine != "sim":
+    if kv is not None and kv.mode == "precise" and (kv.hashing == "vllm") != (engine == "vllm"):
         raise UpError(
-            "spec.router.kvAware.mode: precise follows the sim engine's KV events; it is not "
-            "yet wired to vLLM's (docs/routing.md, Limits). Set mode: approximate to run it "
-            "with --engine vllm"
+            f"spec.router.kvAware.mode: precise was planned for engine "
+            f"{plan.spec.runtime.engine}, whose block hashes differ from {engine}'s: set "
+            f"spec.runtime.engine: {engine}, or kvAware.mode: approximate, to run --engine "
+            f"{engine}"
         )
+
+
+def local_vllm_events(
+    config: RuntimeConfig, taken: set[int]
+) -> tuple[RuntimeConfig, KvEventsEndpoint | None]:
+    """One vLLM instance's config with its own KV-event ports (its ranks' events on base + r,
+    their replay sockets on base + ranks + r), and where the router subscribes; None when
+    the instance publishes no events."""
+    args = list(config.engine_args)
+    if "--kv-events-config" not in args:
+        return config, None
+    ranks = config.topology.data_local
+    base = free_port_block(2 * ranks, taken)
+    at = args.index("--kv-events-config") + 1
+    events = json.loads(args[at])
+    # vLLM binds only wildcard endpoints (a host makes its PUB socket connect)
+    events |= {"endpoint": f"tcp://*:{base}", "replay_endpoint": f"tcp://*:{base + ranks}"}
+    args[at] = json.dumps(events, separators=(",", ":"))
+    where = KvEventsEndpoint(
+        endpoint=f"tcp://{LOOPBACK}:{base}", replay_endpoint=f"tcp://{LOOPBACK}:{base + ranks}"
+    )
+    return config.model_copy(update={"engine_args": args}), where
 
 
 def local_kv_events(config: RuntimeConfig, path: Path, taken: set[int]) -> KvEventsEndpoint:

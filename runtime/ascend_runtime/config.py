@@ -305,16 +305,39 @@ class KvAwareRouting(_Config):
     """The engines' `--prefix-caching-hash-algo` (hashing vllm)."""
     vllm_hash_seed: str | None = "0"
     """The engines' PYTHONHASHSEED (None: unset, vLLM's fixed default seed; hashing vllm)."""
+    ranks: dict[str, int] = Field(default_factory=dict)
+    """Role -> data-parallel ranks publishing on an instance's leader, rank r on the ports +
+    r (vLLM's rule); 1 when unset (the sim publishes once per instance)."""
 
-    def endpoints(self, url: str, backends: RouterBackends) -> KvEventsEndpoint:
-        """Where the instance at `url` publishes its events: the explicit entry, else the
-        kv-aware ports on the instance's host."""
-        explicit = backends.kv_events.get(url.rstrip("/"))
-        if explicit is not None:
-            return explicit
-        host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
-        replay = f"tcp://{host}:{self.replay_port}" if self.replay_port else None
-        return KvEventsEndpoint(endpoint=f"tcp://{host}:{self.events_port}", replay_endpoint=replay)
+    _omit_when_empty = ("ranks",)
+
+    def endpoints(self, role: str, url: str, backends: RouterBackends) -> list[KvEventsEndpoint]:
+        """Where the instance at `url` publishes its events, one entry per data-parallel
+        rank: the explicit entry (rank 0), else the kv-aware ports on the instance's host."""
+        base = backends.kv_events.get(url.rstrip("/"))
+        if base is None:
+            host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+            replay = f"tcp://{host}:{self.replay_port}" if self.replay_port else None
+            base = KvEventsEndpoint(
+                endpoint=f"tcp://{host}:{self.events_port}", replay_endpoint=replay
+            )
+        return [
+            KvEventsEndpoint(
+                endpoint=rank_endpoint(base.endpoint, r),
+                replay_endpoint=rank_endpoint(base.replay_endpoint, r)
+                if base.replay_endpoint
+                else None,
+            )
+            for r in range(self.ranks.get(role, 1))
+        ]
+
+
+def rank_endpoint(endpoint: str, rank: int) -> str:
+    """vLLM's rule: data-parallel rank r publishes on the endpoint's port + r."""
+    if rank == 0 or not endpoint.startswith("tcp://"):
+        return endpoint if rank == 0 else f"{endpoint}_dp{rank}"
+    base, _, port = endpoint.rpartition(":")
+    return endpoint if port == "0" else f"{base}:{int(port) + rank}"
 
 
 class RouterConfig(_Config):

@@ -80,6 +80,10 @@ def _variants() -> dict[str, dict]:
     eager = copy.deepcopy(single)
     eager["spec"]["runtime"].update(graphMode="eager", asyncScheduling=False)
     docs["qwen3-235b-a3-single-node+eager"] = eager
+    for mode in ("precise", "approximate"):
+        routed = copy.deepcopy(single)
+        routed["spec"]["router"] = {"policy": "kv-aware", "kvAware": {"mode": mode}}
+        docs[f"qwen3-235b-a3-single-node+kv-aware-{mode}"] = routed
     return docs
 
 

@@ -11,13 +11,13 @@ import msgspec
 import pytest
 import zmq
 
+from ascend_runtime.config import rank_endpoint
 from ascend_runtime.kv.cache_events import AllBlocksCleared, BlockRemoved, BlockStored
 from ascend_runtime.kv.events import (
     KvEventPublisher,
     KvEventSubscriber,
     decode_batch,
     encode_batch,
-    rank_endpoint,
 )
 from helpers import until
 

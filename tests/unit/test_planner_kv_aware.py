@@ -3,9 +3,12 @@ the router is told, and the specs it refuses with the field and the fix. Pure pl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ascend_operator.planner import PlanError, plan_manifest
+from ascend_runtime.config import RouterBackends
 from ascend_runtime.roles import KV_EVENTS_PORT, KV_EVENTS_REPLAY_PORT
 from helpers import load_example, manifest, merge
 
@@ -35,9 +38,9 @@ def test_sim_deployments_default_to_precise_with_events_on_placed_roles_only():
             assert sim.kv_events is not None
             assert sim.kv_events.endpoint == f"tcp://*:{KV_EVENTS_PORT}"
             assert sim.kv_events.replay_endpoint == f"tcp://*:{KV_EVENTS_REPLAY_PORT}"
-    assert kv.endpoints("http://10.1.2.3:8000", plan.router.config.backends).endpoint == (
-        f"tcp://10.1.2.3:{KV_EVENTS_PORT}"
-    )
+    (where,) = kv.endpoints("prefill", "http://10.1.2.3:8000", plan.router.config.backends)
+    assert where.endpoint == f"tcp://10.1.2.3:{KV_EVENTS_PORT}"
+    assert kv.hashing == "sim" and kv.ranks == {}
 
 
 def test_vllm_deployments_default_to_approximate_and_turn_prefix_caching_on():
@@ -50,6 +53,27 @@ def test_vllm_deployments_default_to_approximate_and_turn_prefix_caching_on():
     assert not any("kv-events" in a for a in args)
 
 
+def test_precise_with_vllm_renders_vllms_events_and_hash_and_warns():
+    plan = plan_manifest(_kv(manifest(), kvAware={"mode": "precise"}))
+    config = plan.role("unified").runtime_config
+    args = config.engine_args
+    events = json.loads(args[args.index("--kv-events-config") + 1])
+    assert events == {
+        "enable_kv_cache_events": True, "publisher": "zmq",
+        "endpoint": f"tcp://*:{KV_EVENTS_PORT}",
+        "replay_endpoint": f"tcp://*:{KV_EVENTS_REPLAY_PORT}", "topic": "",
+    }  # fmt: skip
+    assert args[args.index("--prefix-caching-hash-algo") + 1] == "sha256_cbor"
+    assert config.env["PYTHONHASHSEED"] == "0"
+    kv = plan.router.config.kv_aware
+    assert (kv.hashing, kv.vllm_hash_algo, kv.vllm_hash_seed) == ("vllm", "sha256_cbor", "0")
+    assert kv.ranks == {"unified": 4}  # TP4 x DP4 on one A3 node: four ranks publish
+    ports = [w.endpoint for w in kv.endpoints("unified", "http://10.0.0.9:8000", RouterBackends())]
+    assert ports == [f"tcp://10.0.0.9:{KV_EVENTS_PORT + r}" for r in range(4)]
+    assert any(w.path == "spec.router.kvAware.mode" and "not checked" in w.message
+               for w in plan.warnings)  # fmt: skip
+
+
 def test_other_policies_render_no_kv_aware_settings():
     plan = plan_manifest(load_example("tiny-sim.yaml"))
     assert plan.router.config.kv_aware is None
@@ -60,7 +84,18 @@ def test_other_policies_render_no_kv_aware_settings():
 @pytest.mark.parametrize(
     ("doc", "path", "words"),
     [
-        (_kv(manifest(), kvAware={"mode": "precise"}), "spec.router.kvAware.mode", "approximate"),
+        (
+            _kv(
+                manifest(
+                    roles=[
+                        {"name": "unified", "parallelism": {"tensor": 4, "data": 8, "dataLocal": 4}}
+                    ]
+                ),
+                kvAware={"mode": "precise"},
+            ),
+            "spec.roles[0].parallelism.dataLocal",
+            "mode: approximate",
+        ),
         (
             merge(
                 _kv(load_example("tiny-sim.yaml")), {"spec": {"runtime": {"prefixCaching": False}}}
@@ -77,7 +112,7 @@ def test_other_policies_render_no_kv_aware_settings():
             "policy: kv-aware",
         ),
     ],
-    ids=["precise-with-vllm", "caching-off", "settings-without-the-policy"],
+    ids=["precise-vllm-ranks-on-workers", "caching-off", "settings-without-the-policy"],
 )
 def test_specs_kv_aware_cannot_serve_are_refused(doc, path, words):
     problems = _problems(doc)

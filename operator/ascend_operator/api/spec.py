@@ -516,8 +516,8 @@ class KvAwareSpec(ApiModel):
     mode: KvAwareMode | None = None
     """What the router knows of each instance's cache: `precise` follows the engines' KV events
     (the planner turns them on); `approximate` assumes a prompt stays cached where the router
-    sent it. Unset: precise with engine sim, approximate with engine vllm (precise is not yet
-    wired to vLLM's events, so it is refused there)."""
+    sent it. Unset: precise with engine sim, approximate with engine vllm (precise there hashes
+    as vLLM 0.32 does, which is older lines' vLLM unchecked; the planner warns)."""
     load_weight: float = Field(default=0.25, ge=0, le=100)
     """Prefill blocks that one KV block in use on an instance is worth: higher spreads a hot
     prefix sooner, 0 routes on the cache alone (plus the prefill work already sent)."""

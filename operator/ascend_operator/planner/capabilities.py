@@ -42,7 +42,10 @@ class RuntimeCapabilities:
     npugraph_ex: Literal["none", "top-level", "compilation-config"]
     """Where `enable_npugraph_ex` lives: absent (v0.11), top level (v0.13), or in
     `ascend_compilation_config` (v0.18 on)."""
-    additional_config_keys: frozenset[str] = field(repr=False)
+    vllm_block_hashes: bool = False
+    """Precise kv-aware routing's copy of vLLM's block hashes was checked against this line's
+    vLLM (tests/realvllm/test_vllm_block_hashes.py runs vLLM 0.32; every line here is older)."""
+    additional_config_keys: frozenset[str] = field(repr=False, default=frozenset())
     """Top-level additional-config keys the line reads (`additional_keys`)."""
 
 

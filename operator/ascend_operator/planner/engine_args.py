@@ -98,6 +98,7 @@ def vllm_args(
     caching = kv_aware.prefix_caching(spec)
     if caching is not None:
         args += ["--enable-prefix-caching" if caching else "--no-enable-prefix-caching"]
+    args += kv_aware.vllm_args(spec, role.name)
     args += graph_args(settings)
     extra_config = additional_config.render(spec, role, caps, torchair_config(settings))
     if extra_config:
@@ -197,6 +198,7 @@ def role_environment(
         mc2 = fused_mc2.env_value(spec, role)
         if mc2 is not None:
             env[fused_mc2.ENV] = mc2
+        env |= kv_aware.vllm_env(spec, role.name)
         if spec.hardware is not None:
             nic = spec.hardware.network_interface
             env |= {"GLOO_SOCKET_IFNAME": nic, "TP_SOCKET_IFNAME": nic, "HCCL_SOCKET_IFNAME": nic}

@@ -93,6 +93,8 @@ def plan(md: ModelDeployment, cluster: ClusterInfo | None = None) -> Plan:
         planned = plan_role(ctx, idx, role)
         if planned is not None:
             role_plans.append(planned)
+    kv_aware.check_ranks(spec, role_plans, problems)
+    warnings += kv_aware.warnings(spec, caps)
     if problems:
         raise PlanError(problems)
 

@@ -89,14 +89,6 @@ def _event(item: Any) -> KvEvent | None:
     return None
 
 
-def rank_endpoint(endpoint: str, rank: int) -> str:
-    """vLLM's rule: data-parallel rank r publishes on the endpoint's port + r."""
-    if rank == 0 or not endpoint.startswith("tcp://"):
-        return endpoint if rank == 0 else f"{endpoint}_dp{rank}"
-    base, _, port = endpoint.rpartition(":")
-    return endpoint if port == "0" else f"{base}:{int(port) + rank}"
-
-
 class KvEventPublisher:
     """PUB + replay ROUTER for one engine, on the asyncio loop's thread. `add` collects
     events; `flush` sends them as one batch (the engine flushes once per step)."""

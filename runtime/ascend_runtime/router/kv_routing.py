@@ -61,7 +61,8 @@ class KvRouting:
     metrics: RouterMetrics
     policy: KvAwarePolicy = field(init=False)
     hasher: PromptHasher = field(init=False)
-    subscribers: dict[str, KvEventSubscriber] = field(default_factory=dict)
+    subscribers: dict[str, list[KvEventSubscriber]] = field(default_factory=dict)
+    """Instance -> one subscriber per data-parallel rank that publishes."""
     tokenize: Tokenize | None = None
     """How prompts are tokenized for hashing vllm (the router sets an engine call)."""
     _vllm: VllmBlockHasher | None = field(init=False, default=None)
@@ -128,16 +129,23 @@ class KvRouting:
             or url in self.subscribers or not self._started
         ):  # fmt: skip
             return
-        where = self.settings.endpoints(url, self.backends)
-        subscriber = KvEventSubscriber(
-            where.endpoint,
-            lambda events, url=url: self._apply(url, events),
-            replay_endpoint=where.replay_endpoint,
-            topic=self.settings.topic,
-        )
-        self.subscribers[url] = subscriber
-        subscriber.start()
-        log.info("following the KV events of %s instance %s at %s", role, url, where.endpoint)
+        # One stream per data-parallel rank, all counted as the instance's cache.
+        streams = self.settings.endpoints(role, url, self.backends)
+        self.subscribers[url] = [
+            KvEventSubscriber(
+                where.endpoint,
+                lambda events, url=url: self._apply(url, events),
+                replay_endpoint=where.replay_endpoint,
+                topic=self.settings.topic,
+            )
+            for where in streams
+        ]
+        for subscriber in self.subscribers[url]:
+            subscriber.start()
+        log.info(
+            "following the KV events of %s instance %s at %s",
+            role, url, ", ".join(w.endpoint for w in streams),
+        )  # fmt: skip
 
     def left(self, role: str, url: str) -> None:
         """An instance left: nothing of it stays in the index."""
@@ -146,8 +154,7 @@ class KvRouting:
                       self.metrics.kv_event_restarts):  # fmt: skip
             with contextlib.suppress(KeyError):
                 gauge.remove(url)
-        subscriber = self.subscribers.pop(url, None)
-        if subscriber is not None:
+        for subscriber in self.subscribers.pop(url, []):
             asyncio.get_running_loop().create_task(subscriber.close())
 
     def _apply(self, url: str, events: list[KvEvent]) -> None:
@@ -160,13 +167,13 @@ class KvRouting:
 
     async def stop(self) -> None:
         subscribers, self.subscribers = self.subscribers, {}
-        await asyncio.gather(*(s.close() for s in subscribers.values()))
+        await asyncio.gather(*(s.close() for subs in subscribers.values() for s in subs))
 
     def observe(self) -> None:
         """Set the gauges that describe the index and the event streams (at scrape time)."""
         m = self.metrics
         for url in self.policy.index.instances():
             m.kv_index_blocks.labels(url).set(self.policy.index.size(url))
-        for url, sub in self.subscribers.items():
-            m.kv_event_gaps.labels(url).set(sub.gaps)
-            m.kv_event_restarts.labels(url).set(sub.restarts)
+        for url, subs in self.subscribers.items():
+            m.kv_event_gaps.labels(url).set(sum(s.gaps for s in subs))
+            m.kv_event_restarts.labels(url).set(sum(s.restarts for s in subs))

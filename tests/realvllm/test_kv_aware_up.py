@@ -1,0 +1,44 @@
+"""Precise kv-aware routing in front of real vLLM (CPU build): `ascend-serve up --engine vllm`
+with two engines of the tiny model, each publishing its KV events on its own ports as the
+planner renders them (sha256_cbor, PYTHONHASHSEED=0, wildcard endpoints). The router takes
+each chat's tokens from an engine's /tokenize and places it where vLLM says its system prompt
+is cached; the engines' own prefix-cache counters agree."""
+
+from __future__ import annotations
+
+import pytest
+
+from ascend_operator.local_setup import free_port
+from serving import Up, engine_spec, metric, post
+
+pytestmark = pytest.mark.realvllm
+
+
+def test_chats_go_where_vllm_cached_their_system_prompt(engine_python, tiny_model, tmp_path):
+    roles = [{"name": "unified", "parallelism": {"tensor": 1}}]
+    spec = engine_spec("tq-kv", tiny_model("qwen3"), roles)
+    spec["spec"]["replicas"] = 2
+    spec["spec"]["router"] = {"policy": "kv-aware", "kvAware": {"mode": "precise"}}
+    up = Up(spec, tmp_path / "kv", engine_python, free_port())
+    try:
+        url = up.wait_ready()
+        engines = up.members["unified"]
+        systems = [" ".join(f"s{p}rule{i % 89}" for i in range(120)) for p in range(2)]
+        for q in range(3):
+            for system in systems:
+                messages = [{"role": "system", "content": system},
+                            {"role": "user", "content": f"question {q}"}]  # fmt: skip
+                body = {"model": "tiny", "messages": messages, "max_tokens": 2, "temperature": 0}
+                post(url, body, "/v1/chat/completions")
+        decisions = {
+            reason: metric(url, "ascend_serve_router_kv_decisions_total", reason=reason)
+            for reason in ("load", "prefix", "spill")
+        }
+        assert decisions == {"load": 2, "prefix": 4, "spill": 0}, decisions
+        assert metric(url, "ascend_serve_router_kv_tokenize_failures_total") == 0
+        # vLLM's own counters: every repeat found its system prompt in that engine's cache
+        hits = sum(metric(e, "vllm:prefix_cache_hits_total") for e in engines)
+        assert hits >= 4 * 128, hits
+        assert all(metric(url, "ascend_serve_router_kv_index_blocks", engine=e) for e in engines)
+    finally:
+        up.stop()
