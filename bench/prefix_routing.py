@@ -90,10 +90,15 @@ def unique_workload(
 
 class Router:
     """One policy over the run's instances (engine indexes as instance names); kv-aware is
-    the router's own KvAwarePolicy, fed in precise mode by the engines' KV events."""
+    the router's own KvAwarePolicy, fed in precise mode by the engines' KV events. In PD it
+    places the decode too (by prefix unless `decode_by_prefix` is off: then by load)."""
 
-    def __init__(self, run: VirtualRun, policy: str, block_size: int, capacity: int):
+    def __init__(
+        self, run: VirtualRun, policy: str, block_size: int, capacity: int,
+        decode_by_prefix: bool = True,
+    ):  # fmt: skip
         self.run, self.policy, self.block_size = run, policy, block_size
+        self.decode_by_prefix = decode_by_prefix
         self.turn = itertools.count()
         mode = "approximate" if policy == "kv-aware-approx" else "precise"
         self.kv = KvAwarePolicy(mode=mode, capacity=capacity, decode_weight=DECODE_WEIGHT)
@@ -105,21 +110,21 @@ class Router:
     def pick(self, role: str, prompt: list[int], candidates: list[int]) -> int:
         if self.policy == "round-robin":
             return candidates[next(self.turn) % len(candidates)]
-        if self.policy == "least-outstanding":
+        if self.policy == "least-outstanding" or (role == "decode" and not self.decode_by_prefix):
             return min(candidates, key=self.run.load)
         started = time.perf_counter()
         hashes = block_hashes(prompt, self.block_size)
         names = [str(i) for i in candidates]
         busy = {n: float(self.run.engines[int(n)][1].pool.used) for n in names}
-        choice = self.kv.choose(id(prompt), hashes, names, busy)
+        choice = self.kv.choose((role, id(prompt)), hashes, names, busy)
         self.decision_us.append(1e6 * (time.perf_counter() - started))
         return int(choice.instance)
 
     def first_token(self, index: int, prompt: list[int]) -> None:
-        self.kv.prefilled(id(prompt))
+        self.kv.prefilled((self.run.engines[index][0], id(prompt)))
 
     def done(self, index: int, prompt: list[int]) -> None:
-        self.kv.prefilled(id(prompt))  # a request that failed before its first token
+        self.first_token(index, prompt)  # a request that failed before its first token
 
 
 def oracle_hit_rate(

@@ -143,3 +143,22 @@ def test_prefix_routing_tiny(tmp_path):
     assert by["kv-aware-precise"]["decision_p50_us"] > 0
     unique = regime["workloads"]["no-shared-prefixes"]
     assert unique["oracle_hit_rate"] == 0
+
+
+def test_prefix_routing_pd_tiny(tmp_path):
+    out = tmp_path / "prefix_routing_pd.json"
+    result = _run("prefix_routing_pd.py", "--tiny", "--output", str(out))
+    (regime,) = result["regimes"]
+    by = {r["policy"]: r for r in regime["rows"]}
+    assert list(by) == [
+        "round-robin", "least-outstanding", "kv-aware, decode by load",
+        "kv-aware, decode by prefix",
+    ]  # fmt: skip
+    for row in by.values():
+        assert row["output_throughput"] > 0 and 0 < row["kv_transferred_share"] <= 1
+    # Placing the decode by prefix finds more of each prompt on the decode instance, so less
+    # KV crosses the link than when the decode is placed by load.
+    prefix, load = by["kv-aware, decode by prefix"], by["kv-aware, decode by load"]
+    assert prefix["decode_hit_rate"] > load["decode_hit_rate"]
+    assert prefix["kv_transferred_share"] < load["kv_transferred_share"]
+    assert prefix["decisions"].get("prefix", 0) > load["decisions"].get("prefix", 0)

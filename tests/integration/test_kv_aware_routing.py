@@ -97,9 +97,9 @@ def test_shared_prefixes_go_where_they_are_cached_and_a_new_router_knows_it(tmp_
             second.wait(10)
 
 
-def test_pd_places_the_prefill_by_prefix(tmp_path):
-    """PD: the router chooses the prefill instance that caches the prompt's prefix (decode
-    instances take the prefill's KV and are balanced by load)."""
+def test_pd_places_prefill_and_decode_by_prefix(tmp_path):
+    """PD: the router chooses the prefill instance that caches the prompt's prefix, then the
+    decode instance that does (it pulls only the rest of the KV from the prefill)."""
     spec = load_example("tiny-sim-pd.yaml")
     spec["spec"]["runtime"]["blockSize"] = BLOCK
     spec["spec"]["router"] = {"policy": "kv-aware"}
@@ -110,7 +110,9 @@ def test_pd_places_the_prefill_by_prefix(tmp_path):
     systems = [" ".join(f"p{p}w{rng.randrange(500)}" for _ in range(200)) for p in range(2)]
     model = spec["spec"]["model"]["name"]
     with up(path, tmp_path) as (url, _proc, _out):
-        prefills = [b["url"] for b in httpx.get(f"{url}/instances").json()["prefill"]]
+        members = httpx.get(f"{url}/instances").json()
+        prefills = [b["url"] for b in members["prefill"]]
+        decodes = [b["url"] for b in members["decode"]]
         answers = [
             _ask(url, systems[p], f"question {q}", model) for q in range(3) for p in range(2)
         ]
@@ -118,6 +120,9 @@ def test_pd_places_the_prefill_by_prefix(tmp_path):
         assert _samples(url, "ascend_serve_router_kv_decisions_total") == {
             '{reason="load",role="prefill"}': 2,
             '{reason="prefix",role="prefill"}': 6,
+            '{reason="load",role="decode"}': 2,
+            '{reason="prefix",role="decode"}': 6,
         }
-        hits = sum(sum(_samples(e, "vllm:prefix_cache_hits_total").values()) for e in prefills)
-        assert hits >= 6 * (200 // BLOCK * BLOCK), hits
+        for role in (prefills, decodes):
+            hits = sum(sum(_samples(e, "vllm:prefix_cache_hits_total").values()) for e in role)
+            assert hits >= 6 * (200 // BLOCK * BLOCK), hits

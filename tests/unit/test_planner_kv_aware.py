@@ -23,7 +23,7 @@ def _problems(doc: dict) -> dict[str, str]:
     return {p.path: f"{p.message} | {p.fix}" for p in exc.value.problems}
 
 
-def test_sim_deployments_default_to_precise_with_events_on_placed_roles_only():
+def test_sim_deployments_default_to_precise_with_events_on_every_role():
     plan = plan_manifest(_kv(load_example("tiny-sim-pd.yaml")))
     kv = plan.router.config.kv_aware
     assert kv is not None and kv.mode == "precise"
@@ -32,12 +32,10 @@ def test_sim_deployments_default_to_precise_with_events_on_placed_roles_only():
         assert kv.kv_blocks[role.name] == role.runtime_config.sim.num_blocks
         sim = role.runtime_config.sim
         assert sim.prefix_caching is True
-        if role.name == "decode":
-            assert sim.kv_events is None  # decode instances are not placed by prefix
-        else:
-            assert sim.kv_events is not None
-            assert sim.kv_events.endpoint == f"tcp://*:{KV_EVENTS_PORT}"
-            assert sim.kv_events.replay_endpoint == f"tcp://*:{KV_EVENTS_REPLAY_PORT}"
+        # decode too: the router places it where the prompt's prefix is cached
+        assert sim.kv_events is not None
+        assert sim.kv_events.endpoint == f"tcp://*:{KV_EVENTS_PORT}"
+        assert sim.kv_events.replay_endpoint == f"tcp://*:{KV_EVENTS_REPLAY_PORT}"
     (where,) = kv.endpoints("prefill", "http://10.1.2.3:8000", plan.router.config.backends)
     assert where.endpoint == f"tcp://10.1.2.3:{KV_EVENTS_PORT}"
     assert kv.hashing == "sim" and kv.ranks == {}

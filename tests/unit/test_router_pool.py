@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from ascend_runtime.config import RouterBackends
-from ascend_runtime.router.health import parse_metric
+from ascend_runtime.router.health import kv_blocks, parse_metric
 from ascend_runtime.router.membership import Membership, ready_urls
 from ascend_runtime.router.pool import Pool
 from kmock_server import RESOURCES, kmock_api
@@ -48,6 +48,18 @@ def test_parse_metric_sums_series():
     )
     assert parse_metric(text, "vllm:kv_cache_usage_perc") == 0.75
     assert parse_metric(text, "missing") is None
+
+
+def test_kv_blocks_come_from_vllms_cache_config_info():
+    # the label set vLLM 0.32 exports (abridged), one sample per data-parallel engine
+    text = (
+        'vllm:cache_config_info{block_size="128",cache_dtype="auto",engine="0",'
+        'num_gpu_blocks="1875",num_cpu_blocks="None"} 1.0\n'
+        'vllm:cache_config_info{block_size="128",engine="1",num_gpu_blocks="1875"} 1.0\n'
+    )
+    assert kv_blocks(text) == 1875
+    assert kv_blocks('vllm:cache_config_info{num_gpu_blocks="None"} 1.0\n') is None
+    assert kv_blocks("vllm:kv_cache_usage_perc 0.5\n") is None
 
 
 def test_ready_urls():
@@ -176,7 +188,10 @@ def test_health_checker_ejects_and_readmits():
         return web.Response(status=state["status"])
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(text='vllm:kv_cache_usage_perc{engine="e"} 0.42\n')
+        return web.Response(
+            text='vllm:kv_cache_usage_perc{engine="e"} 0.42\n'
+            'vllm:cache_config_info{engine="0",num_gpu_blocks="640"} 1.0\n'
+        )
 
     async def scenario() -> list[bool]:
         app = web.Application()
@@ -194,7 +209,7 @@ def test_health_checker_ejects_and_readmits():
             checker = HealthChecker(pool, session)
             await checker.check(backend)
             seen.append(backend.available)
-            assert backend.kv_usage == 0.42
+            assert backend.kv_usage == 0.42 and backend.kv_blocks == 640
             state["status"] = 503
             await checker.check(backend)
             seen.append(backend.available)

@@ -18,9 +18,10 @@ from procs import free_port
 BASE = {"model": "tiny", "prompt": " ".join(f"w{i}" for i in range(300)), "temperature": 0}
 
 
-def configs(prefill: dict, decode: dict):
+def configs(prefill: dict, decode: dict, runtime: dict | None = None):
     doc = load_example("tiny-sim-pd.yaml")
     doc["spec"]["runtime"]["version"] = "v0.13.0"  # PCP > 1 needs a v0.13 runtime
+    doc["spec"]["runtime"].update(runtime or {})
     doc["spec"]["roles"] = [
         {"name": "prefill", "parallelism": prefill},
         {"name": "decode", "parallelism": decode},
@@ -32,8 +33,7 @@ def configs(prefill: dict, decode: dict):
 
 @pytest_asyncio.fixture
 async def pd(request):
-    prefill_par, decode_par = request.param
-    p_cfg, d_cfg, u_cfg = configs(prefill_par, decode_par)
+    p_cfg, d_cfg, u_cfg = configs(*request.param)
     servers = [
         SimServer(p_cfg, 0, "127.0.0.1", free_port(), bind_host="127.0.0.1"),
         SimServer(d_cfg, 0, "127.0.0.1"),
@@ -120,3 +120,56 @@ async def test_corrupt_and_missing_kv_are_clear_errors_and_leak_nothing(pd):
     assert decode.engine.pool.used == 0
     assert prefill.exporter.release_expired(now=float("inf")) == 1
     assert prefill.engine.pool.used == 0
+
+
+def corrupt_first_block(prefill: SimServer, params: dict, ranks: int) -> None:
+    """Flip a K byte of the held prompt's first block on every rank (read back, it is
+    caught as corrupt KV)."""
+    caches = prefill.exporter.caches
+    offset = caches.layout.offset("k", params["remote_block_ids"][0], 1, 0, 0)
+    for rank in range(ranks):
+        caches.buffers[rank]["k"][offset] ^= 0xFF
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "pd", [({"tensor": 2}, {"tensor": 1}, {"prefixCaching": True})], indirect=True,
+    ids=["tp2-tp1-prefix-caching"],
+)  # fmt: skip
+async def test_decode_pulls_only_what_it_does_not_cache(pd):
+    (prefill, decode, _), (p, d, u) = pd
+    hold = {"max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+    block = decode.engine.settings.block_size
+    follow_up = {**BASE, "prompt": BASE["prompt"] + " " + " ".join(f"v{i}" for i in range(200))}
+
+    # Nothing cached on decode yet: the corrupt first block is pulled and caught.
+    params = (await post(p, {**follow_up, **hold})).json()["kv_transfer_params"]
+    corrupt_first_block(prefill, params, ranks=2)
+    bad = await post(d, {**follow_up, "max_tokens": 4, "kv_transfer_params": params})
+    assert bad.status_code == 502 and "corrupt" in bad.json()["error"]["message"]
+    assert decode.engine.cache.cached_blocks == 0 and decode.engine.pool.used == 0
+
+    # The first turn decodes there, and its blocks stay cached on the decode instance.
+    params = (await post(p, {**BASE, **hold})).json()["kv_transfer_params"]
+    before = prefill.exporter.server.bytes_sent
+    first = await post(d, {**BASE, "max_tokens": 8, "kv_transfer_params": params})
+    assert first.status_code == 200, first.text
+    assert decode.engine.cache.cached_blocks >= 2
+    sent = prefill.exporter.server.bytes_sent
+    per_token = (sent - before) / first.json()["usage"]["prompt_tokens"]
+
+    # The follow-up shares its prefix: the decode instance reads those blocks from its own
+    # cache (the corrupt copy on the prefill side is never read) and pulls only the rest.
+    params = (await post(p, {**follow_up, **hold})).json()["kv_transfer_params"]
+    corrupt_first_block(prefill, params, ranks=2)
+    hits = decode.engine.cache.hit_tokens
+    got = await post(d, {**follow_up, "max_tokens": 8, "kv_transfer_params": params})
+    want = await post(u, {**follow_up, "max_tokens": 8})
+    assert got.status_code == 200, got.text
+    assert got.json()["choices"][0]["text"] == want.json()["choices"][0]["text"]
+    prompt_tokens = got.json()["usage"]["prompt_tokens"]
+    reused = decode.engine.cache.hit_tokens - hits
+    assert reused >= 2 * block and reused % block == 0 and reused < prompt_tokens
+    pulled = prefill.exporter.server.bytes_sent - sent
+    assert pulled == pytest.approx(per_token * (prompt_tokens - reused), rel=0.01)
+    assert prefill.engine.pool.used == 0 and decode.engine.pool.used == 0

@@ -9,6 +9,7 @@ import pytest
 import pytest_asyncio
 
 from ascend_operator.planner import plan_manifest
+from ascend_runtime.router.health import kv_blocks
 from ascend_runtime.sim.server import SimServer
 from helpers import load_example
 
@@ -140,3 +141,10 @@ async def test_models_health_metrics(client):
     ):
         assert name in text, name
     assert 'vllm:generation_tokens_total{engine="tiny-unified-0",model_name="tiny"} 3.0' in text
+    # the router reads the engine's KV blocks where vLLM puts them
+    assert (
+        kv_blocks(text)
+        == plan_manifest(load_example("tiny-sim.yaml"))
+        .role("unified")
+        .runtime_config.sim.num_blocks
+    )

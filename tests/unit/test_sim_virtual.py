@@ -63,6 +63,26 @@ def test_pd_hands_over_after_the_transfer():
     assert all(e.pool.used == 0 for _, e in run.engines)  # the prefill's held blocks freed
 
 
+def test_pd_moves_only_what_the_decode_instance_does_not_cache():
+    cached = fixed(0.1, 0.01, prefix_caching=True)
+    moved = []
+    run = VirtualRun(
+        {"prefill": (cached, 1), "decode": (cached, 1)},
+        kv_transfer_seconds=lambda tokens: moved.append(tokens) or tokens * 1e-3,
+    )
+    shared = list(range(1, 161))  # 10 blocks of 16
+    prompts = [[*shared, 500, 501], [*shared, 600, 601, 602]]
+    done = run.run([(len(p), 4) for p in prompts], 1, math.inf, prompts=prompts, after=[None, 0])
+    assert summarize(run, done)["completed"] == 2
+    # The first prompt travels whole; the follow-up's 10 shared blocks are on the decode
+    # instance already (cached once its KV landed), so 3 tokens travel.
+    assert moved == [162, 3] and run.transferred_tokens == 165
+    decode = run.engines[1][1]
+    assert decode.cache.hit_tokens == 160 and decode.pool.used == 0
+    # Blocks are shared, not filled: the hit blocks keep the first request's hashes.
+    assert decode.cache.cached_blocks >= 10
+
+
 def test_a_request_the_cache_cannot_hold_fails_instead_of_hanging():
     run = VirtualRun({"unified": (fixed(0.01, 0.01, num_blocks=2), 1)})
     done = run.run([(10, 100)], concurrency=1, request_rate=math.inf)

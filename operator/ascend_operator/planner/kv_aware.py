@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 
 from ascend_runtime.config import KvAwareRouting, KvEventsSettings
-from ascend_runtime.roles import KV_EVENTS_PORT, KV_EVENTS_REPLAY_PORT, KvAwareMode, Role
+from ascend_runtime.roles import KV_EVENTS_PORT, KV_EVENTS_REPLAY_PORT, KvAwareMode
 
 from ..api.spec import KvAwareSpec, ModelDeploymentSpec
 from .capabilities import RuntimeCapabilities
@@ -64,7 +64,7 @@ def check_ranks(
     index = {r.name: i for i, r in enumerate(spec.roles)}
     for role in roles:
         topo = role.runtime_config.topology
-        if role.name != Role.DECODE and topo.data > topo.data_local:
+        if topo.data > topo.data_local:
             problems.append(
                 Problem(
                     f"spec.roles[{index[role.name]}].parallelism.dataLocal",
@@ -116,9 +116,10 @@ def vllm_env(spec: ModelDeploymentSpec, role: str) -> dict[str, str]:
 
 
 def kv_events(spec: ModelDeploymentSpec, role: str) -> KvEventsSettings | None:
-    """Where an engine of `role` publishes KV events: precise mode, on the roles the router
-    places by prefix (unified, prefill; decode instances take the prefill's KV)."""
-    if mode(spec) != "precise" or role == Role.DECODE:
+    """Where an engine of `role` publishes KV events: precise mode, every role (the router
+    places unified and prefill requests by prefix, and in PD the decode too: a decode instance
+    that caches the prompt's prefix pulls only the rest)."""
+    if mode(spec) != "precise":
         return None
     return KvEventsSettings(
         endpoint=f"tcp://*:{KV_EVENTS_PORT}", replay_endpoint=f"tcp://*:{KV_EVENTS_REPLAY_PORT}"

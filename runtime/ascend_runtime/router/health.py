@@ -21,6 +21,21 @@ def parse_metric(text: str, name: str) -> float | None:
     return total if found else None
 
 
+def parse_label(text: str, name: str, label: str) -> str | None:
+    """The value of `label` on a metric's first sample that has it (info-style gauges)."""
+    key = f'{label}="'
+    for line in text.splitlines():
+        if line.startswith(name + "{") and key in line:
+            return line.split(key, 1)[1].split('"', 1)[0]
+    return None
+
+
+def kv_blocks(metrics: str) -> int | None:
+    """KV blocks per data-parallel rank, from vllm:cache_config_info's num_gpu_blocks."""
+    value = parse_label(metrics, "vllm:cache_config_info", "num_gpu_blocks")
+    return int(value) if value is not None and value.isdigit() else None
+
+
 class HealthChecker:
     """Probes every instance's /health (the pool's FailurePolicy decides what a failure
     does); scrapes /metrics of healthy ones for KV usage and queue length."""
@@ -65,6 +80,7 @@ class HealthChecker:
                 metrics = await r.text()
             backend.kv_usage = parse_metric(metrics, "vllm:kv_cache_usage_perc") or 0.0
             backend.waiting = parse_metric(metrics, "vllm:num_requests_waiting") or 0.0
+            backend.kv_blocks = kv_blocks(metrics) or backend.kv_blocks
 
     async def check_all(self) -> None:
         backends = [b for role in list(self.pool.backends) for b in self.pool.members(role)]

@@ -1,6 +1,7 @@
 """Router policy kv-aware: each request's prompt hashed into blocks, its instance chosen by
-where those blocks are cached (prefix_index.KvAwarePolicy), and in precise mode the engines'
-KV events followed, one subscriber per instance, started and stopped with the membership."""
+where those blocks are cached (prefix_index.KvAwarePolicy; in PD the prefill instance, then
+the decode instance), and in precise mode the engines' KV events followed, one subscriber per
+instance, started and stopped with the membership."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from ..config import KvAwareRouting, RouterBackends
 from ..kv.cache_events import KvEvent
 from ..kv.events import KvEventSubscriber
 from ..kv.vllm_hash import VllmBlockHasher
-from ..roles import Role
 from .metrics import RouterMetrics
 from .policy import Backend
 from .prefix_index import KvAwarePolicy
@@ -44,6 +44,11 @@ class Affinity:
         """The candidate kv-aware prefers; a request retried elsewhere is placed anew."""
         self.settle()
         return self.routing.place(self, candidates)
+
+    def for_role(self, role: str) -> Affinity:
+        """The same prompt placed among another role's instances (PD: the decode instance
+        after the prefill)."""
+        return Affinity(self.routing, role, self.hashes, next(self.routing._keys))
 
     def settle(self) -> None:
         """The request's prefill is over (first token back, the answer, or a failure)."""
@@ -107,8 +112,10 @@ class KvRouting:
 
     def place(self, affinity: Affinity, candidates: list[Backend]) -> Backend:
         started = time.perf_counter()
-        blocks = self.settings.kv_blocks.get(affinity.role, 0)
-        busy = {b.url: b.kv_usage * blocks for b in candidates}
+        planned = self.settings.kv_blocks.get(affinity.role, 0)
+        # KV usage is a fraction (summed over ranks): in blocks, by the engine's own count
+        # once scraped (the plan's figure is an estimate for the NPU it was planned for).
+        busy = {b.url: b.kv_usage * (b.kv_blocks or planned) for b in candidates}
         urls = [b.url for b in candidates]
         choice = self.policy.choose(affinity.key, affinity.hashes, urls, busy)
         affinity.placed = True
@@ -122,12 +129,8 @@ class KvRouting:
     # ------------------------------------------------------------------ membership
 
     def joined(self, role: str, url: str) -> None:
-        """An instance joined: follow its KV events (precise mode; decode instances are not
-        placed by prefix)."""
-        if (
-            self.settings.mode != "precise" or role == Role.DECODE
-            or url in self.subscribers or not self._started
-        ):  # fmt: skip
+        """An instance joined: follow its KV events (precise mode)."""
+        if self.settings.mode != "precise" or url in self.subscribers or not self._started:
             return
         # One stream per data-parallel rank, all counted as the instance's cache.
         streams = self.settings.endpoints(role, url, self.backends)

@@ -94,13 +94,16 @@ class PdRouting:
         decoders: set[str] = set()
         kv = self.forwarder.kv
         affinity = await kv.affinity(Role.PREFILL, route, body) if kv else None
+        # A decode instance caching the prompt's prefix pulls only the rest of its KV.
+        decode_affinity = affinity.for_role(Role.DECODE) if affinity else None
         for attempt in range(2):
             params, prefill = await self._prefill(route, body, request_id, avoid, affinity)
             payload = dumps({**body, "kv_transfer_params": params})
             try:
                 response = await self.forwarder.forward(
-                    Role.DECODE, route, payload, stream, request_id, attempts=1, tried=decoders
-                )
+                    Role.DECODE, route, payload, stream, request_id, attempts=1,
+                    tried=decoders, affinity=decode_affinity,
+                )  # fmt: skip
             except OpenAIError as exc:
                 if attempt or exc.status != 503:
                     raise

@@ -28,6 +28,8 @@ class Backend:
     role: str
     outstanding: int = 0
     kv_usage: float = 0.0
+    kv_blocks: int | None = None
+    """KV blocks per rank as the engine reports them (vllm:cache_config_info), once known."""
     waiting: float = 0.0
     served: int = 0
     ejected: bool = False

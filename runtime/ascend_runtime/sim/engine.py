@@ -203,10 +203,31 @@ class SimEngine:
 
     def _cached_prefix(self, seq: Sequence) -> list[int] | None:
         """Cached blocks of a waiting sequence's prefix; None when it is not looked up (no
-        cache, imported KV, or a sequence already partly computed)."""
-        if self.cache is None or seq.computed or seq.imported_states is not None:
+        cache, blocks given already, or a sequence partly computed). Imported KV without
+        blocks (virtual runs) is looked up: its cached blocks are shared, not filled."""
+        if self.cache is None or seq.blocks:
+            return None
+        if seq.computed and seq.imported_states is None:
             return None
         return self.cache.lookup(seq)
+
+    def allocate_imported(self, seq: Sequence, use_cache: bool = True) -> int | None:
+        """PD decode side, before an imported prompt's KV is pulled: all its blocks at once,
+        those of its prefix this instance caches (their KV need not travel: vLLM's scheduler
+        counts local hits before a KV connector loads the rest) and free ones for the rest.
+        None while too few are free (nothing taken). Returns how many blocks were cached."""
+        n = self.blocks_needed(len(seq.prompt))
+        hit = self.cache.lookup(seq) if self.cache is not None and use_cache else []
+        reusable = self.cache.free_among(hit) if self.cache is not None and hit else 0
+        if n - len(hit) > self.pool.free - reusable:
+            return None
+        if self.cache is not None and use_cache:
+            self.cache.reuse(seq, hit)
+            self.observer.on_prefix_lookup(seq.num_tokens, seq.computed)
+        got = self.pool.allocate(n - len(hit))
+        assert got is not None
+        seq.blocks = list(hit) + got
+        return len(hit)
 
     def _store_full_blocks(self, seq: Sequence) -> None:
         if self.cache is not None:
@@ -283,7 +304,8 @@ class SimEngine:
             seq = self.waiting[0]
             looked_up = self._cached_prefix(seq)
             hit = looked_up or []
-            start = len(hit) * self.settings.block_size if hit else seq.computed
+            imported = seq.imported_states is not None
+            start = len(hit) * self.settings.block_size if hit and not imported else seq.computed
             remaining = seq.num_tokens - start
             chunk = min(remaining, budget[rank])
             need = self.blocks_needed(start + max(chunk, 1)) - len(seq.blocks) - len(hit)
@@ -292,8 +314,8 @@ class SimEngine:
                 break  # wait for blocks to free up; never preempt to admit
             if looked_up is not None:
                 assert self.cache is not None
-                self.cache.reuse(seq, hit)
-                self.observer.on_prefix_lookup(seq.num_tokens, start)
+                self.cache.reuse(seq, hit, imported=imported)
+                self.observer.on_prefix_lookup(seq.num_tokens, len(hit) * self.settings.block_size)
             if need > 0:
                 got = self.pool.allocate(need)
                 assert got is not None
@@ -306,6 +328,7 @@ class SimEngine:
                 prefills.append((seq, chunk))
                 budget[rank] -= chunk
             else:
+                self._store_full_blocks(seq)  # imported KV is cached once it landed
                 decodes.append(seq)  # imported KV: straight to decode
                 budget[rank] -= 1
         return prefills, decodes

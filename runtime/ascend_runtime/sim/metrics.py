@@ -168,6 +168,18 @@ class EngineMetrics(EngineObserver):
         ):
             metric.labels(**self.labels)  # export every series from the start, at zero
 
+    def describe_cache(self, block_size: int, num_blocks: int, prefix_caching: bool) -> None:
+        """vllm:cache_config_info: vLLM's cache settings as labels of a gauge set to 1 (a
+        router reads num_gpu_blocks to turn KV usage into blocks)."""
+        info = {"engine": self.labels["engine"], "block_size": str(block_size),
+                "num_gpu_blocks": str(num_blocks),
+                "enable_prefix_caching": str(prefix_caching)}  # fmt: skip
+        gauge = Gauge(
+            "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", list(info),
+            registry=self.registry,
+        )  # fmt: skip
+        gauge.labels(**info).set(1)
+
     def refresh(self, running: int, waiting: int, kv_usage: float) -> None:
         self.running.labels(**self.labels).set(running)
         self.waiting.labels(**self.labels).set(waiting)

@@ -99,13 +99,14 @@ class RankCaches:
         return self.regions[rank]
 
     def _slots(
-        self, rank: int, num_tokens: int, blocks: list[int]
+        self, rank: int, num_tokens: int, blocks: list[int], start: int = 0
     ) -> Iterator[tuple[int, int, int, int, int]]:
-        """(token, global head, local head, block, offset) of every (token, head) rank holds."""
+        """(token, global head, local head, block, offset) of every (token, head) rank holds,
+        tokens from `start` on."""
         p = self.placement
         first = p.first_head(p.split(rank)[1])
         slot = p.slot_of_rank(rank)
-        for t in range(num_tokens):
+        for t in range(start, num_tokens):
             if p.slot_of_token(t) != slot:
                 continue
             pos = p.local_position(t)
@@ -122,12 +123,14 @@ class RankCaches:
                     v = self.layout.offset("v", block, layer, off, j)
                     bufs["v"][v : v + v_size] = v_bytes(states[t], t, layer, head, v_size)
 
-    def read(self, num_tokens: int, blocks: list[int]) -> list[int]:
-        """The states every rank's copy of the KV encodes; raises if any copy disagrees."""
+    def read(self, num_tokens: int, blocks: list[int], start: int = 0) -> list[int]:
+        """The states every rank's copy of the KV encodes, of tokens [start, num_tokens);
+        raises if any copy disagrees."""
         v_size = self.layout.spec.v_dim
         states: list[int | None] = [None] * num_tokens
+        states[:start] = [0] * start
         for rank, bufs in self.buffers.items():
-            for t, head, j, block, off in self._slots(rank, num_tokens, blocks):
+            for t, head, j, block, off in self._slots(rank, num_tokens, blocks, start):
                 for layer in range(LAYERS):
                     k = self.layout.offset("k", block, layer, off, j)
                     state = _U64.unpack(bufs["k"][k : k + K_BYTES])[0] ^ _mix(t, layer, head)
@@ -141,7 +144,7 @@ class RankCaches:
         missing = [t for t, s in enumerate(states) if s is None]
         if missing:
             raise ValueError(f"no rank received the KV of tokens {missing[:5]}")
-        return [s for s in states if s is not None]
+        return [s for s in states[start:] if s is not None]
 
 
 class KvExporter:
@@ -227,9 +230,13 @@ class KvImporter:
     async def close(self) -> None:
         await self.client.close()
 
-    async def pull(self, params: dict[str, Any], prompt_len: int) -> tuple[list[int], list[int]]:
-        """(states, blocks) of the prompt; the caller owns the blocks (engine.pool) after."""
+    async def pull(self, params: dict[str, Any], seq: Sequence) -> int:
+        """Give `seq` its prompt's KV: blocks this instance caches already (one context slot
+        only: with PCP/DCP a local block is not one prefix block), the rest pulled from the
+        prefill instance. Sets its blocks (the engine's after) and imported states; returns
+        how many prompt tokens were pulled."""
         check_params(params)
+        prompt_len = len(seq.prompt)
         num = params.get("remote_num_tokens")
         if num is not None and num != prompt_len:
             raise OpenAIError(
@@ -238,36 +245,48 @@ class KvImporter:
                 "they belong to another request",
                 param="kv_transfer_params",
             )
-        blocks = await self._allocate(self.engine.blocks_needed(prompt_len))
+        cached = await self._allocate(seq)
+        start = cached * self.placement.block_size
+        blocks = seq.blocks
         try:
             await pull(
                 self.client, params, local=self.placement, local_layout=self.caches.layout,
                 dst_blocks=blocks, regions=self.caches.region, num_tokens=prompt_len,
+                skip_dst_blocks=cached,
             )  # fmt: skip
-            states = self.caches.read(prompt_len, blocks)
+            pulled = self.caches.read(prompt_len, blocks, start)
         except KvTransferError as exc:
-            self.engine.pool.release(blocks)
+            self._drop(seq)
             raise _as_openai(exc, params) from exc
         except ValueError as exc:
-            self.engine.pool.release(blocks)
+            self._drop(seq)
             raise OpenAIError(
                 502,
                 f"KV pulled from the prefill engine is corrupt: {exc}",
                 type_="kv_transfer_error",
             ) from exc
         except BaseException:
-            self.engine.pool.release(blocks)
+            self._drop(seq)
             raise
-        return states, blocks
+        seq.imported_states = seq.states[:start] + pulled
+        return prompt_len - start
 
-    async def _allocate(self, n: int) -> list[int]:
-        """Wait (up to the transfer timeout) for free blocks, as vLLM's scheduler would."""
+    def _drop(self, seq: Sequence) -> None:
+        """Undo a failed import: its blocks back to the pool, nothing computed."""
+        self.engine.pool.release(seq.blocks)
+        seq.blocks, seq.states, seq.computed, seq.stored_blocks = [], [], 0, 0
+
+    async def _allocate(self, seq: Sequence) -> int:
+        """Wait (up to the transfer timeout) until the prompt's blocks can be had at once,
+        as vLLM's scheduler would; returns how many were cached here already (one context
+        slot only: with PCP/DCP a local block is not one prefix block)."""
         deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
-            blocks = self.engine.pool.allocate(n)
-            if blocks is not None:
-                return blocks
+            cached = self.engine.allocate_imported(seq, use_cache=self.placement.slots == 1)
+            if cached is not None:
+                return cached
             if asyncio.get_running_loop().time() > deadline:
+                n = self.engine.blocks_needed(len(seq.prompt))
                 raise OpenAIError(
                     503,
                     f"no {n} free KV blocks on this decode instance within {self.timeout:g} s",

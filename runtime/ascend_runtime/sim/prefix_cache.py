@@ -144,9 +144,10 @@ class PrefixCachePool(BlockPool):
         self._extend_hashes(seq, limit)
         return self.match(seq.block_hashes[:limit])
 
-    def reuse(self, seq: engine.Sequence, hit: list[int]) -> None:
+    def reuse(self, seq: engine.Sequence, hit: list[int], imported: bool = False) -> None:
         """Admit a sequence on its cached prefix (possibly empty; the lookup is counted):
-        those tokens cost no compute."""
+        those tokens cost no compute (`imported`: its KV is there already, only the blocks
+        are shared)."""
         self.queried_tokens += seq.num_tokens
         self.hit_tokens += len(hit) * self.block_size
         if not hit:
@@ -154,6 +155,8 @@ class PrefixCachePool(BlockPool):
         self.take(hit)
         seq.blocks = list(hit)
         seq.stored_blocks = len(hit)
+        if imported:
+            return
         seq.computed = len(hit) * self.block_size
         if not seq.timing_only:  # the model's states are a function of the tokens alone
             state = model.initial_state(seq.seed)

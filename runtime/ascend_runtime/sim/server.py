@@ -53,6 +53,9 @@ class SimServer:
         else:
             self.engine_id = f"{config.deployment}-{config.role}-{instance}"
         self.metrics = EngineMetrics(config.served_model_name, self.engine_id)
+        self.metrics.describe_cache(
+            self.settings.block_size, self.settings.num_blocks, bool(self.settings.prefix_caching)
+        )
         self.engine = SimEngine(self.settings, self.metrics)
         self.exporter: pd.KvExporter | None = None
         self.importer: pd.KvImporter | None = None
@@ -164,7 +167,7 @@ class SimServer:
             seq.hold_blocks = True
             seq.max_tokens = 1
         elif self.importer is not None and params.get("do_remote_prefill"):
-            seq.imported_states, seq.blocks = await self.importer.pull(params, len(prompt))
+            await self.importer.pull(params, seq)
         elif self.config.role == Role.DECODE and params:
             raise OpenAIError(
                 400,

@@ -4,7 +4,8 @@ of requests over many simulated NPUs runs in seconds. A client issues requests l
 serve` (all at once or Poisson at a rate, at most `concurrency` in flight, output lengths
 forced as with `--ignore-eos`; a conversation's next turn waits for the previous one); a router
 sends each to the instance with the fewest outstanding requests, or as a `VirtualRouter`
-decides; in PD, prefill instances hold the KV until a decode instance takes it over.
+decides; in PD, prefill instances hold the KV until a decode instance takes it over (only
+the part of the prompt the decode instance does not cache travels).
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ class Workload:
 
 
 class VirtualRouter(Protocol):
-    """Chooses an instance for each request of a virtual run (by engine index)."""
+    """Chooses an instance for each request of a virtual run (by engine index): unified or
+    prefill on arrival, in PD the decode instance when the prefill ends. `first_token`: the
+    request's first token on an instance (a prefill's, or a decode's); `done`: it finished
+    on a unified or prefill instance."""
 
     def pick(self, role: str, prompt: list[int], candidates: list[int]) -> int: ...
     def first_token(self, index: int, prompt: list[int]) -> None: ...
@@ -96,7 +100,7 @@ class _Recorder(EngineObserver):
     def on_first_token(self, seq: Sequence, ttft: float) -> None:
         request = self.sim.owner.get(seq)
         router = self.sim.router
-        if request is not None and router is not None and seq.imported_states is None:
+        if request is not None and router is not None:
             router.first_token(request.engine, request.prompt)
 
     def on_token(self, seq: Sequence, itl: float | None) -> None:
@@ -144,7 +148,11 @@ class VirtualRun:
         self.preemptions = 0
         self.kv_samples: list[float] = []
         self._steps: dict[int, tuple[float, Step]] = {}
-        self._transfers: list[tuple[float, int, _Request, Sequence, int]] = []
+        self._transfers: list[tuple[float, int, _Request, Sequence, int, int, Sequence]] = []
+        """(due, order, request, the prefill's held sequence, its instance, the decode
+        instance, the decode sequence)."""
+        self.transferred_tokens = 0
+        """PD: prompt tokens whose KV travelled (a decode instance's cached prefix does not)."""
         self._order = itertools.count()
         self._shared: dict[int, list[int]] = {}
 
@@ -196,9 +204,7 @@ class VirtualRun:
             if request is None:
                 continue
             if self.engines[index][0] == "prefill" and not request.failed:
-                transfer = self.kv_transfer_seconds
-                due = self.now + (transfer(len(request.prompt)) if callable(transfer) else transfer)
-                heapq.heappush(self._transfers, (due, next(self._order), request, seq, index))
+                self._start_transfer(request, seq, index)
             else:
                 request.done = True
                 completed.append(request)
@@ -207,21 +213,38 @@ class VirtualRun:
         self.finished.clear()
         return completed
 
+    def _start_transfer(self, request: _Request, held: Sequence, source: int) -> None:
+        """A prefill ended: its decode instance is chosen now (as the router does on the
+        prefill's answer), and what that instance does not cache of the prompt travels. Its
+        scheduler shares the cached blocks when it admits the sequence (blocks taken before
+        could starve the sequences waiting ahead)."""
+        candidates = [i for i, (r, _) in enumerate(self.engines) if r == "decode"]
+        if self.router is None:
+            index = self._least_loaded("decode")
+        else:
+            index = self.router.pick("decode", request.prompt, candidates)
+        seq = Sequence(
+            request_id=str(request.index),
+            prompt=request.prompt,
+            max_tokens=request.output_len,
+            temperature=0.0,
+            sample_seed=request.index,
+            seed=0,
+            imported_states=[],
+            arrival=request.issued,
+            timing_only=True,
+        )
+        engine = self.engines[index][1]
+        cached = len(engine.cache.lookup(seq)) if engine.cache is not None else 0
+        tokens = len(request.prompt) - cached * engine.settings.block_size
+        self.transferred_tokens += tokens
+        transfer = self.kv_transfer_seconds
+        due = self.now + (transfer(tokens) if callable(transfer) else transfer)
+        heapq.heappush(self._transfers, (due, next(self._order), request, held, source, index, seq))
+
     def _land_transfers(self) -> None:
         while self._transfers and self._transfers[0][0] <= self.now:
-            _, _, request, held, source = heapq.heappop(self._transfers)
-            index = self._least_loaded("decode")
-            seq = Sequence(
-                request_id=str(request.index),
-                prompt=request.prompt,
-                max_tokens=request.output_len,
-                temperature=0.0,
-                sample_seed=request.index,
-                seed=0,
-                imported_states=[],
-                arrival=request.issued,
-                timing_only=True,
-            )
+            _, _, request, held, source, index, seq = heapq.heappop(self._transfers)
             self.owner[seq] = request
             self.engines[index][1].add(seq)
             self.engines[source][1].release_held(held)

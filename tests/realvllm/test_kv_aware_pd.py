@@ -1,0 +1,76 @@
+"""Precise kv-aware routing with PD in front of real vLLM (CPU build): `ascend-serve up --engine
+vllm` with one prefill and two decode engines of the tiny model (ascend-serve's KV connector
+over TCP), every engine publishing its KV events as the planner renders them. The router
+places each decode where vLLM says the prompt's prefix is cached; that decode engine finds the
+prefix in its own cache and pulls only the rest over the connector (vLLM's own
+prompt_tokens_by_source counters), and the answers equal those of a cold decode."""
+
+from __future__ import annotations
+
+import pytest
+
+from ascend_operator.local_setup import free_port
+from serving import Up, engine_spec, metric, post
+
+pytestmark = pytest.mark.realvllm
+
+BLOCK = 128
+
+
+def _ask(url: str, system: str, question: str) -> str:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0}
+    return post(url, body, "/v1/chat/completions")["choices"][0]["message"]["content"]
+
+
+def _by_source(engines: list[str], source: str) -> float:
+    return sum(metric(e, "vllm:prompt_tokens_by_source_total", source=source) for e in engines)
+
+
+def test_decode_goes_where_vllm_cached_the_prefix_and_pulls_the_rest(
+    engine_python, tiny_model, tmp_path
+):
+    roles = [
+        {"name": "prefill", "parallelism": {"tensor": 1}},
+        {"name": "decode", "parallelism": {"tensor": 1}},
+    ]
+    spec = engine_spec("tq-kv-pd", tiny_model("qwen3"), roles)
+    spec["spec"]["replicas"] = 2  # decode instances
+    spec["spec"]["router"] = {"policy": "kv-aware", "kvAware": {"mode": "precise"}}
+    up = Up(spec, tmp_path / "kv-pd", engine_python, free_port())
+    try:
+        url = up.wait_ready()
+        decodes = up.members["decode"]
+        assert len(decodes) == 2
+        systems = [" ".join(f"s{p}rule{i % 89}" for i in range(120)) for p in range(2)]
+        cold = [_ask(url, system, "question 0") for system in systems]
+        moved_cold = _by_source(decodes, "external_kv_transfer")
+        computed_cold = _by_source(decodes, "local_compute")
+        prompts_cold = sum(metric(e, "vllm:prompt_tokens_total") for e in decodes)
+        assert _by_source(decodes, "local_cache_hit") == 0 and moved_cold >= 2 * BLOCK
+        for q in (1, 2):
+            for system in systems:
+                _ask(url, system, f"question {q}")
+        # The same first questions again: the decode engine holds their prefix now.
+        assert [_ask(url, system, "question 0") for system in systems] == cold
+        decisions = {
+            reason: metric(
+                url, "ascend_serve_router_kv_decisions_total", role="decode", reason=reason
+            )
+            for reason in ("load", "prefix", "spill")
+        }
+        assert decisions == {"load": 2, "prefix": 6, "spill": 0}, decisions
+        assert metric(url, "ascend_serve_router_kv_tokenize_failures_total") == 0
+        # vLLM's own counters on the decode engines: each of the 6 later prompts found at
+        # least one 128-token block of its system prompt cached there, and only the rest
+        # came over the connector (the 2 cold prompts came whole).
+        reused = _by_source(decodes, "local_cache_hit")
+        assert reused >= 6 * BLOCK, reused
+        moved = _by_source(decodes, "external_kv_transfer") - moved_cold
+        computed = _by_source(decodes, "local_compute") - computed_cold
+        prompts = sum(metric(e, "vllm:prompt_tokens_total") for e in decodes) - prompts_cold
+        print(f"later prompts {prompts}: {reused} cached, {moved} moved, {computed} computed")
+        assert reused + moved + computed == prompts and computed <= 6, (reused, moved, computed)
+        assert all(metric(url, "ascend_serve_router_kv_index_blocks", engine=e) for e in decodes)
+    finally:
+        up.stop()
