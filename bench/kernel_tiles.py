@@ -29,9 +29,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT / "bench")]
 
+import vllm_ref  # noqa: E402
 from _common import write_result  # noqa: E402
+from torch.nn import functional  # noqa: E402
 
-from ascend_kernels import causal_conv1d, device, reshape_and_cache  # noqa: E402
+from ascend_kernels import causal_conv1d, device, gdn, gdn_prefill, reshape_and_cache  # noqa: E402
 from kernels import BF16, CACHE_SHAPES, DEV, SHAPES, copy_bandwidth, device_line, ms  # noqa: E402
 
 
@@ -224,10 +226,86 @@ def sweep_reshape_and_cache(copy_bw: float) -> list[dict[str, Any]]:
     return rows
 
 
+def _launch(warps: int, stages: int) -> dict[str, int]:
+    return {"num_warps": warps, "num_stages": stages}
+
+
+GDN_SWEEP = [
+    {"LOW_PRECISION": low, "WY_LAUNCH": _launch(wy, 2), "STATE_LAUNCH": _launch(st, 2),
+     "OUTPUT_LAUNCH": _launch(out, 1), "LOW_PRECISION_KKT": False, "STATE_BV_ADAPT": False}
+    for low, wy, st, out in itertools.product((False, True), (4, 8), (4, 8), (2, 4))
+] + [
+    {"LOW_PRECISION": True, "WY_LAUNCH": _launch(4, 2), "STATE_LAUNCH": _launch(4, stages),
+     "OUTPUT_LAUNCH": _launch(2, 1), "LOW_PRECISION_KKT": kkt, "STATE_BV_ADAPT": adapt,
+     "LOW_PRECISION_SOLVE": solve}
+    for kkt, adapt, stages, solve in (
+        (True, False, 2, "ieee"), (False, True, 2, "ieee"), (True, True, 2, "ieee"),
+        (True, True, 3, "ieee"), (True, True, 2, "tf32"),
+    )
+]  # fmt: skip
+"""gdn_prefill module constants per configuration: precision and each kernel's warps, then
+the sequential state kernel's value tile (its parallelism) and pipelining."""
+
+
+def sweep_gdn_prefill(copy_bw: float, vllm_dir: Path | None = None) -> list[dict[str, Any]]:
+    """GDN chunked prefill: fp32 or 16-bit scratch and products (LOW_PRECISION) and each
+    kernel's warps, against a reference of the same kernels on fp32 inputs with IEEE products;
+    vLLM's FLA kernels beside it when `vllm_dir` holds them (bench/vllm_ref.py)."""
+    mods = vllm_ref.load(vllm_dir) if vllm_dir else None
+    return [r for lens in map(list, SHAPES.gdn_prefill) for r in _gdn_shape(lens, mods)]
+
+
+def _gdn_shape(lens: list[int], mods: Any) -> list[dict[str, Any]]:
+    hk, hv, d = SHAPES.gdn_heads
+    tokens = sum(lens)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEV)
+    q = functional.normalize(torch.randn(tokens, hk, d, device=DEV), dim=-1).to(BF16)
+    k = functional.normalize(torch.randn(tokens, hk, d, device=DEV), dim=-1).to(BF16)
+    v = torch.randn(tokens, hv, d, device=DEV, dtype=BF16)
+    g = functional.logsigmoid(torch.randn(tokens, hv, device=DEV))
+    beta = torch.rand(tokens, hv, device=DEV)
+    h0 = torch.zeros(len(lens), hv, d, d, device=DEV)
+    meta = gdn.chunk_metadata(cu.cpu(), DEV)
+    with patched(gdn_prefill, DOT_PRECISION_CUDA="ieee", LOW_PRECISION=False):
+        o_ref, ht_ref = gdn.chunk_gated_delta_rule(
+            q.float(), k.float(), v.float(), g, beta, cu, initial_state=h0, metadata=meta
+        )
+    shape, rows, vllm_ms = f"{len(lens)}x{lens[0]}", [], None
+    if mods is not None:
+        run_vllm, output = vllm_ref.gdn_prefill(mods, q=q, k=k, v=v, g=g, beta=beta, cu=cu, h0=h0)
+        vllm_ms = ms(run_vllm)
+        err = float((output(run_vllm()).float() - o_ref).abs().max())
+        print(f"gdn_prefill {shape:10s} vLLM {vllm_ms:8.4f} ms  |o| err {err:.2e}", flush=True)
+        rows.append({"kernel": f"gdn_prefill {shape}", "config": "vllm", "ms": round(vllm_ms, 4),
+                     "max_abs_error_o": err})  # fmt: skip
+
+    def run() -> Any:
+        return gdn.chunk_gated_delta_rule(q, k, v, g, beta, cu, initial_state=h0, metadata=meta)
+
+    # tiny: one configuration of each precision
+    for cfg in GDN_SWEEP[::8][:2] if TINY else GDN_SWEEP:
+        with patched(gdn_prefill, **cfg):
+            o, ht = run()
+            err_o = float((o.float() - o_ref).abs().max())
+            err_h = float((ht - ht_ref).abs().max())
+            ok = close(o, o_ref)
+            t = ms(run) if ok else float("nan")
+        ratio = vllm_ms / t if vllm_ms and ok else None
+        print(f"gdn_prefill {shape:10s} {cfg!s:84s} {t:8.4f} ms  |o| err {err_o:.2e} "
+              f"|h| err {err_h:.2e}" + (f"  {ratio:.2f}x vLLM" if ratio else "")
+              + ("" if ok else "  WRONG"), flush=True)  # fmt: skip
+        rows.append({"kernel": f"gdn_prefill {shape}", "config": cfg, "ms": round(t, 4),
+                     "max_abs_error_o": err_o, "max_abs_error_state": err_h,
+                     "speed_vs_vllm": round(ratio, 3) if ratio else None,
+                     "correct": ok})  # fmt: skip
+    return rows
+
+
 SWEEPS = {
     "conv_prefill": sweep_conv_prefill,
     "conv_update": sweep_conv_update,
     "reshape_and_cache": sweep_reshape_and_cache,
+    "gdn_prefill": sweep_gdn_prefill,
 }
 
 
@@ -236,6 +314,7 @@ def main() -> int:
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "kernel_tiles.json"))
     parser.add_argument("--only", choices=sorted(SWEEPS), action="append")
     parser.add_argument("--tiny", action="store_true", help="CPU, toy shapes, one configuration")
+    parser.add_argument("--vllm", type=Path, help="vLLM's kernels (bench/vllm_ref.py) beside GDN")
     args = parser.parse_args()
     if not TINY and not torch.cuda.is_available():
         print("bench/kernel_tiles.py needs an NVIDIA GPU, or --tiny for the CPU", file=sys.stderr)
@@ -245,7 +324,8 @@ def main() -> int:
     print(f"{device_line()}: d2d copy {copy_bw:.0f} GB/s", flush=True)
     rows = []
     for name in args.only or sorted(SWEEPS):
-        rows += SWEEPS[name](copy_bw)
+        sweep = SWEEPS[name]
+        rows += sweep(copy_bw, args.vllm) if sweep is sweep_gdn_prefill else sweep(copy_bw)
     write_result(args.output, {
         "benchmark": "kernel_tiles",
         "device": device_line(),

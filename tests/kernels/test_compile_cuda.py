@@ -27,7 +27,9 @@ COMPILE = textwrap.dedent(
 
     case = json.loads(sys.argv[1])
     fn = getattr(importlib.import_module(case["module"]), case["kernel"])
-    const = case["constexprs"]
+    # "tl.<name>" stands for a Triton dtype (JSON carries no dtypes)
+    const = {k: getattr(triton.language, v[3:]) if isinstance(v, str) and v.startswith("tl.")
+             else v for k, v in case["constexprs"].items()}
     ints, fp32 = set(case["int_pointers"]), set(case["fp32_pointers"])
     sig = {}
     for name in fn.arg_names:
@@ -48,6 +50,8 @@ FP32_POINTERS = ["g_ptr", "beta_ptr", "w_ptr", "u_ptr", "gc_ptr", "t_ptr", "h0_p
 CONV = "ascend_kernels.causal_conv1d"
 GDN = "ascend_kernels.gdn_prefill"
 GDN_TILES = {"K": 128, "BK": 128, "PREC": "tf32"}
+GDN_LOW = {"OPD": "tl.bfloat16", "EMULATE": False}  # 16-bit products (LOW_PRECISION)
+GDN_FP32 = {"OPD": "tl.float32", "EMULATE": False}
 PREFILL = {"WIDTH": 4, "HAS_BIAS": True, "SILU": True, "BLOCK_T": 32, "BLOCK_D": 128,
            "WIDE": False, "EVEN_D": True}  # fmt: skip
 CASES = [
@@ -59,11 +63,18 @@ CASES = [
     (CONV, "_conv_prefill_first_kernel", {**PREFILL, "WIDTH": 3, "WIDE": True, "EVEN_D": False}),
     (CONV, "_conv_update_kernel", {"WIDTH": 4, "HAS_BIAS": True, "SILU": True, "BLOCK_D": 512}),
     (CONV, "_conv_update_kernel", {"WIDTH": 2, "HAS_BIAS": False, "SILU": False, "BLOCK_D": 256}),
-    (GDN, "_wy_kernel", {**GDN_TILES, "V": 128, "BV": 64}),
-    (GDN, "_t_kernel", GDN_TILES),
+    (GDN, "_wy_kernel", {**GDN_TILES, **GDN_LOW, "V": 128, "BV": 64, "SPREC": "tf32",
+                         "KDT": "tl.bfloat16"}),
+    (GDN, "_wy_kernel", {**GDN_TILES, **GDN_FP32, "V": 128, "BV": 64, "SPREC": "ieee",
+                         "KDT": "tl.float32"}),
+    (GDN, "_t_kernel", {**GDN_TILES, "SPREC": "ieee", "KDT": "tl.float32", "EMULATE": False}),
     (GDN, "_wu_kernel", {**GDN_TILES, "V": 128, "BV": 64}),
-    (GDN, "_state_kernel", {**GDN_TILES, "V": 128, "BV": 64, "HAS_H0": True, "STORE_HT": True}),
-    (GDN, "_output_kernel", {**GDN_TILES, "V": 128, "BV": 64}),
+    (GDN, "_state_kernel", {**GDN_TILES, **GDN_LOW, "V": 128, "BV": 32, "HAS_H0": True,
+                            "STORE_HT": True}),
+    (GDN, "_state_kernel", {**GDN_TILES, **GDN_FP32, "V": 128, "BV": 64, "HAS_H0": True,
+                            "STORE_HT": True}),
+    (GDN, "_output_kernel", {**GDN_TILES, **GDN_LOW, "V": 128, "BV": 64}),
+    (GDN, "_output_kernel", {**GDN_TILES, **GDN_FP32, "V": 128, "BV": 64}),
 ]  # fmt: skip
 
 

@@ -72,14 +72,17 @@ def test_chunked_prefill_matches_recurrence(
     torch.testing.assert_close(ht, ht_ref, **tol(device))
 
 
-def test_prefill_bf16_inputs(device):
+@pytest.mark.parametrize("low", [False, True], ids=["fp32-scratch", "bf16-scratch"])
+def test_prefill_bf16_inputs(device, low, monkeypatch):
+    monkeypatch.setattr(gdn_prefill, "LOW_PRECISION", low)
     q, k, v, g, beta, cu = inputs([100, 29], 2, 4, 32, 32, device)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     o, ht = chunk_gated_delta_rule(q, k, v, g, beta, cu)
     o_ref, ht_ref = gated_delta_rule_ref(q, k, v, g, beta, cu)
     assert o.dtype == torch.bfloat16
     torch.testing.assert_close(o.float(), o_ref.float(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(ht, ht_ref, **tol(device))
+    # 16-bit products: the state keeps about bf16's 8 bits (vLLM's FLA kernels do the same)
+    torch.testing.assert_close(ht, ht_ref, **(dict(rtol=2e-2, atol=2e-2) if low else tol(device)))
 
 
 def test_prefill_then_decode_continues_the_state(device):
