@@ -6,6 +6,7 @@ the encoding against vLLM's own types."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import msgspec
 import pytest
@@ -168,6 +169,35 @@ async def test_a_new_subscriber_catches_up_from_the_replay_buffer():
         await until(lambda: sub.last_seq == pub._seq - 1 and len(received) >= 40)
         assert received == [BlockStored([i], None, [i] * 4, 4) for i in range(40)]
         assert sub.restarts == 0
+    finally:
+        await sub.close()
+        await pub.close()
+
+
+@pytest.mark.asyncio
+async def test_ipv6_endpoints_work_as_the_planner_renders_them():
+    """Engines bind the wildcard (the planner's tcp://*:port); a router on an IPv6 or
+    dual-stack cluster connects to the pod IP in brackets."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"this machine has no IPv6 loopback ({exc})")
+    pub = KvEventPublisher("tcp://*:0", "tcp://*:0")
+    pub.start()
+    pub.add(STORED)
+    pub.flush()
+    received: list = []
+    port, replay = (e.rsplit(":", 1)[1] for e in (pub.endpoint, pub.replay_endpoint))
+    sub = KvEventSubscriber(
+        f"tcp://[::1]:{port}", received.extend, replay_endpoint=f"tcp://[::1]:{replay}"
+    )
+    sub.start()
+    try:
+        await until(lambda: received == [STORED])  # caught up from the replay socket
+        pub.add(BlockRemoved([11]))
+        pub.flush()
+        await until(lambda: received == [STORED, BlockRemoved([11])])  # and live
     finally:
         await sub.close()
         await pub.close()

@@ -89,6 +89,13 @@ def _event(item: Any) -> KvEvent | None:
     return None
 
 
+def _options(socket: zmq.Socket) -> None:
+    """Every event socket: no linger on close, and IPv6 on, so a wildcard endpoint binds
+    both families and `tcp://[addr]:port` connects on IPv6 and dual-stack clusters."""
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.IPV6, 1)
+
+
 class KvEventPublisher:
     """PUB + replay ROUTER for one engine, on the asyncio loop's thread. `add` collects
     events; `flush` sends them as one batch (the engine flushes once per step)."""
@@ -99,14 +106,14 @@ class KvEventPublisher:
     ) -> None:  # fmt: skip
         self._ctx = zmq.asyncio.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.LINGER, 0)
+        _options(self._pub)
         self._pub.bind(endpoint)
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._replay: zmq.asyncio.Socket | None = None
         self.replay_endpoint: str | None = None
         if replay_endpoint:
             self._replay = self._ctx.socket(zmq.ROUTER)
-            self._replay.setsockopt(zmq.LINGER, 0)
+            _options(self._replay)
             self._replay.bind(replay_endpoint)
             self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
         self._topic = topic.encode()
@@ -196,7 +203,7 @@ class KvEventSubscriber:
 
     async def _run(self) -> None:
         sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
+        _options(sub)
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         poller = zmq.asyncio.Poller()
@@ -287,7 +294,7 @@ class KvEventSubscriber:
         # DEALER with REQ's empty delimiter: the ROUTER answers with many messages, which a
         # REQ socket would drop after the first.
         req = self._ctx.socket(zmq.DEALER)
-        req.setsockopt(zmq.LINGER, 0)
+        _options(req)
         req.connect(self.replay_endpoint)
         got = first
         try:
