@@ -176,3 +176,33 @@ def test_grafana_dashboard_ships_and_queries_metrics_we_export():
     exported = {fam.name for fam in [*RouterMetrics().registry.collect(), *operator_families]}
     assert queried - exported == set(), "the dashboard queries metrics nobody exports"
     assert not [o for o in template("grafana.dashboard.enabled=false") if o["kind"] == "ConfigMap"]
+
+
+def test_pod_monitor_selects_what_the_operator_renders():
+    """The PodMonitor's selector matches the labels the renderer puts on router and engine
+    pods (one home: render/labels.py), so the dashboard's router panels have data."""
+    from ascend_operator.render import labels
+
+    (monitor,) = [
+        o for o in template("metrics.podMonitor.enabled=true") if o["kind"] == "PodMonitor"
+    ]
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    for component in ("router", "prefill", "unified"):
+        pod_labels = labels.common("qwen", component)
+        assert all(pod_labels.get(k) == v for k, v in wanted.items()), (component, wanted)
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    sources = {r["sourceLabels"][0] for r in endpoint["relabelings"]}
+    for label in (labels.DEPLOYMENT_LABEL, labels.ROLE_LABEL):  # Prometheus' escaped names
+        meta = "__meta_kubernetes_pod_label_" + label.replace(".", "_").replace("/", "_")
+        assert meta in sources, meta
+    namespaced = template(
+        "metrics.podMonitor.enabled=true", "watch.scope=namespaced", "watch.namespaces={a,b}"
+    )
+    (scoped,) = [o for o in namespaced if o["kind"] == "PodMonitor"]
+    assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["a", "b"]}
+    own = template("metrics.podMonitor.enabled=true", "watch.scope=namespaced")
+    (mine,) = [o for o in own if o["kind"] == "PodMonitor"]
+    assert mine["spec"]["namespaceSelector"] == {"matchNames": ["ops"]}
+    assert not [o for o in template() if o["kind"] == "PodMonitor"]  # off by default
