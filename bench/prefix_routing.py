@@ -293,7 +293,7 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument(
         "--regimes",
-        default="128:1,256:1,256:0.1688",
+        default="64:1,128:1,256:1,64:0.1688,128:0.1688,256:0.1688",
         help="CONCURRENCY:COMPUTE_EFFICIENCY,... (0.1688: docs/sim.md's calibrated prefill)",
     )
     parser.add_argument(
