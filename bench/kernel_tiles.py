@@ -31,10 +31,18 @@ sys.path[:0] = [str(ROOT / "kernels"), str(ROOT / "bench")]
 
 import vllm_ref  # noqa: E402
 from _common import write_result  # noqa: E402
-from torch.nn import functional  # noqa: E402
 
 from ascend_kernels import causal_conv1d, device, gdn, gdn_prefill, reshape_and_cache  # noqa: E402
-from kernels import BF16, CACHE_SHAPES, DEV, SHAPES, copy_bandwidth, device_line, ms  # noqa: E402
+from kernels import (  # noqa: E402
+    BF16,
+    CACHE_SHAPES,
+    DEV,
+    SHAPES,
+    copy_bandwidth,
+    device_line,
+    gdn_prefill_inputs,
+    ms,
+)
 
 
 def configs(sweep: list[Any]) -> list[Any]:
@@ -256,16 +264,7 @@ def sweep_gdn_prefill(copy_bw: float, vllm_dir: Path | None = None) -> list[dict
 
 
 def _gdn_shape(lens: list[int], mods: Any) -> list[dict[str, Any]]:
-    hk, hv, d = SHAPES.gdn_heads
-    tokens = sum(lens)
-    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEV)
-    q = functional.normalize(torch.randn(tokens, hk, d, device=DEV), dim=-1).to(BF16)
-    k = functional.normalize(torch.randn(tokens, hk, d, device=DEV), dim=-1).to(BF16)
-    v = torch.randn(tokens, hv, d, device=DEV, dtype=BF16)
-    g = functional.logsigmoid(torch.randn(tokens, hv, device=DEV))
-    beta = torch.rand(tokens, hv, device=DEV)
-    h0 = torch.zeros(len(lens), hv, d, d, device=DEV)
-    meta = gdn.chunk_metadata(cu.cpu(), DEV)
+    q, k, v, g, beta, cu, h0, meta = gdn_prefill_inputs(lens, DEV)
     with patched(gdn_prefill, DOT_PRECISION_CUDA="ieee", LOW_PRECISION=False):
         o_ref, ht_ref = gdn.chunk_gated_delta_rule(
             q.float(), k.float(), v.float(), g, beta, cu, initial_state=h0, metadata=meta

@@ -330,21 +330,27 @@ def bench_conv(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def gdn_prefill_inputs(lens: list[int], dev: str) -> tuple[Any, ...]:
+    """(q, k, v, g, beta, cu, h0, metadata) of one GDN prefill batch at SHAPES' heads, bf16
+    q, k, v with unit-norm keys, zero initial states."""
+    hk, hv, d = SHAPES.gdn_heads
+    tokens = sum(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    q = F.normalize(torch.randn(tokens, hk, d, device=dev), dim=-1).to(BF16)
+    k = F.normalize(torch.randn(tokens, hk, d, device=dev), dim=-1).to(BF16)
+    v = torch.randn(tokens, hv, d, device=dev, dtype=BF16)
+    g = F.logsigmoid(torch.randn(tokens, hv, device=dev))
+    beta = torch.rand(tokens, hv, device=dev)
+    h0 = torch.zeros(len(lens), hv, d, d, device=dev)
+    return q, k, v, g, beta, cu, h0, gdn.chunk_metadata(cu.cpu(), dev)
+
+
 def bench_gdn(dev: str, copy_bw: float, quick: bool) -> list[dict[str, Any]]:
     rows = []
     hk, hv, d = SHAPES.gdn_heads
     for lens in map(list, SHAPES.gdn_prefill):
         tokens = sum(lens)
-        cu = torch.tensor(
-            [0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev
-        )
-        q = F.normalize(torch.randn(tokens, hk, d, device=dev), dim=-1).to(BF16)
-        k = F.normalize(torch.randn(tokens, hk, d, device=dev), dim=-1).to(BF16)
-        v = torch.randn(tokens, hv, d, device=dev, dtype=BF16)
-        g = F.logsigmoid(torch.randn(tokens, hv, device=dev))
-        beta = torch.rand(tokens, hv, device=dev)
-        h0 = torch.zeros(len(lens), hv, d, d, device=dev)
-        meta = gdn.chunk_metadata(cu.cpu(), dev)
+        q, k, v, g, beta, cu, h0, meta = gdn_prefill_inputs(lens, dev)
         t = ms(
             lambda: gdn.chunk_gated_delta_rule(
                 q, k, v, g, beta, cu, initial_state=h0, metadata=meta

@@ -210,6 +210,24 @@ def post(url: str, body: dict[str, Any], path: str = "/v1/completions", timeout:
         raise AssertionError(f"{url}{path} answered {exc.code}: {exc.read()[:2000]!r}") from exc
 
 
+def system_prompts(count: int) -> list[str]:
+    """`count` distinct system prompts of 120 words (several 128-token blocks each)."""
+    return [" ".join(f"s{p}rule{i % 89}" for i in range(120)) for p in range(count)]
+
+
+def chat(url: str, system: str, question: str, max_tokens: int = 2) -> str:
+    """One greedy chat completion with a system prompt; its answer."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    return post(url, body, "/v1/chat/completions")["choices"][0]["message"]["content"]
+
+
+def kv_decisions(url: str, **labels: str) -> dict[str, float]:
+    """The router's kv-aware placements by reason."""
+    name = "ascend_serve_router_kv_decisions_total"
+    return {r: metric(url, name, reason=r, **labels) for r in ("load", "prefix", "spill")}
+
+
 def get(url: str, path: str) -> Any:
     with urllib.request.urlopen(url + path, timeout=60) as response:
         return json.load(response)

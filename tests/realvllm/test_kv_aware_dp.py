@@ -10,7 +10,7 @@ import re
 import pytest
 
 from ascend_operator.local_setup import free_port
-from serving import Up, engine_spec, metric, post
+from serving import Up, chat, engine_spec, kv_decisions, metric, system_prompts
 
 pytestmark = pytest.mark.realvllm
 
@@ -25,17 +25,11 @@ def test_every_rank_of_a_data_parallel_instance_is_followed(engine_python, tiny_
         url = up.wait_ready()
         engines = up.members["unified"]
         assert len(engines) == 2
-        systems = [" ".join(f"s{p}rule{i % 89}" for i in range(120)) for p in range(2)]
+        systems = system_prompts(2)
         for q in range(4):
             for system in systems:
-                messages = [{"role": "system", "content": system},
-                            {"role": "user", "content": f"question {q}"}]  # fmt: skip
-                body = {"model": "tiny", "messages": messages, "max_tokens": 2, "temperature": 0}
-                post(url, body, "/v1/chat/completions")
-        decisions = {
-            reason: metric(url, "ascend_serve_router_kv_decisions_total", reason=reason)
-            for reason in ("load", "prefix", "spill")
-        }
+                chat(url, system, f"question {q}")
+        decisions = kv_decisions(url)
         # vLLM's own balancer spreads an instance's requests over its ranks, and each rank
         # caches what it served: the router's index holds both ranks' blocks as one instance.
         assert decisions["load"] == 2 and decisions["prefix"] + decisions["spill"] == 6, decisions

@@ -10,17 +10,11 @@ from __future__ import annotations
 import pytest
 
 from ascend_operator.local_setup import free_port
-from serving import Up, engine_spec, metric, post
+from serving import Up, chat, engine_spec, kv_decisions, metric, system_prompts
 
 pytestmark = pytest.mark.realvllm
 
 BLOCK = 128
-
-
-def _ask(url: str, system: str, question: str) -> str:
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-    body = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0}
-    return post(url, body, "/v1/chat/completions")["choices"][0]["message"]["content"]
 
 
 def _by_source(engines: list[str], source: str) -> float:
@@ -42,23 +36,18 @@ def test_decode_goes_where_vllm_cached_the_prefix_and_pulls_the_rest(
         url = up.wait_ready()
         decodes = up.members["decode"]
         assert len(decodes) == 2
-        systems = [" ".join(f"s{p}rule{i % 89}" for i in range(120)) for p in range(2)]
-        cold = [_ask(url, system, "question 0") for system in systems]
+        systems = system_prompts(2)
+        cold = [chat(url, system, "question 0", 8) for system in systems]
         moved_cold = _by_source(decodes, "external_kv_transfer")
         computed_cold = _by_source(decodes, "local_compute")
         prompts_cold = sum(metric(e, "vllm:prompt_tokens_total") for e in decodes)
         assert _by_source(decodes, "local_cache_hit") == 0 and moved_cold >= 2 * BLOCK
         for q in (1, 2):
             for system in systems:
-                _ask(url, system, f"question {q}")
+                chat(url, system, f"question {q}", 8)
         # The same first questions again: the decode engine holds their prefix now.
-        assert [_ask(url, system, "question 0") for system in systems] == cold
-        decisions = {
-            reason: metric(
-                url, "ascend_serve_router_kv_decisions_total", role="decode", reason=reason
-            )
-            for reason in ("load", "prefix", "spill")
-        }
+        assert [chat(url, system, "question 0", 8) for system in systems] == cold
+        decisions = kv_decisions(url, role="decode")
         assert decisions == {"load": 2, "prefix": 6, "spill": 0}, decisions
         assert metric(url, "ascend_serve_router_kv_tokenize_failures_total") == 0
         # vLLM's own counters on the decode engines: each of the 6 later prompts found at

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from ascend_operator.local_setup import free_port
-from serving import Up, engine_spec, metric, post
+from serving import Up, chat, engine_spec, kv_decisions, metric, system_prompts
 
 pytestmark = pytest.mark.realvllm
 
@@ -23,17 +23,11 @@ def test_chats_go_where_vllm_cached_their_system_prompt(engine_python, tiny_mode
     try:
         url = up.wait_ready()
         engines = up.members["unified"]
-        systems = [" ".join(f"s{p}rule{i % 89}" for i in range(120)) for p in range(2)]
+        systems = system_prompts(2)
         for q in range(3):
             for system in systems:
-                messages = [{"role": "system", "content": system},
-                            {"role": "user", "content": f"question {q}"}]  # fmt: skip
-                body = {"model": "tiny", "messages": messages, "max_tokens": 2, "temperature": 0}
-                post(url, body, "/v1/chat/completions")
-        decisions = {
-            reason: metric(url, "ascend_serve_router_kv_decisions_total", reason=reason)
-            for reason in ("load", "prefix", "spill")
-        }
+                chat(url, system, f"question {q}")
+        decisions = kv_decisions(url)
         assert decisions == {"load": 2, "prefix": 4, "spill": 0}, decisions
         assert metric(url, "ascend_serve_router_kv_tokenize_failures_total") == 0
         # vLLM's own counters: every repeat found its system prompt in that engine's cache
