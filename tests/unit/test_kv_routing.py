@@ -89,6 +89,46 @@ async def test_approximate_mode_subscribes_to_nothing():
 
 
 @pytest.mark.asyncio
+async def test_pd_places_the_decode_apart_from_the_prefill_and_by_its_own_history():
+    """PD: one prompt's prefill and decode placements are separate (their own keys, their
+    own role's instances and KV blocks); a conversation's next turn finds both again, and a
+    cold prompt goes to the decode instance holding less."""
+    settings = KvAwareRouting(mode="approximate", block_size=4,
+                              kv_blocks={"prefill": 100, "decode": 1000})  # fmt: skip
+    kv = KvRouting(settings, RouterBackends(), RouterMetrics())
+    await kv.start([])
+    pool = Pool(policy="kv-aware", listeners=[kv])
+    prefills, decodes = ["http://p:1", "http://p:2"], ["http://d:1", "http://d:2"]
+    pool.set_members("prefill", prefills)
+    pool.set_members("decode", decodes)
+    history = " ".join(f"t{i}" for i in range(40))
+
+    def place(text: str) -> tuple[str, str]:
+        prefill = kv.local_affinity("prefill", "/v1/completions", {"prompt": text})
+        assert prefill is not None
+        decode = prefill.for_role("decode")
+        assert decode.hashes == prefill.hashes and decode.key != prefill.key
+        p, d = pool.pick("prefill", chooser=prefill), pool.pick("decode", chooser=decode)
+        assert p is not None and d is not None and p.role == "prefill" and d.role == "decode"
+        prefill.settle()
+        decode.settle()
+        return p.url, d.url
+
+    first = place(history)
+    follow_up = history + " and a follow-up question"
+    assert place(follow_up) == first
+    blocks = len(kv.local_affinity("decode", "/v1/completions", {"prompt": follow_up}).hashes)
+    assert kv.policy.index.size(first[1]) == blocks  # the decode's own routing history
+    decisions = kv.metrics.kv_decisions
+    assert decisions.labels("decode", "prefix")._value.get() == 1
+    assert decisions.labels("decode", "load")._value.get() == 1
+    # a prompt sharing nothing goes to the other decode instance (it caches less)
+    other = place(" ".join(f"u{i}" for i in range(40)))
+    assert other[1] != first[1]
+    await kv.stop()
+
+
+@pytest.mark.asyncio
 async def test_vllm_hashing_takes_tokens_from_the_request_or_the_engines():
     """hashing vllm: a token-id prompt is hashed as given; a text prompt or a chat goes to
     the engines' /tokenize with the fields that decide its tokens; no answer, no placement.
