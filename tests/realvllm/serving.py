@@ -210,6 +210,19 @@ def post(url: str, body: dict[str, Any], path: str = "/v1/completions", timeout:
         raise AssertionError(f"{url}{path} answered {exc.code}: {exc.read()[:2000]!r}") from exc
 
 
+def precise_kv_aware_up(
+    name: str, model: Path, roles: list[dict[str, Any]], workdir: Path, engine_python: Path
+) -> Up:
+    """`up` (started) of two unified or decode instances of `roles`, routed kv-aware in
+    precise mode."""
+    spec = engine_spec(name, model, roles)
+    spec["spec"]["replicas"] = 2
+    spec["spec"]["router"] = {"policy": "kv-aware", "kvAware": {"mode": "precise"}}
+    from ascend_operator.local_setup import free_port
+
+    return Up(spec, workdir, engine_python, free_port())
+
+
 def system_prompts(count: int) -> list[str]:
     """`count` distinct system prompts of 120 words (several 128-token blocks each)."""
     return [" ".join(f"s{p}rule{i % 89}" for i in range(120)) for p in range(count)]

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from ascend_operator.local_setup import free_port
-from serving import Up, chat, engine_spec, kv_decisions, metric, system_prompts
+from serving import chat, kv_decisions, metric, precise_kv_aware_up, system_prompts
 
 pytestmark = pytest.mark.realvllm
 
@@ -28,10 +27,9 @@ def test_decode_goes_where_vllm_cached_the_prefix_and_pulls_the_rest(
         {"name": "prefill", "parallelism": {"tensor": 1}},
         {"name": "decode", "parallelism": {"tensor": 1}},
     ]
-    spec = engine_spec("tq-kv-pd", tiny_model("qwen3"), roles)
-    spec["spec"]["replicas"] = 2  # decode instances
-    spec["spec"]["router"] = {"policy": "kv-aware", "kvAware": {"mode": "precise"}}
-    up = Up(spec, tmp_path / "kv-pd", engine_python, free_port())
+    up = precise_kv_aware_up(
+        "tq-kv-pd", tiny_model("qwen3"), roles, tmp_path / "kv-pd", engine_python
+    )
     try:
         url = up.wait_ready()
         decodes = up.members["decode"]

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from ascend_operator.local_setup import free_port
-from serving import Up, chat, engine_spec, kv_decisions, metric, system_prompts
+from serving import chat, kv_decisions, metric, precise_kv_aware_up, system_prompts
 
 pytestmark = pytest.mark.realvllm
 
 
 def test_chats_go_where_vllm_cached_their_system_prompt(engine_python, tiny_model, tmp_path):
     roles = [{"name": "unified", "parallelism": {"tensor": 1}}]
-    spec = engine_spec("tq-kv", tiny_model("qwen3"), roles)
-    spec["spec"]["replicas"] = 2
-    spec["spec"]["router"] = {"policy": "kv-aware", "kvAware": {"mode": "precise"}}
-    up = Up(spec, tmp_path / "kv", engine_python, free_port())
+    up = precise_kv_aware_up("tq-kv", tiny_model("qwen3"), roles, tmp_path / "kv", engine_python)
     try:
         url = up.wait_ready()
         engines = up.members["unified"]

@@ -217,12 +217,13 @@ class SimEngine:
         counts local hits before a KV connector loads the rest) and free ones for the rest.
         None while too few are free (nothing taken). Returns how many blocks were cached."""
         n = self.blocks_needed(len(seq.prompt))
-        hit = self.cache.lookup(seq) if self.cache is not None and use_cache else []
-        reusable = self.cache.free_among(hit) if self.cache is not None and hit else 0
+        cache = self.cache if use_cache else None
+        hit = cache.lookup(seq) if cache is not None else []
+        reusable = cache.free_among(hit) if cache is not None else 0
         if n - len(hit) > self.pool.free - reusable:
             return None
-        if self.cache is not None and use_cache:
-            self.cache.reuse(seq, hit)
+        if cache is not None:
+            cache.reuse(seq, hit)
             self.observer.on_prefix_lookup(seq.num_tokens, seq.computed)
         got = self.pool.allocate(n - len(hit))
         assert got is not None

@@ -128,7 +128,6 @@ class RankCaches:
         raises if any copy disagrees."""
         v_size = self.layout.spec.v_dim
         states: list[int | None] = [None] * num_tokens
-        states[:start] = [0] * start
         for rank, bufs in self.buffers.items():
             for t, head, j, block, off in self._slots(rank, num_tokens, blocks, start):
                 for layer in range(LAYERS):
@@ -141,7 +140,7 @@ class RankCaches:
                         states[t] = state
                     elif states[t] != state:
                         raise ValueError(f"token {t}: ranks hold different KV")
-        missing = [t for t, s in enumerate(states) if s is None]
+        missing = [t for t in range(start, num_tokens) if states[t] is None]
         if missing:
             raise ValueError(f"no rank received the KV of tokens {missing[:5]}")
         return [s for s in states[start:] if s is not None]
@@ -230,11 +229,10 @@ class KvImporter:
     async def close(self) -> None:
         await self.client.close()
 
-    async def pull(self, params: dict[str, Any], seq: Sequence) -> int:
+    async def pull(self, params: dict[str, Any], seq: Sequence) -> None:
         """Give `seq` its prompt's KV: blocks this instance caches already (one context slot
         only: with PCP/DCP a local block is not one prefix block), the rest pulled from the
-        prefill instance. Sets its blocks (the engine's after) and imported states; returns
-        how many prompt tokens were pulled."""
+        prefill instance. Sets its blocks (the engine's after) and imported states."""
         check_params(params)
         prompt_len = len(seq.prompt)
         num = params.get("remote_num_tokens")
@@ -269,7 +267,6 @@ class KvImporter:
             self._drop(seq)
             raise
         seq.imported_states = seq.states[:start] + pulled
-        return prompt_len - start
 
     def _drop(self, seq: Sequence) -> None:
         """Undo a failed import: its blocks back to the pool, nothing computed."""

@@ -174,13 +174,15 @@ class VirtualRun:
         candidates = [i for i, (r, _) in enumerate(self.engines) if r == role]
         return min(candidates, key=self.load)
 
-    def _submit(self, request: _Request) -> None:
-        role = "prefill" if self.pd else "unified"
+    def _choose(self, role: str, prompt: list[int]) -> int:
+        """The instance of `role` the router picks (the least loaded without one)."""
         if self.router is None:
-            index = self._least_loaded(role)
-        else:
-            candidates = [i for i, (r, _) in enumerate(self.engines) if r == role]
-            index = self.router.pick(role, request.prompt, candidates)
+            return self._least_loaded(role)
+        candidates = [i for i, (r, _) in enumerate(self.engines) if r == role]
+        return self.router.pick(role, prompt, candidates)
+
+    def _submit(self, request: _Request) -> None:
+        index = self._choose("prefill" if self.pd else "unified", request.prompt)
         request.engine = index
         seq = Sequence(
             request_id=str(request.index),
@@ -218,11 +220,7 @@ class VirtualRun:
         prefill's answer), and what that instance does not cache of the prompt travels. Its
         scheduler shares the cached blocks when it admits the sequence (blocks taken before
         could starve the sequences waiting ahead)."""
-        candidates = [i for i, (r, _) in enumerate(self.engines) if r == "decode"]
-        if self.router is None:
-            index = self._least_loaded("decode")
-        else:
-            index = self.router.pick("decode", request.prompt, candidates)
+        index = self._choose("decode", request.prompt)
         seq = Sequence(
             request_id=str(request.index),
             prompt=request.prompt,
