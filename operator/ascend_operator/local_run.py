@@ -37,7 +37,6 @@ from .local_setup import (
     LOOPBACK,
     check_kv_aware,
     engine_has_mooncake,
-    free_port,
     free_port_block,
     local_kv_events,
     local_model_path,
@@ -84,7 +83,9 @@ def local_processes(
     device_cursor = 0
     model_path = local_model_path(plan) if engine == "vllm" else ""
     vllm = shutil.which("vllm") or "vllm"  # run_up says what to do when it is missing
-    kv_ports: set[int] = set()
+    # Every port picked here is claimed in `taken` (none is bound until its process starts,
+    # so the OS could hand the same free port out twice).
+    taken: set[int] = {router_port}
     events: dict[str, KvEventsEndpoint] = {}
     check_kv_aware(plan, engine)
     for role in plan.roles:
@@ -92,23 +93,23 @@ def local_processes(
         role_config_path = run_dir / f"{role.name}.json"
         role_config_path.write_text(config.model_dump_json(indent=2))
         for instance in range(role.instances):
-            port = free_port()
+            port = free_port_block(1, taken)
             url = f"http://{LOOPBACK}:{port}"
             members.setdefault(role.name, []).append(url)
             config_path = role_config_path
             if config.sim.kv_events is not None and engine == "sim":
                 # every instance publishes on its own pair of ports (one network here)
                 config_path = run_dir / f"{role.name}-{instance}.json"
-                events[url] = local_kv_events(config, config_path, kv_ports)
-            kv_port = free_port() if role.name == Role.PREFILL else None
+                events[url] = local_kv_events(config, config_path, taken)
+            kv_port = free_port_block(1, taken) if role.name == Role.PREFILL else None
             instance_config = config
             if engine == "vllm":
                 # every rank of every instance serves KV on its own port (one network here)
                 topo = config.topology
                 ranks = topo.data * topo.ranks_devices
-                base = free_port_block(ranks, kv_ports) if config.kv_transfer else None
+                base = free_port_block(ranks, taken) if config.kv_transfer else None
                 instance_config = local_vllm_config(config, model_path, base, transport)
-                instance_config, where = local_vllm_events(instance_config, kv_ports)
+                instance_config, where = local_vllm_events(instance_config, taken)
                 if where is not None:
                     events[url] = where
             for pod in role.pods:

@@ -14,6 +14,7 @@ import pytest
 from ascend_operator.local_run import LocalDeployment, LocalProcess, local_processes
 from ascend_operator.local_setup import UpError, engine_has_mooncake, free_port, free_port_block
 from ascend_operator.planner import ClusterInfo, plan_manifest
+from helpers import load_example
 
 
 def pd_manifest(model_dir: Path, tensor: int = 1, **source) -> dict:
@@ -86,6 +87,31 @@ def test_port_blocks_do_not_overlap():
     first, second = free_port_block(4, taken), free_port_block(4, taken)
     assert not set(range(first, first + 4)) & set(range(second, second + 4))
     assert len(taken) == 8
+
+
+def test_every_port_up_picks_is_its_own(tmp_path, monkeypatch):
+    """None of the ports is bound before its process starts, so the OS may offer one free
+    port again and again: engine HTTP, sim KV-transfer and KV-event ports stay distinct from
+    each other and from the router's (a CI run once lost a prefill to a reused port)."""
+    from ascend_operator import local_setup
+
+    base = free_port_block(32, set())
+    offers = iter([p for p in range(base, base + 32) for _ in range(3)] * 100)
+    monkeypatch.setattr(local_setup, "free_port", lambda: next(offers))
+    doc = load_example("tiny-sim-pd.yaml")
+    doc["spec"]["router"] = {"policy": "kv-aware"}  # every instance publishes KV events
+    router_port = base + 3
+    engines, _ = local_processes(plan_manifest(doc), tmp_path, "sim", router_port)
+    ports = [router_port]
+    for engine in engines:
+        ports.append(int(option(engine.argv, "--port")))
+        if "--kv-port" in engine.argv:
+            ports.append(int(option(engine.argv, "--kv-port")))
+    routing = json.loads((tmp_path / "router.json").read_text())
+    for where in routing["backends"]["kv_events"].values():
+        ports += [int(e.rsplit(":", 1)[1]) for e in where.values() if e]
+    assert len(ports) == 1 + 4 + 2 + 4 * 2, ports  # router, 4 engines, 2 prefill KV, events
+    assert len(set(ports)) == len(ports), sorted(ports)
 
 
 def test_a_signal_during_a_slow_start_stops_waiting(tmp_path):
