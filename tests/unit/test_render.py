@@ -208,3 +208,15 @@ def test_api_keys_secret_mounted():
     vols = dep["spec"]["template"]["spec"]["volumes"]
     assert {"name": "api-keys", "secret": {"secretName": "keys"}} in vols
     assert [p["metadata"]["name"] for p in by_kind(objs, "PodDisruptionBudget")] == ["m-router"]
+
+
+def test_strings_yaml_12_reads_as_numbers_are_quoted():
+    """kubectl reads YAML 1.2: an all-digit template hash with a leading zero must stay a
+    string (it came out unquoted once and the API server refused the int)."""
+    import yaml
+
+    from ascend_operator.render import to_yaml
+
+    text = to_yaml([{"h": "0271197214080670", "f": "1e5", "x": "0x1f", "s": "abc"}])
+    assert yaml.safe_load(text) == {"h": "0271197214080670", "f": "1e5", "x": "0x1f", "s": "abc"}
+    assert "h: '0271197214080670'" in text and "s: abc" in text

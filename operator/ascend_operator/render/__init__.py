@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -25,8 +26,15 @@ class _Dumper(yaml.SafeDumper):
         return True  # write shared values (a probe's httpGet) out in full, no &anchors
 
 
+_YAML12_NUMBER = re.compile(
+    r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+|[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?"
+)
+"""Plain scalars YAML 1.2 reads as numbers (kubectl does): PyYAML's 1.1 resolver leaves some
+unquoted, such as `0271197214080670`, a template hash that happens to be all digits."""
+
+
 def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
-    style = "|" if "\n" in data else None
+    style = "|" if "\n" in data else "'" if _YAML12_NUMBER.fullmatch(data) else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
 
