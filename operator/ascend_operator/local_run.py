@@ -82,6 +82,8 @@ def local_processes(
     members: dict[str, list[str]] = {}
     device_cursor = 0
     model_path = local_model_path(plan) if engine == "vllm" else ""
+    hf = plan.spec.model.source.hugging_face
+    revision = hf.revision if hf is not None else None
     vllm = shutil.which("vllm") or "vllm"  # run_up says what to do when it is missing
     # Every port picked here is claimed in `taken` (none is bound until its process starts,
     # so the OS could hand the same free port out twice).
@@ -139,8 +141,13 @@ def local_processes(
                         name, argv, env, run_dir / f"{name}.log", url if pod.leader else None
                     )
                 )
+    kv = plan.router.config.kv_aware
+    if kv is not None and kv.hashing == "vllm":
+        # The model is on this machine: the router tokenizes with its tokenizer files.
+        kv = kv.model_copy(update={"tokenizer": model_path, "tokenizer_revision": revision})
     router_config = plan.router.config.model_copy(
         update={
+            "kv_aware": kv,
             "port": router_port,
             "backends": RouterBackends(source="static", static=members, kv_events=events),
             "api_keys_file": None,  # the Secrets are a cluster's; `up` serves loopback only

@@ -308,8 +308,13 @@ class KvAwareRouting(_Config):
     ranks: dict[str, int] = Field(default_factory=dict)
     """Role -> data-parallel ranks publishing on an instance's leader, rank r on the ports +
     r (vLLM's rule); 1 when unset (the sim publishes once per instance)."""
+    tokenizer: str | None = None
+    """Hashing vllm: the model directory (or Hugging Face id, from the local cache) whose
+    tokenizer the router loads to tokenize prompts itself; unset, an engine's /tokenize."""
+    tokenizer_revision: str | None = None
+    """The revision of a Hugging Face id `tokenizer`."""
 
-    _omit_when_empty = ("ranks",)
+    _omit_when_empty = ("ranks", "tokenizer", "tokenizer_revision")
 
     def endpoints(self, role: str, url: str, backends: RouterBackends) -> list[KvEventsEndpoint]:
         """Where the instance at `url` publishes its events, one entry per data-parallel

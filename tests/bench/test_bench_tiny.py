@@ -1,7 +1,8 @@
 """Every benchmark script runs in a tiny mode, so none rots between the runs that produce
 bench/results/ (the speed numbers themselves are never asserted). The kernel benchmarks'
 tiny mode runs toy shapes on the CPU under Triton's interpreter; their real runs need an
-NVIDIA GPU (docs/kernels.md). bench/vllm_serve.py's tiny mode is in tests/realvllm."""
+NVIDIA GPU (docs/kernels.md). The tiny modes of bench/vllm_serve.py and bench/kv_decision.py
+(they start a real vLLM engine) are in tests/realvllm."""
 
 from __future__ import annotations
 

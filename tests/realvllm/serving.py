@@ -274,7 +274,7 @@ def metric(url: str, name: str, **labels: str) -> float:
         text = response.read().decode()
     total = 0.0
     for line in text.splitlines():
-        if not line.startswith(name + "{"):
+        if not line.startswith((name + "{", name + " ")):
             continue
         head, _, value = line.rpartition(" ")
         if all(f'{k}="{v}"' in head for k, v in labels.items()):

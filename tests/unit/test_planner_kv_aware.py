@@ -126,3 +126,51 @@ def test_bad_settings_name_the_field():
     assert (
         "spec.router.kvAware.mode" in problems and "precise" in problems["spec.router.kvAware.mode"]
     )
+
+
+def _router_pod(plan) -> dict:
+    from ascend_operator.render import render
+
+    (deployment,) = [
+        o
+        for o in render(plan)
+        if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("router")
+    ]
+    return deployment["spec"]["template"]["spec"]
+
+
+def test_tokenizer_model_mounts_the_model_source_in_the_router_read_only():
+    plan = plan_manifest(_kv(manifest(), kvAware={"mode": "precise", "tokenizer": "model"}))
+    kv = plan.router.config.kv_aware
+    assert kv.tokenizer == "/models/Qwen3-235B-A22B" and kv.tokenizer_revision is None
+    pod = _router_pod(plan)
+    engine_volumes = {v["name"]: v for v in pod["volumes"]}
+    assert engine_volumes["model"] == {
+        "name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}
+    }  # fmt: skip
+    (router,) = pod["containers"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in router["volumeMounts"]
+    # ... as the engines mount it: the same path in both
+    assert plan.role("unified").runtime_config.model_path == kv.tokenizer
+
+    repo = {"id": "Qwen/Qwen3-235B-A22B", "revision": "abc123", "cache": {"claimName": "hf"}}
+    source = {"pvc": None, "huggingFace": repo}
+    hf = merge(manifest(), {"spec": {"model": {"source": source}}})
+    plan = plan_manifest(_kv(hf, kvAware={"tokenizer": "model"}))
+    kv = plan.router.config.kv_aware
+    assert (kv.tokenizer, kv.tokenizer_revision) == ("Qwen/Qwen3-235B-A22B", "abc123")
+    (router,) = _router_pod(plan)["containers"]
+    env = {e["name"]: e.get("value") for e in router["env"]}
+    assert env["HF_HOME"] == "/hf-cache" and env["HF_HUB_OFFLINE"] == "1"
+    assert {"name": "hf-cache", "mountPath": "/hf-cache", "readOnly": True} in router[
+        "volumeMounts"
+    ]
+
+
+def test_the_router_reads_no_model_unless_asked():
+    for doc in (_kv(manifest()), _kv(manifest(), kvAware={"mode": "precise"}),
+                _kv(load_example("tiny-sim.yaml"), kvAware={"tokenizer": "model"})):  # fmt: skip
+        plan = plan_manifest(doc)
+        assert plan.router.config.kv_aware.tokenizer is None
+        pod = _router_pod(plan)
+        assert {v["name"] for v in pod["volumes"]}.isdisjoint({"model", "hf-cache"})

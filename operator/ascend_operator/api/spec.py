@@ -524,6 +524,14 @@ class KvAwareSpec(ApiModel):
     index_capacity: int = Field(default=131_072, ge=1024, le=16_777_216)
     """Block hashes the router remembers per instance (about 100 bytes each); past it the least
     recently used are forgotten."""
+    tokenizer: Literal["engine", "model"] = "engine"
+    """How the router gets a prompt's tokens over vLLM engines: `engine` asks an engine's
+    /tokenize (a round trip per request, milliseconds on long prompts); `model` mounts the model
+    source read-only in the router pods and tokenizes there with the model's tokenizer files,
+    remembering shared prefixes (well under a millisecond; a sample is checked against the
+    engines). With `model` the router pods must be able to mount the source: a ReadOnlyMany or
+    ReadWriteMany claim, or a hostPath present on their nodes. The sim's router always
+    tokenizes itself."""
 
 
 class RouterSpec(ApiModel):

@@ -10,6 +10,7 @@ from ..api.spec import VLLM_DEFAULT_CUDAGRAPH_MODE, ModelDeploymentSpec, RoleSpe
 from . import additional_config, fused_mc2, kv_aware
 from .architectures import Architecture
 from .capabilities import RuntimeCapabilities
+from .model_source import model_env
 from .names import MODEL_MOUNT
 
 
@@ -202,8 +203,7 @@ def role_environment(
         if spec.hardware is not None:
             nic = spec.hardware.network_interface
             env |= {"GLOO_SOCKET_IFNAME": nic, "TP_SOCKET_IFNAME": nic, "HCCL_SOCKET_IFNAME": nic}
-    if spec.model.source.hugging_face is not None:
-        env |= {"HF_HOME": "/hf-cache", "HF_HUB_OFFLINE": "1"}
+    env |= model_env(spec)
     for name in (*spec.runtime.unset_env, *role.unset_env):
         env.pop(name, None)
     env |= spec.runtime.env

@@ -11,6 +11,7 @@ from ascend_runtime.roles import KV_EVENTS_PORT, KV_EVENTS_REPLAY_PORT, KvAwareM
 
 from ..api.spec import KvAwareSpec, ModelDeploymentSpec
 from .capabilities import RuntimeCapabilities
+from .model_source import model_path
 from .problems import PlanWarning, Problem
 from .results import RolePlan
 
@@ -138,6 +139,7 @@ def routing(spec: ModelDeploymentSpec, roles: Sequence[RolePlan]) -> KvAwareRout
         return None
     settings = spec.router.kv_aware or KvAwareSpec()
     vllm = spec.runtime.engine == "vllm"
+    hf = spec.model.source.hugging_face
     return KvAwareRouting(
         mode=chosen,
         block_size=spec.runtime.block_size,
@@ -148,4 +150,6 @@ def routing(spec: ModelDeploymentSpec, roles: Sequence[RolePlan]) -> KvAwareRout
         vllm_hash_algo=VLLM_HASH_ALGO,
         vllm_hash_seed=VLLM_HASH_SEED,
         ranks={r.name: r.runtime_config.topology.data_local for r in roles} if vllm else {},
+        tokenizer=model_path(spec) if vllm and settings.tokenizer == "model" else None,
+        tokenizer_revision=hf.revision if vllm and settings.tokenizer == "model" and hf else None,
     )

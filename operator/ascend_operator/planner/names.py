@@ -39,6 +39,9 @@ def pdb(deployment: str, component: str) -> str:
 MODEL_MOUNT = "/models"
 """Where engine pods mount the model (a PVC or a hostPath directory)."""
 
+HF_CACHE = "/hf-cache"
+"""Where engine pods mount a Hugging Face cache (HF_HOME) holding the model."""
+
 CONFIG_DIR = "/etc/ascend-serve"
 """Where engine and router pods mount their configuration."""
 

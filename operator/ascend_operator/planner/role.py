@@ -17,6 +17,7 @@ from .architectures import Architecture
 from .capabilities import RuntimeCapabilities
 from .engine_args import RoleEngineSettings, role_environment, vllm_args
 from .hardware import HardwareProfile
+from .model_source import model_path
 from .problems import PlanWarning, Problem
 from .quantity import parse_quantity
 from .results import ClusterInfo, PodPlan, RolePlan
@@ -98,16 +99,6 @@ def graph_settings(
             requests = graphs.consumer_request_slots(max_seqs, n + 1)
         return graph_mode, tuple(graphs.mtp_capture_sizes(requests, n + 1)), True, n
     return graph_mode, tuple(graphs.default_capture_sizes(max_seqs)), False, n
-
-
-def model_path(spec: ModelDeploymentSpec) -> str:
-    source = spec.model.source
-    if source.pvc is not None:
-        sub = source.pvc.path.strip("/")
-        return f"{names.MODEL_MOUNT}/{sub}" if sub else names.MODEL_MOUNT
-    if source.hugging_face is not None:
-        return source.hugging_face.id
-    return names.MODEL_MOUNT  # hostPath (or no source, already reported as a problem)
 
 
 ASCEND_CONNECTOR = "AscendKvConnector"

@@ -15,11 +15,11 @@ from ascend_runtime.roles import ENGINE_HTTP_PORT, KV_EVENTS_PORT, KV_EVENTS_REP
 from ..planner import names
 from ..planner.results import Plan, RolePlan
 from . import labels as lbl
+from .model_volume import model_volume
 
 CONFIG_DIR = names.CONFIG_DIR
 
 RUNTIME_JSON = f"{CONFIG_DIR}/runtime.json"
-HF_CACHE = "/hf-cache"
 
 DRIVER_MOUNTS: tuple[tuple[str, str, str], ...] = (
     ("ascend-dcmi", "/usr/local/dcmi", "Directory"),
@@ -118,34 +118,9 @@ def _volumes(plan: Plan, role: RolePlan) -> tuple[list[dict[str, Any]], list[dic
     shm = spec.hardware.shm_size if spec.hardware else "1Gi"
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    source = spec.model.source
-    if source.pvc is not None:
-        volumes.append(
-            {
-                "name": "model",
-                "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True},
-            }
-        )
-        mounts.append({"name": "model", "mountPath": names.MODEL_MOUNT, "readOnly": True})
-    elif source.host_path is not None:
-        volumes.append(
-            {"name": "model", "hostPath": {"path": source.host_path.path, "type": "Directory"}}
-        )
-        mounts.append({"name": "model", "mountPath": names.MODEL_MOUNT, "readOnly": True})
-    elif source.hugging_face is not None:
-        cache = source.hugging_face.cache
-        if cache.claim_name:
-            volumes.append(
-                {
-                    "name": "hf-cache",
-                    "persistentVolumeClaim": {"claimName": cache.claim_name, "readOnly": True},
-                }
-            )
-        else:
-            volumes.append(
-                {"name": "hf-cache", "hostPath": {"path": cache.host_path, "type": "Directory"}}
-            )
-        mounts.append({"name": "hf-cache", "mountPath": HF_CACHE, "readOnly": True})
+    model_volumes, model_mounts = model_volume(spec)
+    volumes += model_volumes
+    mounts += model_mounts
     if spec.hardware is not None and spec.hardware.mount_driver:
         for name, path, kind in DRIVER_MOUNTS:
             volumes.append({"name": name, "hostPath": {"path": path, "type": kind}})

@@ -8,9 +8,11 @@ from typing import Any
 from ascend_runtime.engine_command import router_command
 
 from ..planner import names
+from ..planner.model_source import model_env
 from ..planner.results import Plan
 from . import labels as lbl
 from .engine import CONFIG_DIR, meta, pod_disruption_budget, template_hash
+from .model_volume import model_volume
 
 
 def _rbac(plan: Plan) -> list[dict[str, Any]]:
@@ -51,6 +53,12 @@ def _deployment(plan: Plan) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [
         {"name": "router-config", "mountPath": CONFIG_DIR, "readOnly": True}
     ]
+    kv = router.config.kv_aware
+    reads_model = kv is not None and kv.tokenizer is not None
+    if reads_model:  # the router loads the model's tokenizer (never its weights)
+        model_volumes, model_mounts = model_volume(plan.spec)
+        volumes += model_volumes
+        mounts += model_mounts
     for entry, field in names.ROUTER_KEY_SECRETS.items():
         secret = getattr(spec, field)
         if secret:
@@ -99,7 +107,11 @@ def _deployment(plan: Plan) -> dict[str, Any]:
                         {
                             "name": "POD_NAMESPACE",
                             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
-                        }
+                        },
+                        *(
+                            {"name": k, "value": v}
+                            for k, v in (model_env(plan.spec) if reads_model else {}).items()
+                        ),
                     ],
                     "resources": resources,
                     "readinessProbe": {"httpGet": get, "periodSeconds": 5, "failureThreshold": 2},

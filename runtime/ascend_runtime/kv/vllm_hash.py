@@ -55,8 +55,16 @@ class VllmBlockHasher:
 
     def block_hashes(self, tokens: Sequence[int], block_size: int) -> list[int]:
         """The hashes of the full blocks of `tokens` (token ids as vLLM sees the prompt)."""
-        out, parent = [], self.none_hash
+        return self.chain(self.none_hash, tokens, block_size)[0]
+
+    def chain(
+        self, parent: bytes, tokens: Sequence[int], block_size: int
+    ) -> tuple[list[int], bytes]:
+        """The full blocks of `tokens` chained after the block whose full hash is `parent`
+        (none_hash before the first): their hashes in the events' form, and the last full
+        hash (`parent` when there is no full block)."""
+        out = []
         for start in range(0, len(tokens) // block_size * block_size, block_size):
             parent = self._hash((parent, tuple(tokens[start : start + block_size]), None))
             out.append(external(parent))
-        return out
+        return out, parent

@@ -1,7 +1,9 @@
 """Router policy kv-aware: each request's prompt hashed into blocks, its instance chosen by
 where those blocks are cached (prefix_index.KvAwarePolicy; in PD the prefill instance, then
 the decode instance), and in precise mode the engines' KV events followed, one subscriber per
-instance, started and stopped with the membership."""
+instance, started and stopped with the membership. Over vLLM engines the prompt is tokenized
+by the model's tokenizer in the router when it has one (router/hf_prompts.py; a sample is
+checked against an engine's /tokenize), else by an engine's /tokenize."""
 
 from __future__ import annotations
 
@@ -18,16 +20,24 @@ from ..config import KvAwareRouting, RouterBackends
 from ..kv.cache_events import KvEvent
 from ..kv.events import KvEventSubscriber
 from ..kv.vllm_hash import VllmBlockHasher
+from .hf_prompts import HfPrompts, VllmChain
 from .metrics import RouterMetrics
 from .policy import Backend
 from .prefix_index import KvAwarePolicy
-from .prompt_hashes import PromptHasher, prompt_pieces, tokenize_request
+from .prompt_hashes import Piece, PromptHasher, prompt_pieces, tokenize_request
 
 Tokenize = Callable[[str, dict[str, Any]], Awaitable[list[int] | None]]
 """(role, /tokenize body) -> the token ids an engine of the role gives, None when it could
 not answer."""
 
 log = logging.getLogger("ascend_runtime.router")
+
+THREAD_CHARS = 8192
+"""New prompt text (not remembered from earlier prompts) past which the router's tokenizer
+runs in a thread, so that a long fresh prompt does not hold up the event loop."""
+CHECK_FIRST, CHECK_EVERY = 8, 256
+"""The router's tokens are checked against an engine's /tokenize for the first prompts it
+tokenizes, then for one in CHECK_EVERY."""
 
 
 @dataclass
@@ -70,9 +80,17 @@ class KvRouting:
     """Instance -> one subscriber per data-parallel rank that publishes."""
     tokenize: Tokenize | None = None
     """How prompts are tokenized for hashing vllm (the router sets an engine call)."""
+    prompts: HfPrompts | None = None
+    """The model's tokenizer in the router (vLLM engines), once loaded and while trusted."""
+    checks: tuple[int, int] = (CHECK_FIRST, CHECK_EVERY)
+    """How many of the first prompts the router tokenizes are checked, and one in how many
+    after them."""
     _vllm: VllmBlockHasher | None = field(init=False, default=None)
+    _prompt_hasher: PromptHasher | None = field(init=False, default=None)
     _keys: itertools.count[int] = field(default_factory=itertools.count)
     _started: bool = False
+    _tokenized: int = 0
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -90,15 +108,98 @@ class KvRouting:
             return self.local_affinity(role, route, body)
         started = time.perf_counter()
         tokens, query = tokenize_request(route, body)
-        if tokens is None and query is not None and self.tokenize is not None:
-            tokens = await self.tokenize(role, query)
+        hashes = None
+        if tokens is None and query is not None and self.prompts is not None:
+            hashes = await self._router_hashes(role, route, body)
+        if hashes is None:
+            if tokens is None and query is not None and self.tokenize is not None:
+                self.metrics.kv_tokenized.labels(role, "engine").inc()
+                tokens = await self.tokenize(role, query)
+                if tokens is None:
+                    self.metrics.kv_tokenize_failures.labels(role).inc()
             if tokens is None:
-                self.metrics.kv_tokenize_failures.labels(role).inc()
-        if tokens is None:
-            return None
-        hashes = self._vllm.block_hashes(tokens, self.settings.block_size)
+                return None
+            hashes = self._vllm.block_hashes(tokens, self.settings.block_size)
         self.metrics.kv_hashing.observe(time.perf_counter() - started)
         return Affinity(self, role, hashes, next(self._keys))
+
+    def use_tokenizer(self, prompts: HfPrompts | None) -> None:
+        """Tokenize prompts with `prompts` from now on (None: through the engines)."""
+        assert self._vllm is not None, "the router's tokenizer is for vLLM engines"
+        self.prompts = prompts
+        self._prompt_hasher = (
+            None
+            if prompts is None
+            else PromptHasher(
+                self.settings.block_size,
+                chain_kind=VllmChain(self.settings.block_size, self._vllm, prompts),
+            )
+        )
+        self.metrics.kv_router_tokenizer.set(0 if prompts is None else 1)
+
+    async def _router_hashes(self, role: str, route: str, body: dict[str, Any]) -> list[int] | None:
+        prompts, hasher = self.prompts, self._prompt_hasher
+        assert prompts is not None and hasher is not None
+        pieces = prompts.pieces(route, body)
+        if pieces is None:
+            return None
+        texts = [i for i in hasher.new_pieces(pieces) if isinstance(pieces[i], str)]
+        encoded = None
+        if sum(len(pieces[i]) for i in texts) > THREAD_CHARS:
+            ids = await asyncio.to_thread(prompts.encode_many, [str(pieces[i]) for i in texts])
+            encoded = {i: (t, len(t)) for i, t in zip(texts, ids, strict=True)}
+        hashes = hasher.hashes(pieces, encoded)
+        self.metrics.kv_tokenized.labels(role, "router").inc()
+        self._tokenized += 1
+        n = self._tokenized
+        first, every = self.checks
+        if (n <= first or n % every == 0) and self.tokenize is not None:
+            task = asyncio.get_running_loop().create_task(self._check(role, route, body, pieces))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return hashes
+
+    async def _check(
+        self, role: str, route: str, body: dict[str, Any], pieces: list[Piece]
+    ) -> None:
+        """Compare the router's tokens of one prompt with an engine's; on a difference, stop
+        using the router's tokenizer (the routing would miss every cached prefix)."""
+        prompts, (_, query) = self.prompts, tokenize_request(route, body)
+        if prompts is None or query is None or self.tokenize is None:
+            return
+        engine = await self.tokenize(role, query)
+        if engine is None or self.prompts is not prompts:
+            return
+        ours = await asyncio.to_thread(prompts.tokens, pieces)
+        if ours == engine:
+            self.metrics.kv_tokenizer_checks.labels("match").inc()
+            return
+        self.metrics.kv_tokenizer_checks.labels("mismatch").inc()
+        at = next((i for i, (a, b) in enumerate(zip(ours, engine, strict=False)) if a != b),
+                  min(len(ours), len(engine)))  # fmt: skip
+        log.warning(
+            "the router's tokenizer (%s) gave %d tokens for a %s prompt, an engine %d, first "
+            "differing at token %d: prompts are tokenized by the engines' /tokenize from now on",
+            self.settings.tokenizer, len(ours), route, len(engine), at,
+        )  # fmt: skip
+        self.use_tokenizer(None)
+
+    async def _load_tokenizer(self, name: str) -> None:
+        try:
+            prompts = await asyncio.to_thread(
+                HfPrompts.load, name, self.settings.tokenizer_revision
+            )
+        except Exception as exc:
+            log.warning(
+                "cannot load the tokenizer of %s (%s: %s); prompts are tokenized by the "
+                "engines' /tokenize", name, type(exc).__name__, exc,
+            )  # fmt: skip
+            return
+        self.use_tokenizer(prompts)
+        log.info(
+            "tokenizing prompts with the tokenizer of %s%s", name,
+            "" if prompts.splits else " (whole texts: its added tokens cannot be cut at)",
+        )  # fmt: skip
 
     def local_affinity(self, role: str, route: str, body: dict[str, Any]) -> Affinity | None:
         """`affinity` for engines that hash as the sim does (no I/O)."""
@@ -167,8 +268,16 @@ class KvRouting:
         self._started = True
         for role, url in members:
             self.joined(role, url)
+        name = self.settings.tokenizer
+        if name and self._vllm is not None and self.prompts is None:
+            task = asyncio.get_running_loop().create_task(self._load_tokenizer(name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         subscribers, self.subscribers = self.subscribers, {}
         await asyncio.gather(*(s.close() for subs in subscribers.values() for s in subs))
 

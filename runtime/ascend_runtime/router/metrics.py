@@ -104,6 +104,25 @@ class RouterMetrics:
             ["role"],
             registry=r,
         )
+        self.kv_tokenized = Counter(
+            "ascend_serve_router_kv_tokenized",
+            "Prompts tokenized for kv-aware routing over vLLM engines, by where: `router` (the "
+            "model's tokenizer in the router) or `engine` (an engine's /tokenize).",
+            ["role", "where"],
+            registry=r,
+        )
+        self.kv_tokenizer_checks = Counter(
+            "ascend_serve_router_kv_tokenizer_checks",
+            "Sampled prompts whose router tokens were compared with an engine's /tokenize, by "
+            "result (`match`, `mismatch`: the router stops using its tokenizer).",
+            ["result"],
+            registry=r,
+        )
+        self.kv_router_tokenizer = Gauge(
+            "ascend_serve_router_kv_router_tokenizer",
+            "1 while the router tokenizes prompts itself (kv-aware over vLLM engines).",
+            registry=r,
+        )
         self.kv_index_blocks = Gauge(
             "ascend_serve_router_kv_index_blocks",
             "Block hashes the router holds for each instance.",
