@@ -42,6 +42,7 @@ from kernels import (  # noqa: E402
     device_line,
     gdn_prefill_inputs,
     ms,
+    ms_graph,
 )
 
 
@@ -73,11 +74,13 @@ def measure(
     case: tuple[Callable[[], Any], Callable[[], bool]],
     nbytes: int,
     copy_bw: float,
+    *,
+    timer: Callable[[Callable[[], Any]], float] | None = None,
 ) -> dict[str, Any]:
-    """Check one configuration against the reference, then time it."""
+    """Check one configuration against the reference, then time it (`timer`: kernels.ms)."""
     run, check = case
     ok = check()
-    t = ms(run) if ok else float("nan")
+    t = (timer or ms)(run) if ok else float("nan")
     gbps = nbytes / t / 1e6 if ok else 0.0
     print(f"{name:34s} {config!s:70s} {t:8.4f} ms {gbps:7.0f} GB/s {gbps / copy_bw:6.1%}"
           + ("" if ok else "  WRONG"), flush=True)  # fmt: skip
@@ -151,18 +154,30 @@ def sweep_conv_prefill(copy_bw: float) -> list[dict[str, Any]]:
     return rows
 
 
-def sweep_conv_update(copy_bw: float) -> list[dict[str, Any]]:
+def sweep_conv_update(copy_bw: float, vllm_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Timed as bench/kernels.py times decode kernels (replayed from a CUDA graph after an L2
+    flush), on its inputs (slot 0 the null block); vLLM's kernel beside it when `vllm_dir`
+    holds it. programs_per_sm 128 gives every (channel tile, sequence) its own program up to
+    batch 1024 at 512 channels: vLLM's grid."""
+    mods = vllm_ref.load(vllm_dir) if vllm_dir else None
     rows = []
     dim, width = SHAPES.conv_dim, 4
     for batch, steps in SHAPES.conv_update:
         x = torch.randn(batch, steps, dim, device=DEV, dtype=BF16)
         w = torch.randn(dim, width, device=DEV, dtype=BF16)
-        states = torch.randn(batch, width - 1, dim, device=DEV, dtype=BF16).transpose(1, 2)
-        idx = torch.arange(batch, dtype=torch.int32, device=DEV)
+        states = torch.randn(batch + 1, width - 1, dim, device=DEV, dtype=BF16).transpose(1, 2)
+        idx = torch.arange(1, batch + 1, dtype=torch.int32, device=DEV)
         ref_states = states.clone()
         want = causal_conv1d.causal_conv1d_update_ref(x, ref_states, w, idx, activation="silu")
         out = torch.empty_like(x)
-        nbytes = 2 * x.numel() * 2 + 2 * states.numel() * 2
+        nbytes = 2 * x.numel() * 2 + 2 * batch * dim * (width - 1) * 2
+        name = f"conv_update b{batch} t{steps}"
+        vllm_ms = None
+        if mods is not None:
+            run_vllm, _ = vllm_ref.conv_update(mods, x=x, states=states.clone(), w=w, idx=idx)
+            vllm_ms = ms_graph(run_vllm)
+            print(f"{name:34s} vLLM {vllm_ms * 1000:8.2f} us", flush=True)
+            rows.append({"kernel": name, "config": "vllm", "ms": round(vllm_ms, 5)})
 
         def run(args=(x, w, idx, out), states=states) -> None:
             x, w, idx, out = args
@@ -176,7 +191,7 @@ def sweep_conv_update(copy_bw: float) -> list[dict[str, Any]]:
             return close(out, expected[0]) and torch.equal(s, expected[1])
 
         for block_d, warps, per_sm in configs(
-            list(itertools.product((256, 512, 1024), (4, 8), (8, 16, 32)))
+            list(itertools.product((1024, 512, 256, 128), (8, 4, 2, 1), (8, 32, 128)))
         ):
             cfg = {"UPDATE_TILE_CUDA": block_d, "warps": warps, "programs_per_sm": per_sm}
 
@@ -186,8 +201,10 @@ def sweep_conv_update(copy_bw: float) -> list[dict[str, Any]]:
                 ),  # fmt: skip
                 patched(device, GPU_PROGRAMS_PER_SM=per_sm),
             ):
-                rows.append(measure(f"conv_update b{batch} t{steps}", cfg, (run, check), nbytes,
-                                    copy_bw))  # fmt: skip
+                r = measure(name, cfg, (run, check), nbytes, copy_bw, timer=ms_graph)
+            if vllm_ms and r["correct"]:
+                r["speed_vs_vllm"] = round(vllm_ms / r["ms"], 3)
+            rows.append(r)
     return rows
 
 
@@ -313,7 +330,9 @@ def main() -> int:
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "kernel_tiles.json"))
     parser.add_argument("--only", choices=sorted(SWEEPS), action="append")
     parser.add_argument("--tiny", action="store_true", help="CPU, toy shapes, one configuration")
-    parser.add_argument("--vllm", type=Path, help="vLLM's kernels (bench/vllm_ref.py) beside GDN")
+    parser.add_argument(
+        "--vllm", type=Path, help="vLLM's kernels (bench/vllm_ref.py) beside GDN and conv update"
+    )
     args = parser.parse_args()
     if not TINY and not torch.cuda.is_available():
         print("bench/kernel_tiles.py needs an NVIDIA GPU, or --tiny for the CPU", file=sys.stderr)
@@ -324,7 +343,8 @@ def main() -> int:
     rows = []
     for name in args.only or sorted(SWEEPS):
         sweep = SWEEPS[name]
-        rows += sweep(copy_bw, args.vllm) if sweep is sweep_gdn_prefill else sweep(copy_bw)
+        takes_vllm = sweep in (sweep_gdn_prefill, sweep_conv_update)
+        rows += sweep(copy_bw, args.vllm) if takes_vllm else sweep(copy_bw)
     write_result(args.output, {
         "benchmark": "kernel_tiles",
         "device": device_line(),

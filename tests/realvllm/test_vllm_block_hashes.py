@@ -1,7 +1,7 @@
 """Real vLLM (CPU build) publishing KV events: the block hashes its BlockStored events carry
 equal what kv/vllm_hash.py computes from the token ids its /tokenize endpoint returns, for a
-token-id prompt, a text prompt and a chat request, with the settings the planner renders for
-precise kv-aware routing (sha256_cbor, PYTHONHASHSEED=0)."""
+token-id prompt, a text prompt, a chat request and a salted prompt, with the settings the
+planner renders for precise kv-aware routing (sha256_cbor, PYTHONHASHSEED=0)."""
 
 from __future__ import annotations
 
@@ -113,6 +113,18 @@ def test_text_and_chat_hash_as_vllm_does_from_its_tokenize(engine):
     chat = post(url, {"model": "tiny", "messages": messages}, path="/tokenize")["tokens"]
     post(url, {"model": "tiny", "messages": messages, "max_tokens": 1}, path="/v1/chat/completions")
     _until_stored(collector, HASHER.block_hashes(chat, BLOCK))
+
+
+def test_a_cache_salt_keys_the_first_block_as_vllm_does(engine):
+    url, collector, _ = engine
+    tokens = [(13 * i + 1) % 500 + 10 for i in range(2 * BLOCK + 5)]
+    salted = HASHER.block_hashes(tokens, BLOCK, cache_salt="tenant-a")
+    body = {"model": "tiny", "prompt": tokens, "max_tokens": 1, "temperature": 0}
+    post(url, {**body, "cache_salt": "tenant-a"})
+    _until_stored(collector, salted)
+    assert not set(HASHER.block_hashes(tokens, BLOCK)) & set(collector.stored)
+    post(url, body)  # unsalted, the same tokens are cached apart
+    _until_stored(collector, HASHER.block_hashes(tokens, BLOCK))
 
 
 def test_another_seed_or_algorithm_would_not_match(engine):

@@ -292,6 +292,13 @@ async def test_kv_routing_checks_its_tokenizer_against_the_engines_and_drops_it_
     assert metrics.kv_tokenized.labels("unified", "router")._value.get() == CHECK_FIRST
     assert metrics.kv_tokenized.labels("unified", "engine")._value.get() == 0
 
+    # a salted prompt keys its first block with the salt, tokenized by the router all the same
+    salted = await kv.affinity("unified", CHAT, {**body(1), "cache_salt": "tenant-a"})
+    tokens = _whole(qwen_like, CHAT, body(1))
+    assert salted.hashes == vllm.block_hashes(tokens, 4, cache_salt="tenant-a")
+    assert salted.hashes[0] != vllm.block_hashes(tokens, 4)[0]
+    assert metrics.kv_tokenized.labels("unified", "engine")._value.get() == 0
+
     # past the first prompts only one in CHECK_EVERY is checked; force one with a skewed engine
     kv._tokenized = 255
     skew.append(7)

@@ -159,3 +159,33 @@ async def test_vllm_hashing_takes_tokens_from_the_request_or_the_engines():
     assert await kv.affinity("unified", "/v1/completions", {"prompt": "x"}) is None
     assert metrics.kv_tokenize_failures.labels("unified")._value.get() == 1
     assert await kv.affinity("unified", "/v1/completions", {"prompt": ["a", "b"]}) is None
+
+
+@pytest.mark.asyncio
+async def test_vllm_hashing_keys_a_salted_prompts_first_block_and_skips_multimodal_chats():
+    """vLLM keys a request's first block with its cache_salt (test_vllm_block_hashes checks
+    it against real vLLM's events); a salt vLLM refuses, or a chat with image parts (keys not
+    modelled), is placed by load."""
+    from ascend_runtime.kv.vllm_hash import VllmBlockHasher
+
+    async def tokenize(role, query):
+        return list(range(40))
+
+    settings = KvAwareRouting(mode="precise", block_size=16, hashing="vllm")
+    kv = KvRouting(settings, RouterBackends(), RouterMetrics(), tokenize=tokenize)
+    hasher = VllmBlockHasher("sha256_cbor", "0")
+    plain = await kv.affinity("unified", "/v1/completions", {"prompt": "x"})
+    salted = await kv.affinity("unified", "/v1/completions", {"prompt": "x", "cache_salt": "t1"})
+    assert plain.hashes == hasher.block_hashes(list(range(40)), 16)
+    assert salted.hashes == hasher.block_hashes(list(range(40)), 16, cache_salt="t1")
+    assert not set(salted.hashes) & set(plain.hashes)  # the salt changes every later block
+    for salt in ("", 7, ["t1"]):
+        body = {"prompt": "x", "cache_salt": salt}
+        assert await kv.affinity("unified", "/v1/completions", body) is None
+    image = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    ]}]}  # fmt: skip
+    assert await kv.affinity("unified", "/v1/chat/completions", image) is None
+    text_parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    assert await kv.affinity("unified", "/v1/chat/completions", text_parts) is not None

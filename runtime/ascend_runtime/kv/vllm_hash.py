@@ -7,9 +7,9 @@ hash(seed). The seed is PYTHONHASHSEED when the engine has it set, otherwise the
 "vllm-none-hash" for the cryptographic algorithms (sha256, sha256_cbor; older lines drew a
 random one per process, so the planner sets PYTHONHASHSEED). Its KV events carry each block
 hash as the low 64 bits of its big-endian value (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES, on by
-default). Blocks with extra keys (LoRA, multimodal inputs, cache salts, prompt embeddings)
-hash differently and are not modelled here: a request with any of them is not placed by
-prefix."""
+default). A request's cache salt keys its first block (modelled here). LoRA adapters,
+multimodal inputs and prompt embeddings add keys that are not modelled: the router serves no
+LoRA names, and places multimodal and prompt-embedding requests by load."""
 
 from __future__ import annotations
 
@@ -53,18 +53,28 @@ class VllmBlockHasher:
         self._hash = _ALGOS[algo]
         self.none_hash = self._hash(DEFAULT_SEED if seed is None else seed)
 
-    def block_hashes(self, tokens: Sequence[int], block_size: int) -> list[int]:
-        """The hashes of the full blocks of `tokens` (token ids as vLLM sees the prompt)."""
-        return self.chain(self.none_hash, tokens, block_size)[0]
+    def block_hashes(
+        self, tokens: Sequence[int], block_size: int, cache_salt: str | None = None
+    ) -> list[int]:
+        """The hashes of the full blocks of `tokens` (token ids as vLLM sees the prompt), of a
+        request with `cache_salt` when given (vLLM 0.3x keys its first block with it)."""
+        first = (("cache_salt", cache_salt),) if cache_salt else None
+        return self.chain(self.none_hash, tokens, block_size, first)[0]
 
     def chain(
-        self, parent: bytes, tokens: Sequence[int], block_size: int
+        self,
+        parent: bytes,
+        tokens: Sequence[int],
+        block_size: int,
+        first_extra: tuple[Any, ...] | None = None,
     ) -> tuple[list[int], bytes]:
         """The full blocks of `tokens` chained after the block whose full hash is `parent`
         (none_hash before the first): their hashes in the events' form, and the last full
-        hash (`parent` when there is no full block)."""
-        out = []
+        hash (`parent` when there is no full block). `first_extra`: the first block's extra
+        keys."""
+        out, extra = [], first_extra
         for start in range(0, len(tokens) // block_size * block_size, block_size):
-            parent = self._hash((parent, tuple(tokens[start : start + block_size]), None))
+            parent = self._hash((parent, tuple(tokens[start : start + block_size]), extra))
             out.append(external(parent))
+            extra = None
         return out, parent

@@ -107,10 +107,15 @@ class KvRouting:
         if self._vllm is None:
             return self.local_affinity(role, route, body)
         started = time.perf_counter()
+        salt = body.get("cache_salt")
+        if not self._vllm_keys_known(body) or (
+            salt is not None and not (isinstance(salt, str) and salt)
+        ):
+            return None
         tokens, query = tokenize_request(route, body)
         hashes = None
         if tokens is None and query is not None and self.prompts is not None:
-            hashes = await self._router_hashes(role, route, body)
+            hashes = await self._router_hashes(role, route, body, salt)
         if hashes is None:
             if tokens is None and query is not None and self.tokenize is not None:
                 self.metrics.kv_tokenized.labels(role, "engine").inc()
@@ -119,7 +124,7 @@ class KvRouting:
                     self.metrics.kv_tokenize_failures.labels(role).inc()
             if tokens is None:
                 return None
-            hashes = self._vllm.block_hashes(tokens, self.settings.block_size)
+            hashes = self._vllm.block_hashes(tokens, self.settings.block_size, salt)
         self.metrics.kv_hashing.observe(time.perf_counter() - started)
         return Affinity(self, role, hashes, next(self._keys))
 
@@ -137,18 +142,37 @@ class KvRouting:
         )
         self.metrics.kv_router_tokenizer.set(0 if prompts is None else 1)
 
-    async def _router_hashes(self, role: str, route: str, body: dict[str, Any]) -> list[int] | None:
+    @staticmethod
+    def _vllm_keys_known(body: dict[str, Any]) -> bool:
+        """Whether vLLM keys this request's blocks by its tokens (and cache salt) alone: no
+        multimodal parts. (LoRA adapters' names are refused before this: the router serves
+        the one model.)"""
+        messages = body.get("messages")
+        return not isinstance(messages, list) or not any(
+            isinstance(m, dict)
+            and isinstance(m.get("content"), list)
+            and any(not isinstance(p, dict) or p.get("type") != "text" for p in m["content"])
+            for m in messages
+        )
+
+    async def _router_hashes(
+        self, role: str, route: str, body: dict[str, Any], salt: str | None
+    ) -> list[int] | None:
         prompts, hasher = self.prompts, self._prompt_hasher
-        assert prompts is not None and hasher is not None
+        assert prompts is not None and hasher is not None and self._vllm is not None
         pieces = prompts.pieces(route, body)
         if pieces is None:
             return None
-        texts = [i for i in hasher.new_pieces(pieces) if isinstance(pieces[i], str)]
-        encoded = None
-        if sum(len(pieces[i]) for i in texts) > THREAD_CHARS:
-            ids = await asyncio.to_thread(prompts.encode_many, [str(pieces[i]) for i in texts])
-            encoded = {i: (t, len(t)) for i, t in zip(texts, ids, strict=True)}
-        hashes = hasher.hashes(pieces, encoded)
+        if salt is not None:  # its own chain from the first block: nothing to share
+            tokens = await asyncio.to_thread(prompts.tokens, pieces)
+            hashes = self._vllm.block_hashes(tokens, self.settings.block_size, salt)
+        else:
+            texts = [i for i in hasher.new_pieces(pieces) if isinstance(pieces[i], str)]
+            encoded = None
+            if sum(len(pieces[i]) for i in texts) > THREAD_CHARS:
+                ids = await asyncio.to_thread(prompts.encode_many, [str(pieces[i]) for i in texts])
+                encoded = {i: (t, len(t)) for i, t in zip(texts, ids, strict=True)}
+            hashes = hasher.hashes(pieces, encoded)
         self.metrics.kv_tokenized.labels(role, "router").inc()
         self._tokenized += 1
         n = self._tokenized
