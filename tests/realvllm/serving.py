@@ -280,3 +280,16 @@ def metric(url: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def run_bench_tiny(script: str, engine_python: Path, out: Path) -> dict[str, Any]:
+    """bench/`script` in its tiny mode against the real-engine environment; its JSON report
+    (fails with the script's output when it exits non-zero)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--tiny", "--output", str(out),
+         "--vllm-python", str(engine_python)],
+        capture_output=True, text=True, timeout=1800, cwd=ROOT, check=False,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return json.loads(out.read_text())
