@@ -116,6 +116,8 @@ class Router:
         hashes = block_hashes(prompt, self.block_size)
         names = [str(i) for i in candidates]
         busy = {n: float(self.run.engines[int(n)][1].pool.used) for n in names}
+        for n in names:  # the virtual run reads each instance's KV usage at every decision
+            self.kv.read(n)
         choice = self.kv.choose((role, id(prompt)), hashes, names, busy)
         self.decision_us.append(1e6 * (time.perf_counter() - started))
         return int(choice.instance)
@@ -124,7 +126,8 @@ class Router:
         self.kv.prefilled((self.run.engines[index][0], id(prompt)))
 
     def done(self, index: int, prompt: list[int]) -> None:
-        self.first_token(index, prompt)  # a request that failed before its first token
+        if self.policy.startswith("kv-aware"):
+            self.kv.finished((self.run.engines[index][0], id(prompt)))
 
 
 def oracle_hit_rate(

@@ -6,9 +6,12 @@ after another on fresh engines, each driven by `vllm bench serve` with the same 
 few long shared system prompts, each followed by its own question, in shuffled order.
 
 Reports vLLM's client figures (output tok/s, mean and p99 TTFT) and the engines' own prefix
-cache hit rate (vllm:prefix_cache_hits_total / queries_total) per policy, and kv-aware's ratios
-against the other two. The model is tiny and the machine a CPU, so the numbers say how much
-prefill the routing saves on real vLLM, not what an NPU would serve.
+cache hit rate (vllm:prefix_cache_hits_total / queries_total) per policy and run, their
+medians over `--repeat` runs in rotated order, and kv-aware's ratios from the medians. On a
+2-core machine the two engines, the router and the client share the cores, and one run's
+throughput can move 40% against another's: read the spread before the ratio. The model is
+tiny and the machine a CPU, so the numbers say how much prefill the routing saves on real
+vLLM, not what an NPU would serve.
 
     python bench/prefix_routing_vllm.py [--output bench/results/prefix_routing_vllm.json]
     python bench/prefix_routing_vllm.py --tiny     # CI: a few prompts, to keep it working
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +40,7 @@ from build_model import WORDS  # noqa: E402
 from ascend_operator.local_setup import free_port  # noqa: E402
 from serving import Up, engine_spec, metric, tiny_model_dir  # noqa: E402
 
-POLICIES = ("round-robin", "least-outstanding", "kv-aware")
+BASELINES = ("round-robin", "least-outstanding")
 KEEP = ("completed", "failed", "output_throughput", "mean_ttft_ms", "p99_ttft_ms",
         "mean_e2el_ms")  # fmt: skip
 KV_BYTES = 16 << 20
@@ -78,16 +82,22 @@ def bench_serve(engine_python: Path, url: str, model: Path, data: Path, args: An
 
 
 def run_policy(policy: str, engine_python: Path, model: Path, data: Path, args: Any) -> dict:
-    spec = engine_spec(f"bench-{policy}", model, [{"name": "unified"}], prefixCaching=True,
-                       extraArgs=["--kv-cache-memory-bytes", str(KV_BYTES)])  # fmt: skip
+    """One fresh `up` routed by `policy` (a baseline, or `kv-aware@W`: precise, loadWeight W)
+    and one `vllm bench serve` run through it."""
+    name, _, weight = policy.partition("@")
+    kv_aware = name == "kv-aware"
+    spec = engine_spec(
+        f"bench-{name}", model, [{"name": "unified"}], prefixCaching=True,
+        extraArgs=["--kv-cache-memory-bytes", str(KV_BYTES)],
+    )  # fmt: skip
     spec["spec"]["replicas"] = 2
-    spec["spec"]["router"] = {"policy": policy}
-    if policy == "kv-aware":
-        spec["spec"]["router"]["kvAware"] = {"mode": "precise"}
+    spec["spec"]["router"] = {"policy": name}
+    if kv_aware:
+        spec["spec"]["router"]["kvAware"] = {"mode": "precise", "loadWeight": float(weight)}
     up = Up(spec, Path(tempfile.mkdtemp(prefix=f"bench-{policy}-")), engine_python, free_port())
     try:
         url = up.wait_ready()
-        if policy == "kv-aware":  # the router loads the model's tokenizer as it starts
+        if kv_aware:  # the router loads the model's tokenizer as it starts
             import time
 
             deadline = time.monotonic() + 120
@@ -100,7 +110,7 @@ def run_policy(policy: str, engine_python: Path, model: Path, data: Path, args: 
         hits = sum(metric(e, "vllm:prefix_cache_hits_total") for e in engines)
         queries = sum(metric(e, "vllm:prefix_cache_queries_total") for e in engines)
         row["engine_prefix_cache_hit_rate"] = round(hits / queries, 4) if queries else None
-        if policy == "kv-aware":
+        if kv_aware:
             row["router_tokenized"] = metric(
                 url, "ascend_serve_router_kv_tokenized_total", where="router"
             )
@@ -116,6 +126,14 @@ def run_policy(policy: str, engine_python: Path, model: Path, data: Path, args: 
     return row
 
 
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure over a policy's runs, and its throughput in every run."""
+    keys = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "engine_prefix_cache_hit_rate")
+    row: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
+    row["output_throughput_runs"] = [round(r["output_throughput"], 1) for r in runs]
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-python", default=os.environ.get(
@@ -125,30 +143,52 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=192)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--output-len", type=int, default=16)
-    parser.add_argument("--tiny", action="store_true", help="a few prompts (CI)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of every policy")
+    parser.add_argument(
+        "--load-weights",
+        type=lambda v: [float(w) for w in v.split(",")],
+        default=[0.25],
+        help="kv-aware rows, one per loadWeight (0.25: the default)",
+    )
+    parser.add_argument("--tiny", action="store_true", help="a few prompts, one run (CI)")
     parser.add_argument(
         "--output", default=str(ROOT / "bench" / "results" / "prefix_routing_vllm.json")
     )
     args = parser.parse_args()
     if args.tiny:
         args.prefixes, args.prefix_words, args.num_prompts, args.concurrency = 4, 300, 16, 4
-        args.output_len = 4
+        args.output_len, args.repeat, args.load_weights = 4, 1, [0.25]
     engine_python = Path(args.vllm_python)
     if not engine_python.is_file():
         raise SystemExit(f"{engine_python} is missing: `make vllm-venv` builds it")
     model = tiny_model_dir(engine_python, "qwen3")
     data = Path(tempfile.mkdtemp(prefix="bench-prefix-vllm-")) / "prompts.json"
     prompts(data, args.prefixes, -(-args.num_prompts // args.prefixes), args.prefix_words)
-    rows = [run_policy(p, engine_python, model, data, args) for p in POLICIES]
-    by = {r["policy"]: r for r in rows}
-    kv = by["kv-aware"]
+    policies = (*BASELINES, *(f"kv-aware@{w:g}" for w in args.load_weights))
+    rows = []
+    for rep in range(args.repeat):  # rotated order: no policy always runs first or last
+        order = policies[rep % len(policies) :] + policies[: rep % len(policies)]
+        rows += [{"repeat": rep, **run_policy(p, engine_python, model, data, args)}
+                 for p in order]  # fmt: skip
+    summary = {p: _median_row([r for r in rows if r["policy"] == p]) for p in policies}
     ratios = {
-        f"vs_{other}": {
-            "output_throughput": round(kv["output_throughput"] / by[other]["output_throughput"], 3),
-            "mean_ttft_reduction": round(by[other]["mean_ttft_ms"] / kv["mean_ttft_ms"], 2),
+        kv: {
+            f"vs_{other}": {
+                "output_throughput": round(
+                    summary[kv]["output_throughput"] / summary[other]["output_throughput"], 3
+                ),
+                "mean_ttft_reduction": round(
+                    summary[other]["mean_ttft_ms"] / summary[kv]["mean_ttft_ms"], 2
+                ),
+            }
+            for other in BASELINES
         }
-        for other in ("round-robin", "least-outstanding")
+        for kv in policies[len(BASELINES) :]
     }
+    for policy, row in summary.items():
+        print(f"median {policy:18s} {row['output_throughput']:8.1f} tok/s (runs "
+              f"{row['output_throughput_runs']})  TTFT mean {row['mean_ttft_ms']:7.1f} ms  "
+              f"engines' hit rate {row['engine_prefix_cache_hit_rate']}")  # fmt: skip
     print(f"kv-aware: {ratios}")
     write_result(
         args.output,
@@ -163,8 +203,10 @@ def main() -> int:
             f"token each), a 24-word question each; {args.num_prompts} prompts, concurrency "
             f"{args.concurrency}, {args.output_len} output tokens",
             "kv_cache_bytes_per_engine": KV_BYTES,
+            "repeats": args.repeat,
             "rows": rows,
-            "kv_aware": ratios,
+            "median": summary,
+            "kv_aware_from_medians": ratios,
         },
     )
     return 0

@@ -86,6 +86,13 @@ def test_pd_matches_unified_plain_and_streaming(tmp_path, unified_outputs, unifi
         assert all(b["served"] > 0 for b in instances["decode"])
 
 
+def _first_tokens(url: str) -> float:
+    """Streams whose first token the router has relayed."""
+    name = "ascend_serve_router_time_to_first_token_seconds_count "
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name))
+
+
 def test_killed_decode_instance(tmp_path):
     import yaml
 
@@ -97,11 +104,13 @@ def test_killed_decode_instance(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with up(path, tmp_path) as (url, _proc, out), ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(stream, url, "long request", max_tokens=400) for _ in range(4)]
-        deadline = time.monotonic() + 30  # every stream under way, on both decode instances
+        # Every stream under way on both decode instances: sent there, and its first token
+        # relayed (before it, the router would retry a dead instance's request elsewhere).
+        deadline = time.monotonic() + 30
         while True:
             decode = httpx.get(f"{url}/instances").json()["decode"]
             counts = sorted(b["outstanding"] for b in decode)
-            if sum(counts) == 4 and counts[0] >= 1:
+            if sum(counts) == 4 and counts[0] >= 1 and _first_tokens(url) == 4:
                 break
             assert time.monotonic() < deadline, f"streams never spread over both: {counts}"
             time.sleep(0.05)

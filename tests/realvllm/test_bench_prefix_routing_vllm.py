@@ -20,11 +20,11 @@ def test_prefix_routing_vllm_tiny(engine_python: Path, tiny_model, tmp_path):
     report = run_bench_tiny("prefix_routing_vllm.py", engine_python, out)
     assert "CPU only" in report["device"]
     rows = {r["policy"]: r for r in report["rows"]}
-    assert set(rows) == {"round-robin", "least-outstanding", "kv-aware"}
+    assert set(rows) == {"round-robin", "least-outstanding", "kv-aware@0.25"}
     prompts = 16
     for row in rows.values():
         assert (row["completed"], row["failed"]) == (prompts, 0), row
         assert 0 < row["engine_prefix_cache_hit_rate"] < 1, row
-    kv = rows["kv-aware"]
+    kv = rows["kv-aware@0.25"]
     assert kv["router_tokenized"] == prompts
     assert sum(kv["decisions"].values()) == prompts, kv["decisions"]

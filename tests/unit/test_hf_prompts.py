@@ -192,6 +192,21 @@ def test_router_hashes_equal_vllms_over_the_whole_prompts_tokens(qwen_like, bloc
                 "chat_template_kwargs": {"add_generation_prompt": False},
             },
         ),
+        (
+            CHAT,
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "chat_template_kwargs": {"tools": [{"type": "function"}]},
+            },
+        ),
+        (
+            CHAT,
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "chat_template_kwargs": {"tokenize": True},
+            },
+        ),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": [1]}),
         (CHAT, {"messages": []}),
         (CHAT, {"messages": "hi"}),
         (COMPLETIONS, {"prompt": ["a", "b"]}),

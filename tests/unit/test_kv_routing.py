@@ -79,9 +79,9 @@ async def test_approximate_mode_subscribes_to_nothing():
     text = " ".join(f"t{i}" for i in range(8))
     pool = Pool(policy="kv-aware", listeners=[kv])
     pool.set_members("unified", [A, B])
-    first = pool.pick(
-        "unified", chooser=kv.local_affinity("unified", "/v1/completions", {"prompt": text})
-    )
+    earlier = kv.local_affinity("unified", "/v1/completions", {"prompt": text})
+    first = pool.pick("unified", chooser=earlier)
+    earlier.finish()  # answered: the next request with this prompt finds it there
     again = pool.pick(
         "unified", chooser=kv.local_affinity("unified", "/v1/completions", {"prompt": text})
     )

@@ -103,3 +103,57 @@ def test_decode_load_spreads_a_hot_prefix():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="approximate or precise"):
         KvAwarePolicy(mode="exact")
+
+
+def test_requests_in_flight_load_their_instance_until_they_finish():
+    """A burst on one cached prefix: the router's own in-flight requests count as decode load
+    at once (the engines' KV usage comes a scrape later, and is the same for all of them
+    here), so the burst spills once queueing there outweighs recomputing the prefix, and comes
+    back once they finish. A retried key leaves its first instance; a leaver takes its own."""
+    policy = KvAwarePolicy(mode="precise", decode_weight=0.5)
+    policy.index.stored("x", A)
+    stale = {"x": 0.0, "y": 0.0}
+    picks = []
+    for i in range(4):
+        picks.append(policy.choose(f"r{i}", A, ["x", "y"], stale).instance)
+        policy.prefilled(f"r{i}")  # first tokens back; the answers still streaming
+    # 4 blocks cached on x; each request there adds 0.5 x 4 = 2 blocks of decode load
+    assert picks == ["x", "x", "x", "y"], picks
+    for i in range(4):
+        policy.finished(f"r{i}")
+    assert policy._active == {}
+    assert policy.choose("r9", A, ["x", "y"], stale).instance == "x"
+    policy.choose("r9", A, ["y"], stale)  # the retry on y
+    assert policy._active == {"y": 4.0}
+    policy.forget("y")
+    assert policy._active == {} and policy._active_of == {}
+    policy.finished("r9")  # a late end of a forgotten placement changes nothing
+    assert policy._active == {}
+
+
+def test_a_fresh_reading_of_kv_usage_replaces_what_the_router_counted_before_it():
+    """Between two scrapes the router adds what it places and takes off what finishes; a new
+    reading already holds the requests in flight, so they are not counted twice."""
+    policy = KvAwarePolicy(mode="precise", decode_weight=1.0)
+    policy.index.stored("x", A)
+    policy.index.stored("y", A)
+    policy.read("x")
+    policy.read("y")
+    assert policy.choose("r1", A, ["x", "y"], {"x": 0.0, "y": 0.0}).instance == "x"
+    policy.prefilled("r1")
+    # the stale reading says both are idle; r1's 4 blocks on x tip r2 to y
+    assert policy.choose("r2", A, ["x", "y"], {"x": 0.0, "y": 0.0}).instance == "y"
+    policy.prefilled("r2")
+    # fresh readings: x holds r1 (4 blocks), y holds r2 plus other work (10 blocks)
+    policy.read("x")
+    policy.read("y")
+    assert policy.choose("r3", A, ["x", "y"], {"x": 4.0, "y": 10.0}).instance == "x"
+    policy.prefilled("r3")
+    # x's reading said 12 with r1 in it; r3 came and both left since: 12 + 8 - 4 - 8 = 8 < 9
+    policy.finished("r1")
+    policy.finished("r3")
+    assert policy.choose("r4", A, ["x", "y"], {"x": 12.0, "y": 9.0}).instance == "x"
+    policy.finished("r4")
+    policy.choose("r5", A, ["x", "y"], {"x": 12.0, "y": 9.0})
+    policy.prefilled("r5")  # r5 on x, still running: 12 + 4 - 4 = 12 > 9
+    assert policy.choose("r6", A, ["x", "y"], {"x": 12.0, "y": 9.0}).instance == "y"

@@ -83,6 +83,35 @@ def test_pd_moves_only_what_the_decode_instance_does_not_cache():
     assert decode.cache.cached_blocks >= 10
 
 
+def test_the_router_hears_each_instances_first_token_and_end_by_that_instance():
+    """In PD a request's prefill and decode run on different instances; the router must be
+    told of each on the instance it happened on, or the decode instance's prefill work and
+    in-flight blocks stay counted forever (they did, until the decode's first token was
+    reported with the prefill's index)."""
+    heard: list[tuple[str, int, int]] = []
+
+    class Recorder:
+        def pick(self, role, prompt, candidates):
+            return candidates[-1]
+
+        def first_token(self, index, prompt):
+            heard.append(("first", index, len(prompt)))
+
+        def done(self, index, prompt):
+            heard.append(("done", index, len(prompt)))
+
+    run = VirtualRun(
+        {"prefill": (fixed(0.1, 0.01), 2), "decode": (fixed(0.1, 0.01), 2)},
+        kv_transfer_seconds=0.01, router=Recorder(),
+    )  # fmt: skip
+    done = run.run([(10, 3)], concurrency=1, request_rate=math.inf)
+    assert summarize(run, done)["completed"] == 1
+    roles = [role for role, _ in run.engines]
+    prefill, decode = roles.index("prefill") + 1, roles.index("decode") + 1  # the last of each
+    assert heard == [("first", prefill, 10), ("done", prefill, 10),
+                     ("first", decode, 10), ("done", decode, 10)], (heard, roles)  # fmt: skip
+
+
 def test_a_request_the_cache_cannot_hold_fails_instead_of_hanging():
     run = VirtualRun({"unified": (fixed(0.01, 0.01, num_blocks=2), 1)})
     done = run.run([(10, 100)], concurrency=1, request_rate=math.inf)

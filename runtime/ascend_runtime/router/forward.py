@@ -4,7 +4,7 @@ bounded waits, and the relay of a stream with its end-of-stream error event."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from fastapi.responses import Response
@@ -73,11 +73,18 @@ class Forwarder:
             tried.add(backend.url)
             try:
                 if stream:
-                    return await self._open_stream(backend, route, payload, request_id, attempt > 0)
-                status, media, content = await self.exchange(
-                    backend, route, payload, request_id, fresh=attempt > 0,
-                    timeout=self.config.request_timeout_seconds,
-                )  # fmt: skip
+                    return await self._open_stream(
+                        backend, route, payload, request_id, attempt > 0,
+                        on_end=affinity.finish if affinity is not None else None,
+                    )  # fmt: skip
+                try:
+                    status, media, content = await self.exchange(
+                        backend, route, payload, request_id, fresh=attempt > 0,
+                        timeout=self.config.request_timeout_seconds,
+                    )  # fmt: skip
+                finally:
+                    if affinity is not None:
+                        affinity.finish()
                 return Response(content, status_code=status, media_type=media)
             except UpstreamError as exc:
                 last_error = str(exc)
@@ -111,9 +118,11 @@ class Forwarder:
         return result
 
     async def _open_stream(
-        self, backend: Backend, route: str, payload: bytes | str, request_id: str, fresh: bool
-    ) -> Response:
-        """Wait for the engine's first chunk (retryable until then), then relay the rest."""
+        self, backend: Backend, route: str, payload: bytes | str, request_id: str, fresh: bool,
+        *, on_end: Callable[[], None] | None = None,
+    ) -> Response:  # fmt: skip
+        """Wait for the engine's first chunk (retryable until then), then relay the rest;
+        `on_end` runs once the request is over on this instance (or has failed here)."""
         timeout = self.config.first_token_timeout_seconds
         backend.outstanding += 1
         backend.served += 1
@@ -148,17 +157,20 @@ class Forwarder:
             self.metrics.ttft.observe(time.perf_counter() - start)
             handed_off = True
             return RelayResponse(
-                self._relay(upstream, backend, first), media_type="text/event-stream"
+                self._relay(upstream, backend, first, on_end), media_type="text/event-stream"
             )
         finally:
             if not handed_off:
                 backend.outstanding -= 1
                 if upstream is not None:
                     upstream.close()
+                if on_end is not None:
+                    on_end()
 
     async def _relay(
-        self, upstream: aiohttp.ClientResponse, backend: Backend, first: bytes
-    ) -> AsyncIterator[bytes]:
+        self, upstream: aiohttp.ClientResponse, backend: Backend, first: bytes,
+        on_end: Callable[[], None] | None = None,
+    ) -> AsyncIterator[bytes]:  # fmt: skip
         """Pass the rest of an SSE stream through chunk by chunk. A stream that ends early
         (the engine died, went quiet past the inter-token timeout, or was ejected) gets an
         error event and [DONE]; a client that leaves closes the upstream connection, which
@@ -194,6 +206,8 @@ class Forwarder:
         finally:
             self.watch.streams.discard(watched)
             backend.outstanding -= 1
+            if on_end is not None:
+                on_end()
             if complete:
                 upstream.release()
             else:

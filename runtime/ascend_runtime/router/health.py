@@ -79,6 +79,7 @@ class HealthChecker:
             async with self.session.get(f"{backend.url}/metrics", timeout=timeout) as r:
                 metrics = await r.text()
             backend.kv_usage = parse_metric(metrics, "vllm:kv_cache_usage_perc") or 0.0
+            backend.scrapes += 1
             backend.waiting = parse_metric(metrics, "vllm:num_requests_waiting") or 0.0
             backend.kv_blocks = kv_blocks(metrics) or backend.kv_blocks
 

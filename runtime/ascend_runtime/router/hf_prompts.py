@@ -17,6 +17,7 @@ asks an engine's /tokenize, as it does without a tokenizer.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,6 +102,11 @@ class HfPrompts:
         (such prompts go to the engine)."""
         if self._cut is not None and not self._cut_holds():
             self._cut = None
+        # A chat_template_kwargs key that is one of apply_chat_template's own parameters
+        # (tools, chat_template, tokenize, ...) would change what it does, not the template's
+        # variables: such requests go to the engine.
+        own = inspect.signature(tokenizer.apply_chat_template).parameters
+        self._reserved = frozenset(own) | _CHAT_FIELDS | {"messages"}
 
     @classmethod
     def load(cls, name: str, revision: str | None = None) -> HfPrompts:
@@ -170,7 +176,7 @@ class HfPrompts:
         if not (
             _plain(messages)
             and isinstance(kwargs, dict)
-            and not kwargs.keys() & (_CHAT_FIELDS | {"messages", "conversation", "tokenize"})
+            and not kwargs.keys() & self._reserved
             and all(isinstance(v, bool) for v in options.values())
             # the engine refuses both at once
             and not (options["add_generation_prompt"] and options["continue_final_message"])

@@ -66,6 +66,11 @@ class Affinity:
             self.placed = False
             self.routing.policy.prefilled(self.key)
 
+    def finish(self) -> None:
+        """The request is over on its instance (the whole answer, or a failure)."""
+        self.settle()
+        self.routing.policy.finished(self.key)
+
 
 @dataclass
 class KvRouting:
@@ -91,6 +96,8 @@ class KvRouting:
     _started: bool = False
     _tokenized: int = 0
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _readings: dict[str, int] = field(default_factory=dict)
+    """Instance -> the metrics scrape its KV usage last came from."""
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -241,6 +248,10 @@ class KvRouting:
         # KV usage is a fraction (summed over ranks): in blocks, by the engine's own count
         # once scraped (the plan's figure is an estimate for the NPU it was planned for).
         busy = {b.url: b.kv_usage * (b.kv_blocks or planned) for b in candidates}
+        for b in candidates:
+            if self._readings.get(b.url) != b.scrapes:
+                self._readings[b.url] = b.scrapes
+                self.policy.read(b.url)
         urls = [b.url for b in candidates]
         choice = self.policy.choose(affinity.key, affinity.hashes, urls, busy)
         affinity.placed = True
@@ -278,6 +289,7 @@ class KvRouting:
     def left(self, role: str, url: str) -> None:
         """An instance left: nothing of it stays in the index."""
         self.policy.forget(url)
+        self._readings.pop(url, None)
         for gauge in (self.metrics.kv_index_blocks, self.metrics.kv_event_gaps,
                       self.metrics.kv_event_restarts):  # fmt: skip
             with contextlib.suppress(KeyError):

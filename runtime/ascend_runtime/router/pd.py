@@ -211,9 +211,9 @@ class PdRouting:
                 self.metrics.errors.labels(exc.kind, Role.PREFILL).inc()
                 self.failures.failed(backend, last_error, definitive=exc.definitive)
                 continue
-            finally:
+            finally:  # the prefill's answer ends its request on that instance
                 if affinity is not None:
-                    affinity.settle()
+                    affinity.finish()
             if status >= 500:
                 last_error = f"prefill instance {backend.url} answered {status}"
                 self.metrics.errors.labels("status", Role.PREFILL).inc()

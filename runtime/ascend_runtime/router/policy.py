@@ -28,6 +28,8 @@ class Backend:
     role: str
     outstanding: int = 0
     kv_usage: float = 0.0
+    scrapes: int = 0
+    """Metrics scrapes that set kv_usage (kv-aware tells a fresh reading by it)."""
     kv_blocks: int | None = None
     """KV blocks per rank as the engine reports them (vllm:cache_config_info), once known."""
     waiting: float = 0.0

@@ -163,6 +163,12 @@ class KvAwarePolicy:
     """Per instance: hashes prefilled there whose BlockStored has not arrived, and until when
     they count anyway."""
     _sent: dict[object, tuple[str, int, list[int]]] = field(default_factory=dict)
+    _active: dict[str, float] = field(default_factory=dict)
+    """Per instance: prompt blocks of the requests placed there and not finished (the
+    router's own, known at once; the engines' KV usage arrives a scrape later)."""
+    _active_of: dict[object, tuple[str, int]] = field(default_factory=dict)
+    _active_at_reading: dict[str, float] = field(default_factory=dict)
+    """Per instance: _active when its `busy` was last read (see read)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("approximate", "precise"):
@@ -174,14 +180,16 @@ class KvAwarePolicy:
     ) -> Choice:
         """Pick an instance for the request `key` whose prompt has these block hashes;
         `busy`: each candidate's decode load in blocks (its KV blocks in use, as its metrics
-        report them), weighed by `decode_weight`."""
+        last reported them; see read), weighed by `decode_weight`, plus the prompt blocks of
+        the requests this router placed there since that reading, less those it saw finish.
+        A key placed again (a retry) leaves its earlier instance."""
+        self.finished(key)
         matched = self.index.matches(hashes, candidates)
         for name in candidates:
             matched[name] = max(matched[name], self._expected_depth(name, hashes))
-        load = {
-            n: self._pending_work.get(n, 0.0) + self.decode_weight * busy.get(n, 0.0)
-            for n in candidates
-        }
+        load = {n: self._pending_work.get(n, 0.0) + self.decode_weight * max(0.0, busy.get(
+            n, 0.0) + self._active.get(n, 0.0) - self._active_at_reading.get(n, 0.0))
+            for n in candidates}  # fmt: skip
         held = {n: self.index.size(n) + len(self._unconfirmed.get(n, ())) for n in candidates}
         choice = choose(len(hashes), matched, load, held=held)
         name, work = choice.instance, len(hashes) - choice.matched_blocks
@@ -193,6 +201,8 @@ class KvAwarePolicy:
             for h in hashes:
                 pending[h] = pending.get(h, 0) + 1
         self._sent[key] = (name, work, hashes if self.mode == "precise" else [])
+        self._active[name] = self._active.get(name, 0.0) + len(hashes)
+        self._active_of[key] = (name, len(hashes))
         self.reasons[choice.reason] = self.reasons.get(choice.reason, 0) + 1
         return choice
 
@@ -210,6 +220,24 @@ class KvAwarePolicy:
                     break
             depth += 1
         return depth
+
+    def read(self, instance: str) -> None:
+        """A fresh reading of the instance's KV usage arrived: it holds every request placed
+        so far (what was placed and finished after it is added and taken off by choose)."""
+        self._active_at_reading[instance] = self._active.get(instance, 0.0)
+
+    def finished(self, key: object) -> None:
+        """The request ended (answered, failed or cut): its prefill is over, and its blocks
+        no longer load its instance."""
+        self.prefilled(key)
+        placed = self._active_of.pop(key, None)
+        if placed is not None:
+            name, blocks = placed
+            left = self._active.get(name, 0.0) - blocks
+            if left > 0:
+                self._active[name] = left
+            else:
+                self._active.pop(name, None)
 
     def prefilled(self, key: object) -> None:
         """The request's first token came back: its prefill work is done."""
@@ -258,3 +286,7 @@ class KvAwarePolicy:
         self._unconfirmed.pop(instance, None)
         for key in [k for k, (name, _, _) in self._sent.items() if name == instance]:
             del self._sent[key]
+        self._active.pop(instance, None)
+        self._active_at_reading.pop(instance, None)
+        for key in [k for k, (name, _) in self._active_of.items() if name == instance]:
+            del self._active_of[key]

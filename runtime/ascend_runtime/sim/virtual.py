@@ -71,7 +71,7 @@ class VirtualRouter(Protocol):
     """Chooses an instance for each request of a virtual run (by engine index): unified or
     prefill on arrival, in PD the decode instance when the prefill ends. `first_token`: the
     request's first token on an instance (a prefill's, or a decode's); `done`: it finished
-    on a unified or prefill instance."""
+    there (or failed)."""
 
     def pick(self, role: str, prompt: list[int], candidates: list[int]) -> int: ...
     def first_token(self, index: int, prompt: list[int]) -> None: ...
@@ -101,7 +101,8 @@ class _Recorder(EngineObserver):
         request = self.sim.owner.get(seq)
         router = self.sim.router
         if request is not None and router is not None:
-            router.first_token(request.engine, request.prompt)
+            # this engine's first token: a PD request's decode instance is not request.engine
+            router.first_token(self.engine_index, request.prompt)
 
     def on_token(self, seq: Sequence, itl: float | None) -> None:
         request = self.sim.owner.get(seq)
@@ -210,8 +211,8 @@ class VirtualRun:
             else:
                 request.done = True
                 completed.append(request)
-            if self.router is not None and self.engines[index][0] != "decode":
-                self.router.done(request.engine, request.prompt)
+            if self.router is not None:
+                self.router.done(index, request.prompt)
         self.finished.clear()
         return completed
 
