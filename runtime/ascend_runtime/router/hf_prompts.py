@@ -26,12 +26,6 @@ from typing import Any
 from ..kv.vllm_hash import VllmBlockHasher
 from .prompt_hashes import Piece
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "chat_template.jinja", "chat_template.json", "added_tokens.json",
-)  # fmt: skip
-"""What the router reads of a model directory (never the weights)."""
-
 _CHAT_DEFAULTS = {
     "add_generation_prompt": True, "continue_final_message": False, "add_special_tokens": False,
 }  # fmt: skip

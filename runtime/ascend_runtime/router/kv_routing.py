@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,10 +185,14 @@ class KvRouting:
         n = self._tokenized
         first, every = self.checks
         if (n <= first or n % every == 0) and self.tokenize is not None:
-            task = asyncio.get_running_loop().create_task(self._check(role, route, body, pieces))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._check(role, route, body, pieces))
         return hashes
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background; stop() cancels what is left."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _check(
         self, role: str, route: str, body: dict[str, Any], pieces: list[Piece]
@@ -306,9 +310,7 @@ class KvRouting:
             self.joined(role, url)
         name = self.settings.tokenizer
         if name and self._vllm is not None and self.prompts is None:
-            task = asyncio.get_running_loop().create_task(self._load_tokenizer(name))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._load_tokenizer(name))
 
     async def stop(self) -> None:
         for task in list(self._tasks):

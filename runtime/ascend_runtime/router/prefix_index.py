@@ -187,9 +187,10 @@ class KvAwarePolicy:
         matched = self.index.matches(hashes, candidates)
         for name in candidates:
             matched[name] = max(matched[name], self._expected_depth(name, hashes))
-        load = {n: self._pending_work.get(n, 0.0) + self.decode_weight * max(0.0, busy.get(
-            n, 0.0) + self._active.get(n, 0.0) - self._active_at_reading.get(n, 0.0))
-            for n in candidates}  # fmt: skip
+        load = {
+            n: self._pending_work.get(n, 0.0) + self.decode_weight * self._decode_load(n, busy)
+            for n in candidates
+        }
         held = {n: self.index.size(n) + len(self._unconfirmed.get(n, ())) for n in candidates}
         choice = choose(len(hashes), matched, load, held=held)
         name, work = choice.instance, len(hashes) - choice.matched_blocks
@@ -220,6 +221,11 @@ class KvAwarePolicy:
                     break
             depth += 1
         return depth
+
+    def _decode_load(self, name: str, busy: dict[str, float]) -> float:
+        """The instance's reading, plus what was placed there since, less what finished."""
+        since = self._active.get(name, 0.0) - self._active_at_reading.get(name, 0.0)
+        return max(0.0, busy.get(name, 0.0) + since)
 
     def read(self, instance: str) -> None:
         """A fresh reading of the instance's KV usage arrived: it holds every request placed
